@@ -1,0 +1,98 @@
+"""Shared fixtures: the default guest (built once per machine, cached), a private runtime dir per
+test, and a leak check that fails any test leaving a QEMU process, socket, file or fd behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from vmctl import SandboxConfig, guest
+
+os.environ.setdefault("VMCTL_ACCEL", "tcg")  # KVM hangs on these nested hosts (see DESIGN.md)
+
+
+@pytest.fixture(scope="session")
+def assets() -> guest.GuestAssets:
+    return anyio.run(guest.ensure_default_assets)
+
+
+@pytest.fixture
+def make_config(assets: guest.GuestAssets) -> Callable[..., SandboxConfig]:
+    def make(**overrides: object) -> SandboxConfig:
+        values: dict[str, object] = {"kernel": assets.kernel, "initrd": assets.initrd, "memory_mib": 256}
+        values.update(overrides)
+        return SandboxConfig(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+def qemu_processes(marker: str) -> list[int]:
+    """Pids of live QEMU processes whose command line mentions ``marker``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and marker.encode() in cmdline and "State:\tZ" not in status:
+            pids.append(int(entry.name))
+    return pids
+
+
+def open_fds_under(path: str) -> list[str]:
+    out = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if path in target:
+            out.append(target)
+    return out
+
+
+def socket_fd_count() -> int:
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+@pytest.fixture(autouse=True)
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A short private runtime dir per test, checked for leaks afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="vt-", dir="/tmp"))
+    monkeypatch.setenv("VMCTL_RUNTIME_DIR", str(path))
+    sockets_before = socket_fd_count()
+    yield path
+    try:
+        assert qemu_processes(str(path)) == [], "a QEMU process outlived the test"
+        assert list(path.iterdir()) == [], f"left behind in the runtime dir: {list(path.iterdir())}"
+        assert open_fds_under(str(path)) == [], "file descriptors left open under the runtime dir"
+        assert socket_fd_count() <= sockets_before + 2, "socket file descriptors leaked"
+    finally:
+        for pid in qemu_processes(str(path)):
+            os.kill(pid, 9)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def assert_no_stray_tasks() -> None:
+    """Every task vmctl started has ended (call at the end of an async test)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    current = asyncio.current_task()
+    stray = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    assert stray == [], f"tasks still running: {stray}"

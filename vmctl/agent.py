@@ -1,0 +1,296 @@
+"""Host side of the guest agent protocol (over a virtio-serial port, see guest/files/vmctl-agent).
+
+One line per request or reply, space-separated fields, binary fields base64 ("-" for empty).
+Each request gets an id and a one-slot waiter; the reader task resolves waiters by id. When the
+connection drops, every waiter is woken with an error; a cancelled caller removes its own
+waiter, so no entry is ever left behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from anyio.abc import SocketStream, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from vmctl.errors import GuestError, VmctlError, VmctlTimeout
+
+MAX_LINE = 64 * 1024 * 1024
+MAX_STDIN = 16 * 1024 * 1024
+TIMEOUT_GRACE = 5.0
+
+
+class InvalidArgument(VmctlError, ValueError):
+    """A call's argument is unusable (for example an empty argv or one holding NUL)."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What a command run in the guest produced."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    duration: float = 0.0
+
+    @property
+    def returncode(self) -> int:
+        """Alias of ``exit_code``, as in :mod:`subprocess`."""
+        return self.exit_code
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    @property
+    def text(self) -> str:
+        """stdout decoded as UTF-8 (invalid bytes replaced)."""
+        return self.stdout.decode(errors="replace")
+
+    def check(self) -> ExecResult:
+        """Return self if the command succeeded, else raise :class:`GuestCommandFailed`."""
+        if not self.ok:
+            raise GuestCommandFailed(self)
+        return self
+
+
+class GuestCommandFailed(GuestError):
+    """``exec(..., check=True)`` and the command failed or timed out."""
+
+    def __init__(self, result: ExecResult) -> None:
+        self.result = result
+        why = "timed out" if result.timed_out else f"exited with {result.exit_code}"
+        tail = result.stderr.decode(errors="replace").strip()[-500:]
+        super().__init__(f"guest command {why}" + (f": {tail}" if tail else ""))
+
+
+@dataclass(frozen=True)
+class GuestBlockDevice:
+    name: str
+    size_bytes: int
+    serial: str = ""
+
+    @property
+    def path(self) -> str:
+        return f"/dev/{self.name}"
+
+
+@dataclass(frozen=True)
+class GuestMemory:
+    total_kib: int
+    free_kib: int
+    available_kib: int
+
+    @property
+    def total_mib(self) -> int:
+        return self.total_kib // 1024
+
+
+def parse_block_devices(text: str) -> list[GuestBlockDevice]:
+    out = []
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        sectors, _, serial = rest.partition(" ")
+        if name and sectors.isdigit():
+            out.append(GuestBlockDevice(name, int(sectors) * 512, serial.strip()))
+    return out
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """``0-2,4`` -> ``[0, 1, 2, 4]`` (the kernel's cpulist format)."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def parse_memory(text: str) -> GuestMemory:
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            values[key.strip()] = int(fields[0])
+    try:
+        return GuestMemory(values["MemTotal"], values["MemFree"], values["MemAvailable"])
+    except KeyError as exc:
+        raise GuestError(f"guest meminfo lacks {exc}") from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode() if data else "-"
+
+
+def _unb64(field: str) -> bytes:
+    return base64.b64decode(field, validate=True) if field and field != "-" else b""
+
+
+class _Waiter:
+    __slots__ = ("done", "error", "reply")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.reply: list[str] = []
+        self.error: BaseException | None = None
+
+
+class AgentClient:
+    """Talks to the vmctl agent in one guest."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.boot_id: str | None = None
+        self._stream: SocketStream | None = None
+        self._ready = anyio.Event()
+        self._ids = itertools.count(1)
+        self._waiters: dict[str, _Waiter] = {}
+        self._send_lock = anyio.Lock()
+        self._closed_reason: BaseException | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for a reply (0 whenever nobody is waiting: checked by the leak tests)."""
+        return len(self._waiters)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect, then read replies until the connection ends; fail every waiter at the end."""
+        try:
+            self._stream = await anyio.connect_unix(self.path)
+        except OSError as exc:
+            raise GuestError(f"cannot connect to the agent socket {self.path}: {exc}") from exc
+        task_status.started()
+        reason: BaseException = GuestError("guest agent connection closed")
+        try:
+            reader = BufferedByteReceiveStream(self._stream)
+            while True:
+                try:
+                    line = await reader.receive_until(b"\n", MAX_LINE)
+                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError,
+                        anyio.ClosedResourceError, OSError):  # fmt: skip
+                    break
+                except anyio.DelimiterNotFound:
+                    reason = GuestError("guest agent sent a line longer than 64 MiB")
+                    break
+                self._dispatch(line.decode(errors="replace"))
+        finally:
+            self.fail_all(reason)
+            with anyio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    def _dispatch(self, line: str) -> None:
+        fields = line.split(" ")
+        kind = fields[0]
+        if kind == "READY" and len(fields) >= 2:
+            self.boot_id = fields[1]
+            self._ready.set()
+            return
+        if len(fields) < 2:
+            return
+        waiter = self._waiters.get(fields[1])
+        if waiter is None or waiter.done.is_set():
+            return
+        if kind in ("R", "PONG", "OK"):
+            waiter.reply = fields
+        else:
+            waiter.error = GuestError(f"guest agent refused the request: {line[:200]}")
+        waiter.done.set()
+
+    def fail_all(self, error: BaseException) -> None:
+        """Wake every waiter with ``error`` (the connection or the sandbox is gone)."""
+        self._closed_reason = self._closed_reason or error
+        for waiter in self._waiters.values():
+            if not waiter.done.is_set():
+                waiter.error = error
+                waiter.done.set()
+
+    async def wait_ready(self) -> str:
+        """Wait for the agent's READY line; returns the guest boot id."""
+        await self._ready.wait()
+        assert self.boot_id is not None
+        return self.boot_id
+
+    async def _request(self, op: str, *fields: str) -> list[str]:
+        if self._closed_reason is not None:
+            raise self._closed_reason
+        if self._stream is None:
+            raise GuestError("guest agent not connected")
+        request_id = str(next(self._ids))
+        waiter = _Waiter()
+        self._waiters[request_id] = waiter
+        try:
+            line = " ".join((op, request_id, *fields)) + "\n"
+            async with self._send_lock:
+                try:
+                    await self._stream.send(line.encode())
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    raise GuestError(f"cannot send to the guest agent: {exc}") from exc
+            await waiter.done.wait()
+        finally:
+            del self._waiters[request_id]
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.reply
+
+    async def ping(self) -> None:
+        await self._request("PING")
+
+    async def exec(self, argv: Sequence[str | bytes], *, stdin: bytes = b"",
+                   timeout: float | None = None) -> ExecResult:  # fmt: skip
+        """Run ``argv`` in the guest; ``timeout`` kills it there (result has ``timed_out``)."""
+        args = [a.encode() if isinstance(a, str) else bytes(a) for a in argv]
+        if not args:
+            raise InvalidArgument("argv: give at least the program to run, e.g. ['uname', '-a']")
+        if any(b"\0" in a for a in args):
+            raise InvalidArgument("argv: arguments may not contain NUL bytes")
+        if len(stdin) > MAX_STDIN:
+            raise InvalidArgument(f"stdin: at most {MAX_STDIN} bytes; copy larger data with a disk")
+        if timeout is not None and timeout <= 0:
+            raise InvalidArgument("timeout: must be positive (or None for no limit)")
+        guest_timeout = 0 if timeout is None else max(1, math.ceil(timeout))
+        started = time.monotonic()
+        fields = (str(guest_timeout), _b64(stdin), *(_b64(a) for a in args))
+        if timeout is None:
+            reply = await self._request("EXEC", *fields)
+        else:
+            with anyio.move_on_after(guest_timeout + TIMEOUT_GRACE) as scope:
+                reply = await self._request("EXEC", *fields)
+            if scope.cancelled_caught:
+                raise VmctlTimeout(f"guest agent did not answer exec {args[0]!r} within {timeout}s")
+        return self._result(reply, time.monotonic() - started)
+
+    async def query(self, name: str) -> str:
+        """One of the agent's fixed queries (``block``, ``cpus``, ``memory``): its text output."""
+        result = self._result(await self._request("QUERY", name), 0.0)
+        if result.exit_code != 0:
+            raise GuestError(f"guest query {name!r} failed: {result.stderr.decode(errors='replace')}")
+        return result.text
+
+    async def poweroff(self) -> None:
+        """Ask the guest to power off; the reply may be lost as the guest goes down."""
+        if self._stream is None or self._closed_reason is not None:
+            raise GuestError("guest agent not connected")
+        async with self._send_lock:
+            await self._stream.send(f"POWEROFF {next(self._ids)}\n".encode())
+
+    @staticmethod
+    def _result(reply: list[str], duration: float) -> ExecResult:
+        try:
+            _, _, code, timed_out, out, err = reply
+            return ExecResult(int(code), _unb64(out), _unb64(err), timed_out == "1", duration)
+        except (ValueError, TypeError) as exc:
+            raise GuestError(f"guest agent sent a malformed reply: {' '.join(reply)[:200]!r}") from exc

@@ -1,0 +1,119 @@
+"""The ``vmctl`` command: build the guest, check the host, run a command in a fresh sandbox."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from vmctl import host
+from vmctl.config import SandboxConfig
+from vmctl.errors import ConfigError, VmctlError
+from vmctl.guest import ensure_default_assets
+from vmctl.log import configure
+from vmctl.sandbox import Sandbox
+from vmctl.state import state_diagram
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmctl", description="Control sandbox virtual machines on QEMU.")
+    p.add_argument("--log-level", default="warning", help="debug, info, warning (default) or error")
+    p.add_argument("--log-json", action="store_true", help="log JSON lines instead of console text")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("guest", help="the default guest")
+    gsub = g.add_subparsers(dest="guest_command", required=True)
+    b = gsub.add_parser("build", help="build (or reuse) the default guest kernel and initramfs")
+    b.add_argument("--rebuild", action="store_true", help="build again even if the cache has it")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    d = sub.add_parser("doctor", help="report what this host offers")
+    d.add_argument("--json", action="store_true", help="machine-readable report")
+
+    r = sub.add_parser("run", help="boot a sandbox, run CMD in it, print its output, exit with its code")
+    r.add_argument("--vcpus", type=int, default=1)
+    r.add_argument("--memory", type=int, default=256, metavar="MiB")
+    r.add_argument("--config", type=Path, help="TOML file with a [sandbox] table (flags override it)")
+    r.add_argument("--timeout", type=float, default=None, help="kill CMD in the guest after this many seconds")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    sub.add_parser("state-diagram", help="print the sandbox state diagram (Mermaid)")
+    return p
+
+
+async def _guest_build(args: argparse.Namespace) -> int:
+    assets = await ensure_default_assets(rebuild=args.rebuild)
+    if args.json:
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(assets).items()}))
+    else:
+        print(f"kernel  {assets.kernel}  ({assets.kernel_package})")
+        print(f"initrd  {assets.initrd}  ({len(assets.modules)} modules, {assets.initrd.stat().st_size // 1024} KiB)")
+    return 0
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    kernel = None
+    try:
+        kernel = (await ensure_default_assets()).kernel
+    except VmctlError:
+        pass
+    report = await host.report(kernel)
+    data = dataclasses.asdict(report)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        width = max(len(k) for k in data)
+        for key, value in data.items():
+            print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0 if report.qemu_binary else 1
+
+
+async def _run(args: argparse.Namespace) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("vmctl run: give a command after --, e.g. vmctl run -- uname -a", file=sys.stderr)
+        return 2
+    overrides: dict[str, Any] = {"vcpus": args.vcpus, "memory_mib": args.memory}
+    if args.config is not None:
+        config = SandboxConfig.from_toml(args.config).replace(**overrides)
+    else:
+        assets = await ensure_default_assets()
+        config = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, **overrides)
+    async with Sandbox(config) as sb:
+        result = await sb.exec(cmd, timeout=args.timeout)
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.flush()
+    if result.timed_out:
+        print(f"vmctl run: command timed out after {args.timeout}s", file=sys.stderr)
+        return 124
+    return result.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure(json=args.log_json, level=args.log_level)
+    handlers = {"guest": _guest_build, "doctor": _doctor, "run": _run}
+    if args.command == "state-diagram":
+        print(state_diagram())
+        return 0
+    try:
+        return anyio.run(handlers[args.command], args)
+    except ConfigError as exc:
+        print(f"vmctl: {exc}", file=sys.stderr)
+        return 2
+    except VmctlError as exc:
+        print(f"vmctl: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

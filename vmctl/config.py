@@ -1,0 +1,318 @@
+"""SandboxConfig: what a sandbox is made of, validated once, immutable afterwards.
+
+Validation collects every problem (each naming its field and the fix) and raises one
+:class:`~vmctl.errors.ConfigError` before anything starts. Defaults follow the original
+hypervisor layer: 1 vCPU, max vCPUs = host CPUs, 2048 MiB, one PCI bridge, virtio-scsi.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from vmctl import host
+from vmctl.errors import ConfigError, Problem
+from vmctl.params import Param, normalize_params, serialize_params
+
+Accel = Literal["auto", "kvm", "tcg"]
+Machine = Literal["q35", "pc"]
+BlockDriver = Literal["virtio-scsi", "virtio-blk", "virtio-mmio"]
+
+ACCEL_ENV = "VMCTL_ACCEL"
+MAX_VCPUS_LIMIT = 240
+MIN_MEMORY_MIB = 64
+MAX_PCI_BRIDGES = 16
+MAX_MEMORY_SLOTS = 256
+KERNEL_CMDLINE_MAX = 2048
+
+_KERNEL_KEY = re.compile(r"^[A-Za-z0-9_.\-/]+$")
+_KERNEL_VALUE = re.compile(r"^[^\s\"'\\\x00-\x1f\x7f]*$")
+_QEMU_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
+_QEMU_VALUE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+
+#: QEMU options vmctl manages itself; hypervisor_params may not override them.
+RESERVED_QEMU_OPTIONS = frozenset(
+    """S nodefaults no-user-config qmp qmp-pretty monitor mon chardev serial machine M accel
+    kernel initrd append bios m smp sandbox daemonize pidfile display nographic incoming
+    runas chroot object enable-kvm no-shutdown overcommit""".split()
+)
+
+_ASSETS = ("kernel", "initrd", "image", "firmware", "qemu_binary")
+
+
+def _path(value: object) -> Path | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str | os.PathLike):
+        return Path(value).expanduser().absolute()
+    return value  # type: ignore[return-value]  # reported by validation as a wrong type
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxConfig:
+    """Everything about one sandbox's virtual machine. Immutable; see :meth:`replace`."""
+
+    # assets
+    kernel: Path
+    initrd: Path | None = None
+    image: Path | None = None
+    firmware: Path | None = None
+    qemu_binary: Path | None = None
+    # machine
+    machine: Machine = "q35"
+    accel: Accel = "auto"
+    vcpus: int = 1
+    max_vcpus: int | None = None
+    memory_mib: int = 2048
+    memory_slots: int = 10
+    max_memory_mib: int | None = None
+    pci_bridges: int = 1
+    # block devices
+    block_driver: BlockDriver = "virtio-scsi"
+    block_cache_set: bool = False
+    block_cache_direct: bool = False
+    block_cache_noflush: bool = False
+    disable_block_devices: bool = False
+    io_threads: bool = False
+    # params
+    kernel_params: tuple[Param, ...] = ()
+    hypervisor_params: tuple[Param, ...] = ()
+    # memory and CPU behaviour
+    debug: bool = False
+    mem_prealloc: bool = False
+    huge_pages: bool = False
+    mlock: bool = False
+    disable_nesting_checks: bool = False
+    # devices
+    vsock: bool = False
+    entropy_source: Path = Path("/dev/urandom")
+    # templates
+    boot_to_be_template: bool = False
+    boot_from_template: bool = False
+    memory_path: Path | None = None
+    devices_state_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[Problem] = []
+        for name in (*_ASSETS, "entropy_source", "memory_path", "devices_state_path"):
+            object.__setattr__(self, name, _path(getattr(self, name)))
+        for name in ("kernel_params", "hypervisor_params"):
+            try:
+                object.__setattr__(self, name, normalize_params(getattr(self, name)))
+            except TypeError as exc:
+                problems.append(Problem(name, str(exc)))
+                object.__setattr__(self, name, ())
+        if self.max_vcpus is None and isinstance(self.vcpus, int):
+            object.__setattr__(self, "max_vcpus", max(host.cpu_count(), self.vcpus))
+        if self.max_memory_mib is None:
+            object.__setattr__(self, "max_memory_mib", host.total_memory_mib())
+        problems.extend(_validate(self))
+        if problems:
+            raise ConfigError(problems)
+
+    # -- construction helpers -------------------------------------------------------------
+
+    def replace(self, **changes: Any) -> SandboxConfig:
+        """A copy with ``changes`` applied, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def with_custom_assets(self, **assets: str | os.PathLike[str] | None) -> SandboxConfig:
+        """Per-sandbox assets that take precedence over the configured ones; each must exist.
+
+        A custom ``initrd`` replaces a configured ``image`` and the other way round.
+        """
+        problems = [Problem(f"custom_assets.{k}", "unknown asset; use one of " + ", ".join(_ASSETS))
+                    for k in assets if k not in _ASSETS]  # fmt: skip
+        chosen = {k: _path(v) for k, v in assets.items() if k in _ASSETS and v is not None}
+        for name, path in chosen.items():
+            if path is not None and not path.exists():
+                problems.append(Problem(f"custom_assets.{name}", f"{path} does not exist"))
+        if problems:
+            raise ConfigError(problems)
+        if "initrd" in chosen:
+            chosen.setdefault("image", None)
+        if "image" in chosen:
+            chosen.setdefault("initrd", None)
+        return self.replace(**chosen)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, base_dir: Path | None = None) -> SandboxConfig:
+        """Build from a TOML-like table; relative paths are taken from ``base_dir``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError([Problem(k, f"unknown field; known fields: {', '.join(sorted(known))}")
+                               for k in unknown])  # fmt: skip
+        values = dict(data)
+        if base_dir is not None:
+            for name in (*_ASSETS, "entropy_source", "memory_path", "devices_state_path"):
+                raw = values.get(name)
+                if isinstance(raw, str) and raw and not Path(raw).expanduser().is_absolute():
+                    values[name] = base_dir / raw
+        if "kernel" not in values:
+            raise ConfigError([Problem("kernel", "required: path to the guest kernel")])
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, source: str | os.PathLike[str], *, table: str | None = "sandbox") -> SandboxConfig:
+        """Load from a TOML file (or TOML text): the ``[sandbox]`` table, or the top level."""
+        path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+        try:
+            data = tomllib.loads(path.read_text() if path else str(source))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([Problem(str(path or "<toml>"), f"not valid TOML: {exc}")]) from None
+        if table is not None:
+            if table not in data or not isinstance(data[table], dict):
+                raise ConfigError([Problem(table, f"missing [{table}] table")])
+            data = data[table]
+        return cls.from_mapping(data, base_dir=path.parent.absolute() if path else None)
+
+    # -- derived values ---------------------------------------------------------------------
+
+    def effective_accel(self) -> Accel:
+        """``accel`` after the ``VMCTL_ACCEL`` override (``auto`` is resolved at start)."""
+        env = os.environ.get(ACCEL_ENV, "").strip()
+        return env if env in get_args(Accel) else self.accel  # type: ignore[return-value]
+
+    def kernel_cmdline(self) -> str:
+        return " ".join(serialize_params(self.kernel_params, "="))
+
+    def qemu_extra_args(self) -> list[str]:
+        return serialize_params([Param(f"-{k}" if k else k, v) for k, v in self.hypervisor_params], "")
+
+
+def _validate(c: SandboxConfig) -> list[Problem]:
+    problems: list[Problem] = []
+
+    def bad(name: str, message: str) -> None:
+        problems.append(Problem(name, message))
+
+    typed = _check_types(c, bad)
+    # assets
+    if c.kernel is None:
+        bad("kernel", "required: path to the guest kernel (vmctl guest build makes one)")
+    for name in _ASSETS:
+        path = getattr(c, name)
+        if isinstance(path, Path) and not path.is_file():
+            bad(name, f"{path} does not exist or is not a file")
+    if c.initrd is None and c.image is None:
+        bad("initrd", "set initrd or image: the guest needs a root filesystem")
+    if c.initrd is not None and c.image is not None:
+        bad("image", "set initrd or image, not both")
+    if c.image is not None and c.disable_block_devices:
+        bad("disable_block_devices", "an image root filesystem needs block devices; unset one of them")
+    if c.accel not in get_args(Accel):
+        bad("accel", f"must be one of {', '.join(get_args(Accel))}")
+    env_accel = os.environ.get(ACCEL_ENV, "").strip()
+    if env_accel and env_accel not in get_args(Accel):
+        bad(ACCEL_ENV, f"environment variable must be one of {', '.join(get_args(Accel))}")
+    if c.machine not in get_args(Machine):
+        bad("machine", f"must be one of {', '.join(get_args(Machine))}")
+    if c.block_driver not in get_args(BlockDriver):
+        bad("block_driver", f"must be one of {', '.join(get_args(BlockDriver))}")
+    elif c.block_driver == "virtio-mmio":
+        bad("block_driver", "virtio-mmio needs a machine without PCI (microvm), which this release does not offer")
+    if typed:
+        _check_sizes(c, bad)
+    _check_params(c, bad)
+    _check_host_features(c, bad)
+    _check_templates(c, bad)
+    return problems
+
+
+def _check_types(c: SandboxConfig, bad: Any) -> bool:
+    ok = True
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        if f.type in ("bool",) and not isinstance(value, bool):
+            bad(f.name, f"must be true or false, not {value!r}")
+        elif f.type in ("int", "int | None") and not (
+            (isinstance(value, int) and not isinstance(value, bool)) or (value is None and "None" in str(f.type))
+        ):
+            bad(f.name, f"must be an integer, not {value!r}")
+            ok = False
+        elif f.type in ("Path | None", "Path") and value is not None and not isinstance(value, Path):
+            bad(f.name, f"must be a path, not {value!r}")
+    return ok
+
+
+def _check_sizes(c: SandboxConfig, bad: Any) -> None:
+    max_vcpus = c.max_vcpus or 1
+    if c.vcpus < 1:
+        bad("vcpus", "must be at least 1")
+    if max_vcpus > MAX_VCPUS_LIMIT:
+        bad("max_vcpus", f"must be at most {MAX_VCPUS_LIMIT}")
+    if c.vcpus > max_vcpus:
+        bad("vcpus", f"{c.vcpus} is more than max_vcpus={max_vcpus}; raise max_vcpus or lower vcpus")
+    host_mib = host.total_memory_mib()
+    if c.memory_mib < MIN_MEMORY_MIB:
+        bad("memory_mib", f"must be at least {MIN_MEMORY_MIB} MiB")
+    elif c.memory_mib > host_mib:
+        bad("memory_mib", f"{c.memory_mib} MiB is more than the host has ({host_mib} MiB)")
+    max_mem = c.max_memory_mib or 0
+    if max_mem < c.memory_mib:
+        bad("max_memory_mib", f"{max_mem} MiB is less than memory_mib={c.memory_mib}")
+    if not 0 <= c.memory_slots <= MAX_MEMORY_SLOTS:
+        bad("memory_slots", f"must be between 0 and {MAX_MEMORY_SLOTS}")
+    if not 0 <= c.pci_bridges <= MAX_PCI_BRIDGES:
+        bad("pci_bridges", f"must be between 0 and {MAX_PCI_BRIDGES}")
+
+
+def _check_params(c: SandboxConfig, bad: Any) -> None:
+    for i, (key, value) in enumerate(c.kernel_params):
+        if not _KERNEL_KEY.match(key):
+            bad(f"kernel_params[{i}]", f"key {key!r} may only hold letters, digits and _ . - /")
+        if not _KERNEL_VALUE.match(value):
+            bad(
+                f"kernel_params[{i}]",
+                f"value of {key!r} may not hold spaces, quotes, backslashes or control characters",
+            )
+    if len(c.kernel_cmdline()) > KERNEL_CMDLINE_MAX - 512:
+        bad("kernel_params", f"command line longer than {KERNEL_CMDLINE_MAX - 512} bytes")
+    for i, (key, value) in enumerate(c.hypervisor_params):
+        name = f"hypervisor_params[{i}]"
+        if not _QEMU_KEY.match(key):
+            bad(name, f"option {key!r} must be a QEMU option name like 'rtc' (no leading dash)")
+        elif key in RESERVED_QEMU_OPTIONS:
+            bad(name, f"option -{key} is managed by vmctl; use the matching config field instead")
+        if not _QEMU_VALUE.match(value):
+            bad(name, f"value of {key!r} may not hold control characters")
+        if value.startswith("-"):
+            bad(name, f"value of {key!r} may not start with '-'")
+
+
+def _check_host_features(c: SandboxConfig, bad: Any) -> None:
+    if not c.entropy_source.exists():
+        bad("entropy_source", f"{c.entropy_source} does not exist")
+    if c.huge_pages:
+        if host.hugepages_total() == 0 or not Path("/dev/hugepages").is_dir():
+            bad("huge_pages", "the host has no huge pages: set vm.nr_hugepages and mount hugetlbfs on /dev/hugepages")
+    if c.vsock and not Path("/dev/vhost-vsock").exists():
+        bad("vsock", "the host has no /dev/vhost-vsock: 'modprobe vhost_vsock' or set vsock=false")
+
+
+def _check_templates(c: SandboxConfig, bad: Any) -> None:
+    if c.boot_to_be_template and c.boot_from_template:
+        bad("boot_from_template", "boot_to_be_template and boot_from_template are exclusive")
+    if (c.boot_to_be_template or c.boot_from_template) and c.memory_path is None:
+        bad("memory_path", "required with a template: the file that holds guest memory")
+    if c.boot_from_template:
+        if c.devices_state_path is None:
+            bad("devices_state_path", "required with boot_from_template: the saved device state")
+        elif not c.devices_state_path.is_file():
+            bad("devices_state_path", f"{c.devices_state_path} does not exist")
+        if c.memory_path is not None and not c.memory_path.is_file():
+            bad("memory_path", f"{c.memory_path} does not exist")
+    if c.boot_to_be_template:
+        if c.memory_path is not None and not c.memory_path.parent.is_dir():
+            bad("memory_path", f"directory {c.memory_path.parent} does not exist")
+        if c.devices_state_path is None:
+            bad("devices_state_path", "required with boot_to_be_template: where the device state is saved")
+    if (c.boot_to_be_template or c.boot_from_template) and c.huge_pages:
+        bad("huge_pages", "templates keep guest memory in memory_path; huge pages cannot be combined")

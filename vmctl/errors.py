@@ -1,0 +1,110 @@
+"""One exception hierarchy for everything vmctl raises.
+
+::
+
+    VmctlError
+     +-- ConfigError            invalid configuration; lists every problem, raised before any process starts
+     +-- HostError              the host lacks something (a package, /dev/kvm, hugepages); says how to fix it
+     +-- IllegalTransition      a call or event not allowed in the current state; nothing changed
+     +-- SandboxFailed          the sandbox is in FAILED (QEMU died, guest panicked, lost QMP)
+     +-- QMPError               QMP trouble
+     |    +-- QMPCommandError   QEMU answered a command with an error
+     |    +-- QMPDisconnected   the QMP connection is gone
+     +-- GuestError             the guest agent failed or answered nonsense
+     +-- NotSupported           the backend or machine cannot do this
+     +-- VmctlTimeout           (also a TimeoutError) something did not happen in time
+          +-- ReadyTimeout      the guest did not report ready in time
+
+Cancellation is never wrapped: ``anyio.get_cancelled_exc_class()`` always propagates as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class VmctlError(Exception):
+    """Root of every error vmctl raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a configuration is invalid: the field, what is wrong, and how to fix it."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class ConfigError(VmctlError, ValueError):
+    """The configuration is invalid; ``problems`` lists every reason, each naming its field."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid sandbox configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(p.field for p in self.problems)
+
+
+class HostError(VmctlError):
+    """The host lacks something vmctl needs; the message says what to install or change."""
+
+
+class IllegalTransition(VmctlError):
+    """A call or event that the transition table does not allow from the current state."""
+
+    def __init__(self, state: object, trigger: object) -> None:
+        self.state = state
+        self.trigger = trigger
+        super().__init__(f"{trigger} is not allowed while the sandbox is {state}")
+
+
+class SandboxFailed(VmctlError):
+    """The sandbox failed (QEMU exited, the guest panicked, QMP was lost); later calls fail fast."""
+
+    def __init__(self, reason: str, *, stderr_tail: str = "") -> None:
+        self.reason = reason
+        self.stderr_tail = stderr_tail
+        detail = f"\nQEMU stderr (last lines):\n{stderr_tail}" if stderr_tail else ""
+        super().__init__(f"sandbox failed: {reason}{detail}")
+
+
+class QMPError(VmctlError):
+    """Trouble talking QMP to QEMU."""
+
+
+class QMPCommandError(QMPError):
+    """QEMU answered a command with an error; carries what was sent and what came back."""
+
+    def __init__(self, command: str, arguments: object, error_class: str, description: str) -> None:
+        self.command = command
+        self.arguments = arguments
+        self.error_class = error_class
+        self.description = description
+        super().__init__(f"QMP {command} failed: {error_class}: {description}")
+
+
+class QMPDisconnected(QMPError):
+    """The QMP connection closed (usually because QEMU exited)."""
+
+
+class GuestError(VmctlError):
+    """The guest agent failed, disconnected or answered something we cannot parse."""
+
+
+class NotSupported(VmctlError):
+    """The backend or machine type cannot do what was asked."""
+
+
+class VmctlTimeout(VmctlError, TimeoutError):
+    """Something vmctl waited for did not happen in time."""
+
+
+class ReadyTimeout(VmctlTimeout):
+    """The guest did not report ready in time; the message names the accelerator and the fix."""

@@ -1,0 +1,236 @@
+"""Build the default guest: Debian's cloud kernel plus a busybox initramfs with the vmctl agent.
+
+The result lives in the user cache under a key made of every input (kernel package and version,
+busybox binary, our init and agent scripts, the module list, this builder's format version), so
+a second call with nothing changed returns at once, and any change produces a fresh build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from vmctl.errors import HostError
+from vmctl.guest import cpio
+from vmctl.log import get_logger
+from vmctl.paths import cache_dir
+
+log = get_logger("vmctl.guest")
+
+FORMAT_VERSION = "1"
+KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
+KERNEL_PACKAGE_ENV = "VMCTL_KERNEL_PACKAGE"
+BUSYBOX = Path("/bin/busybox")
+
+#: Modules the guest loads at boot; their dependencies are added and ordered automatically.
+GUEST_MODULES = (
+    "virtio_pci", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_scsi", "sd_mod",
+    "virtio_net", "virtio_rng", "virtio_balloon", "vmw_vsock_virtio_transport", "pvpanic_pci",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GuestAssets:
+    """A built default guest: pass ``kernel`` and ``initrd`` to :class:`~vmctl.SandboxConfig`."""
+
+    kernel: Path
+    initrd: Path
+    kernel_version: str
+    kernel_package: str
+    modules: tuple[str, ...]
+    key: str
+
+    @property
+    def directory(self) -> Path:
+        return self.kernel.parent
+
+
+def _guest_file(name: str) -> bytes:
+    return resources.files("vmctl.guest").joinpath("files", name).read_bytes()
+
+
+async def ensure_default_assets(*, rebuild: bool = False) -> GuestAssets:
+    """Return the default guest, building it first if the cache has no build for these inputs."""
+    _require_tools()
+    package, version = await _kernel_package()
+    busybox = BUSYBOX.read_bytes()
+    _require_static(busybox)
+    key = _cache_key(package, version, busybox)
+    target = cache_dir() / "guest" / key
+    manifest = target / "manifest.json"
+    if manifest.is_file() and not rebuild:
+        return _load(manifest)
+    log.info("building default guest", package=package, version=version, into=str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        await anyio.run_process(["apt-get", "download", "-q", f"{package}={version}"], cwd=work)
+        debs = list(work.glob("*.deb"))
+        if len(debs) != 1:
+            raise HostError(f"apt-get download {package} produced {len(debs)} .deb files")
+        await anyio.run_process(["dpkg-deb", "-x", str(debs[0]), str(work / "pkg")])
+        out = work / "out"
+        out.mkdir()
+        assets = await anyio.to_thread.run_sync(_assemble, work / "pkg", out, busybox, package, key)
+        if rebuild and target.exists():
+            shutil.rmtree(target)
+        try:
+            out.rename(target)
+        except OSError:  # a concurrent build won the race; theirs is identical
+            if not manifest.is_file():
+                raise
+        log.info(
+            "built default guest", modules=len(assets.modules), initrd_bytes=(target / "initrd.img").stat().st_size
+        )
+        return _load(manifest)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except OSError as exc:
+        raise HostError(f"building the default guest failed: {exc}") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _require_tools() -> None:
+    missing = [(tool, pkg) for tool, pkg in (("apt-get", "apt"), ("apt-cache", "apt"), ("dpkg-deb", "dpkg"))
+               if shutil.which(tool) is None]  # fmt: skip
+    if missing:
+        tools = ", ".join(t for t, _ in missing)
+        raise HostError(f"building the guest needs {tools} (Debian's {missing[0][1]} package)")
+    if not BUSYBOX.is_file():
+        raise HostError("building the guest needs a static busybox: apt-get install busybox-static")
+
+
+def _require_static(busybox: bytes) -> None:
+    if b"ld-linux" in busybox[:8192]:
+        raise HostError(f"{BUSYBOX} is dynamically linked; install the static one: apt-get install busybox-static")
+
+
+async def _kernel_package() -> tuple[str, str]:
+    package = os.environ.get(KERNEL_PACKAGE_ENV, "")
+    if not package:
+        result = await anyio.run_process(["apt-cache", "depends", KERNEL_META_PACKAGE], check=False)
+        match = re.search(rb"Depends: (linux-image-[\w.+-]+)", result.stdout)
+        if match is None:
+            raise HostError(
+                f"apt-cache knows no {KERNEL_META_PACKAGE}: run 'apt-get update' "
+                "(Debian's main archive must be in the apt sources)"
+            )
+        package = match.group(1).decode()
+    policy = await anyio.run_process(["apt-cache", "policy", package], check=False)
+    match = re.search(rb"Candidate: (\S+)", policy.stdout)
+    if match is None or match.group(1) == b"(none)":
+        raise HostError(f"apt-cache has no candidate for {package}: run 'apt-get update'")
+    return package, match.group(1).decode()
+
+
+def _cache_key(package: str, version: str, busybox: bytes) -> str:
+    h = hashlib.sha256()
+    for part in (FORMAT_VERSION, package, version, ",".join(GUEST_MODULES)):
+        h.update(part.encode() + b"\0")
+    for blob in (busybox, _guest_file("init"), _guest_file("vmctl-agent")):
+        h.update(hashlib.sha256(blob).digest())
+    return h.hexdigest()[:16]
+
+
+def _load(manifest: Path) -> GuestAssets:
+    data: dict[str, Any] = json.loads(manifest.read_text())
+    return GuestAssets(
+        kernel=manifest.parent / "vmlinuz",
+        initrd=manifest.parent / "initrd.img",
+        kernel_version=data["kernel_version"],
+        kernel_package=data["kernel_package"],
+        modules=tuple(data["modules"]),
+        key=data["key"],
+    )
+
+
+def _assemble(pkg: Path, out: Path, busybox: bytes, package: str, key: str) -> GuestAssets:
+    vmlinuz = sorted((pkg / "boot").glob("vmlinuz-*"))
+    module_roots = sorted((pkg / "lib" / "modules").glob("*"))
+    if not vmlinuz or not module_roots:
+        raise HostError(f"{package} holds no kernel or no modules")
+    kernel_version = module_roots[0].name
+    available = _index_modules(module_roots[0])
+    builtin_file = module_roots[0] / "modules.builtin"
+    builtin = (
+        {_module_name(Path(line)) for line in builtin_file.read_text().split()} if builtin_file.exists() else set()
+    )
+    order = _load_order([m for m in GUEST_MODULES if m not in builtin], available)
+    entries = [cpio.dir_entry(d) for d in
+               ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "etc", "lib", "lib/modules",
+                "proc", "sys", "run", "tmp", "root")]  # fmt: skip
+    entries += [
+        cpio.chardev_entry("dev/console", 5, 1),
+        cpio.chardev_entry("dev/null", 1, 3, 0o666),
+        cpio.file_entry("bin/busybox", busybox, 0o755),
+        cpio.symlink_entry("bin/sh", "busybox"),
+        cpio.file_entry("init", _guest_file("init"), 0o755),
+        cpio.file_entry("sbin/vmctl-agent", _guest_file("vmctl-agent"), 0o755),
+        cpio.file_entry("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+        cpio.file_entry("etc/group", b"root:x:0:\n"),
+        cpio.file_entry("lib/modules/load-order", "".join(f"{m}.ko\n" for m in order).encode()),
+    ]
+    entries += [cpio.file_entry(f"lib/modules/{m}.ko", _read_module(available[m])) for m in order]
+    shutil.copyfile(vmlinuz[-1], out / "vmlinuz")
+    cpio.write_initramfs(out / "initrd.img", entries)
+    assets = GuestAssets(out / "vmlinuz", out / "initrd.img", kernel_version, package, tuple(order), key)
+    manifest = {k: v for k, v in asdict(assets).items() if k not in ("kernel", "initrd")}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return assets
+
+
+def _module_name(path: Path) -> str:
+    return path.name.split(".ko")[0].replace("-", "_")
+
+
+def _index_modules(root: Path) -> dict[str, Path]:
+    return {_module_name(p): p for p in root.rglob("*.ko*") if re.search(r"\.ko(\.xz)?$", p.name)}
+
+
+def _read_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    return lzma.decompress(data) if path.name.endswith(".xz") else data
+
+
+def module_depends(data: bytes) -> list[str]:
+    """The ``depends=`` list from a module's .modinfo strings."""
+    match = re.search(rb"\0depends=([^\0]*)\0", data)
+    if match is None or not match.group(1):
+        return []
+    return [d.decode().replace("-", "_") for d in match.group(1).split(b",") if d]
+
+
+def _load_order(wanted: Iterable[str], available: dict[str, Path]) -> list[str]:
+    """Wanted modules and their dependencies, each after everything it depends on."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise HostError(f"module dependency cycle at {name}")
+        if name not in available:
+            raise HostError(f"kernel module {name} not found in the kernel package (built in?)")
+        visiting.add(name)
+        for dep in module_depends(_read_module(available[name])):
+            visit(dep)
+        visiting.discard(name)
+        order.append(name)
+
+    for name in wanted:
+        visit(name)
+    return order

@@ -1,0 +1,355 @@
+"""The QEMU backend (q35 / pc with PCI): launch, QMP, console, agent channel, stop.
+
+``run`` is one task in the sandbox's task group; every pump it needs lives in its own task
+group, so cancelling ``run`` ends them all, and its ``finally`` makes sure the process is dead
+and the QMP session closed whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from vmctl import host
+from vmctl.config import SandboxConfig
+from vmctl.errors import GuestError, HostError, QMPError, SandboxFailed, VmctlError
+from vmctl.hypervisors.base import Capabilities, Hypervisor
+from vmctl.hypervisors.cmdline import build_command
+from vmctl.qmp import QmpSession
+
+STDERR_TAIL_LINES = 40
+CHANNELS = ("qmp", "console", "agent")
+
+
+class VmProcess(Protocol):
+    """What the backend needs of a running QEMU (real or fake)."""
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def returncode(self) -> int | None: ...
+    async def wait(self) -> int: ...
+    def kill(self) -> None: ...
+    def stderr_lines(self) -> AsyncIterator[str]: ...
+
+
+class _OsProcess:
+    """A real QEMU process started by anyio."""
+
+    def __init__(self, process: anyio.abc.Process) -> None:
+        self._process = process
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    def kill(self) -> None:
+        if self._process.returncode is None:
+            try:
+                self._process.kill()
+            except ProcessLookupError:
+                pass
+
+    async def stderr_lines(self) -> AsyncIterator[str]:
+        assert self._process.stderr is not None
+        reader = BufferedByteReceiveStream(self._process.stderr)
+        while True:
+            try:
+                line = await reader.receive_until(b"\n", 65536)
+            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.DelimiterNotFound,
+                    anyio.BrokenResourceError, anyio.ClosedResourceError):  # fmt: skip
+                return
+            yield line.decode(errors="replace")
+
+    async def aclose(self) -> None:
+        await self._process.aclose()
+
+
+def listen_unix(path: Path) -> socket.socket:
+    """A listening unix socket at ``path``, readable only by this user."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(8)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def resolve_accel(config: SandboxConfig, qemu: Path, log: Any) -> str:
+    """``auto`` becomes KVM only where a guest really boots under it; else TCG with a warning."""
+    wanted = config.effective_accel()
+    if wanted == "tcg":
+        return "tcg"
+    if wanted == "kvm":
+        if not host.kvm_device_usable():
+            raise HostError("accel=kvm but /dev/kvm is missing or unusable: set accel='tcg' (or VMCTL_ACCEL=tcg)")
+        return "kvm"
+    verdict = await host.kvm_boots_guests(qemu, config.kernel)
+    if verdict.usable:
+        return "kvm"
+    log.warning("KVM not usable, falling back to TCG", reason=verdict.reason)
+    return "tcg"
+
+
+class QemuHypervisor(Hypervisor):
+    name = "qemu"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._qmp = QmpSession(f"vmctl-{self.sandbox_id}")
+        self._effective = self.config
+        self._argv: list[str] = []
+        self._process: VmProcess | None = None
+        self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self._stderr_done = anyio.Event()
+        self._exited = anyio.Event()
+        self._scope: anyio.CancelScope | None = None
+        self._finished: anyio.Event | None = None
+        self._closing = False
+
+    # -- introspection ---------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def command_line(self) -> list[str]:
+        return list(self._argv)
+
+    @property
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr_tail)
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.is_set()
+
+    @property
+    def qmp(self) -> QmpSession:
+        return self._qmp
+
+    def effective_config(self) -> SandboxConfig:
+        return self._effective
+
+    def capabilities(self) -> Capabilities:
+        c = self._effective
+        return Capabilities(
+            block_hotplug=not c.disable_block_devices and c.pci_bridges > 0,
+            cpu_hotplug=(c.max_vcpus or 1) > c.vcpus,
+            memory_hotplug=c.memory_slots > 0 and (c.max_memory_mib or 0) > c.memory_mib,
+            network_hotplug=c.pci_bridges > 0,
+            vsock=c.vsock,
+        )
+
+    async def vcpu_thread_ids(self) -> dict[int, int]:
+        cpus = await self._qmp.execute("query-cpus-fast")
+        return {int(cpu["cpu-index"]): int(cpu["thread-id"]) for cpu in cpus}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def create(self) -> None:
+        qemu = host.find_qemu(self.config.qemu_binary)
+        accel = await resolve_accel(self.config, qemu, self.log)
+        self._effective = self.config.replace(accel=accel, qemu_binary=qemu)
+        self._argv = build_command(self._effective, self.paths, self.sandbox_id, {n: -1 for n in CHANNELS})
+
+    async def _spawn(self, argv: list[str], listeners: Mapping[str, socket.socket]) -> VmProcess:
+        """Start QEMU; it inherits the listening sockets and dies with this process (PDEATHSIG)."""
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+        if not setpriv:
+            self.log.warning("setpriv not found (util-linux): QEMU will outlive a crashed controller")
+        process = await anyio.open_process(
+            prefix + argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            pass_fds=[s.fileno() for s in listeners.values()],
+        )  # fmt: skip
+        return _OsProcess(process)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        listeners: dict[str, socket.socket] = {}
+        self._finished = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                for name in CHANNELS:
+                    listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
+                fds = {name: s.fileno() for name, s in listeners.items()}
+                self._argv = build_command(self._effective, self.paths, self.sandbox_id, fds)
+                self.log.debug("launching qemu", argv=self._argv)
+                self._process = await self._spawn(self._argv, listeners)
+                self.log = self.log.bind(pid=self._process.pid)
+                for sock in listeners.values():
+                    sock.close()
+                tg.start_soon(self._pump_stderr)
+                tg.start_soon(self._watch_process)
+                try:
+                    await self._launch(tg)
+                except (VmctlError, OSError) as exc:
+                    raise await self._launch_failure(exc) from exc
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for sock in listeners.values():
+                    sock.close()
+                await self._reap()
+                await self._qmp.close()
+                self._finished.set()
+
+    async def _launch(self, tg: anyio.abc.TaskGroup) -> None:
+        await self._qmp.connect(self.paths.qmp_socket)
+        tg.start_soon(self._pump_events)
+        tg.start_soon(self._watch_qmp)
+        await tg.start(self.agent.run)
+        tg.start_soon(self._pump_console)
+        await self._qmp.execute("cont")
+
+    async def _launch_failure(self, exc: Exception) -> Exception:
+        """If QEMU died while starting, say so with its stderr instead of the socket error."""
+        with anyio.move_on_after(2):
+            await self._exited.wait()
+        if self._exited.is_set():
+            rc = self._process.returncode if self._process else None
+            return SandboxFailed(f"QEMU exited with code {rc} while starting", stderr_tail=self.stderr_tail)
+        return exc
+
+    async def _reap(self) -> None:
+        """Make sure the process is gone (SIGKILL if needed) and collected."""
+        if self._process is None:
+            return
+        if self._process.returncode is None:
+            self._closing = True
+            self._process.kill()
+        with anyio.move_on_after(10):
+            self._note_exit(await self._process.wait())
+        closer = getattr(self._process, "aclose", None)
+        if closer is not None:
+            with anyio.move_on_after(2):
+                await closer()
+
+    async def _pump_stderr(self) -> None:
+        assert self._process is not None
+        try:
+            with open(self.paths.qemu_log, "a", encoding="utf-8") as log_file:
+                async for line in self._process.stderr_lines():
+                    self._stderr_tail.append(line)
+                    log_file.write(line + "\n")
+                    log_file.flush()
+                    self.log.debug("qemu stderr", line=line)
+        finally:
+            self._stderr_done.set()
+
+    async def _watch_process(self) -> None:
+        assert self._process is not None
+        rc = await self._process.wait()
+        with anyio.move_on_after(1):
+            await self._stderr_done.wait()
+        self._note_exit(rc)
+
+    def _note_exit(self, rc: int) -> None:
+        if not self._exited.is_set():
+            self._exited.set()
+            self.events.on_process_exit(rc, self.stderr_tail, requested=self._closing)
+
+    async def _pump_events(self) -> None:
+        try:
+            async for event in self._qmp.events():
+                self.log.debug("qmp event", name=event.name, data=event.data)
+                self.events.on_qmp_event(event)
+        except Exception as exc:  # an event we could not handle must not go unnoticed
+            self.events.on_fault(f"QMP event pump failed: {exc!r}")
+
+    async def _watch_qmp(self) -> None:
+        await self._qmp.wait_disconnected()
+        if self._closing:
+            return
+        with anyio.move_on_after(2):
+            await self._exited.wait()  # QEMU exiting explains the lost connection
+        if not self._exited.is_set() and not self._closing:
+            self.events.on_fault("QMP connection lost while QEMU still runs")
+
+    async def _pump_console(self) -> None:
+        try:
+            stream = await anyio.connect_unix(self.paths.console_socket)
+        except OSError:
+            return
+        async with stream:
+            reader = BufferedByteReceiveStream(stream)
+            while True:
+                try:
+                    line = await reader.receive_until(b"\n", 65536)
+                except anyio.DelimiterNotFound:
+                    continue
+                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError):
+                    return
+                self.events.on_console_line(line.decode(errors="replace").rstrip("\r"))
+
+    async def wait_ready(self) -> None:
+        await self.agent.wait_ready()
+
+    async def wait_exited(self) -> None:
+        await self._exited.wait()
+
+    async def pause(self) -> None:
+        await self._qmp.execute("stop")
+
+    async def resume(self) -> None:
+        await self._qmp.execute("cont")
+
+    async def stop(self, *, graceful: bool, timeout: float) -> None:
+        if self._process is None or self._exited.is_set():
+            return
+        self._closing = True
+        if graceful and self.agent.ready:
+            try:
+                await self.agent.poweroff()
+                with anyio.move_on_after(timeout):
+                    await self._exited.wait()
+            except GuestError:
+                pass
+        if not self._exited.is_set() and self._qmp.connected:
+            with anyio.move_on_after(5):
+                try:
+                    await self._qmp.execute("quit", timeout=2)
+                except QMPError:
+                    pass
+                await self._exited.wait()
+        if not self._exited.is_set():
+            self.log.warning("QEMU did not exit, killing it")
+            self._process.kill()
+            with anyio.move_on_after(10):
+                await self._exited.wait()
+
+    async def disconnect(self) -> None:
+        self._closing = True
+        await self._qmp.close()
+        self.agent.fail_all(GuestError("disconnected from the sandbox"))
+        if self._scope is not None:
+            self._scope.cancel()
+        if self._finished is not None:
+            with anyio.CancelScope(shield=True):
+                await self._finished.wait()

@@ -1,0 +1,100 @@
+"""The QMP session: the only module that imports ``qemu.qmp``.
+
+It adds what ``QMPClient`` leaves to us: a timeout on every command, errors mapped into vmctl's
+hierarchy at this edge, and an event stream registered before the connection so no event is
+missed. Cancellation is never wrapped.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, Runstate
+from qemu.qmp import QMPError as _LibQMPError
+from qemu.qmp import StateError as _LibStateError
+
+from vmctl.errors import QMPCommandError, QMPDisconnected, QMPError, VmctlTimeout
+
+DEFAULT_COMMAND_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class QmpEvent:
+    name: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    timestamp: float = 0.0
+
+
+class QmpSession:
+    """One QMP connection to one QEMU."""
+
+    def __init__(self, name: str, *, command_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
+        self._client = QMPClient(name)
+        self._listener = EventListener()
+        self._client.register_listener(self._listener)
+        self.command_timeout = command_timeout
+        self.greeting: Mapping[str, Any] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate is Runstate.RUNNING
+
+    async def connect(self, path: Path | socket.socket, *, timeout: float = 10.0) -> None:
+        """Connect and negotiate capabilities."""
+        try:
+            with anyio.fail_after(timeout):
+                await self._client.connect(path if isinstance(path, socket.socket) else str(path))
+        except TimeoutError:
+            await self.close()
+            raise VmctlTimeout(f"QMP did not answer within {timeout}s at {path}") from None
+        except (ConnectError, _LibQMPError, OSError) as exc:
+            await self.close()
+            raise QMPDisconnected(f"cannot connect QMP at {path}: {exc}") from exc
+        self.greeting = dict(self._client.greeting._raw) if self._client.greeting else {}  # noqa: SLF001
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None,
+                      *, timeout: float | None = None) -> Any:  # fmt: skip
+        """Run one command; :class:`VmctlTimeout` if no reply in ``timeout`` (default 30 s)."""
+        limit = self.command_timeout if timeout is None else timeout
+        try:
+            with anyio.fail_after(limit):
+                return await self._client.execute(command, arguments)
+        except TimeoutError:
+            raise VmctlTimeout(f"QMP {command} got no reply within {limit}s") from None
+        except ExecuteError as exc:
+            raise QMPCommandError(command, arguments, exc.error.error.class_, exc.error.error.desc) from None
+        except (ExecInterruptedError, _LibStateError, EOFError, ConnectionError) as exc:
+            raise QMPDisconnected(f"QMP connection lost during {command}: {exc or type(exc).__name__}") from exc
+        except _LibQMPError as exc:
+            raise QMPError(f"QMP {command} failed: {exc}") from exc
+
+    async def send_fd(self, fd: int, name: str) -> None:
+        """Hand an open file to QEMU under ``name`` (for ``fd:`` migration URIs)."""
+        self._client.send_fd_scm(fd)
+        await self.execute("getfd", {"fdname": name})
+
+    async def events(self) -> AsyncIterator[QmpEvent]:
+        """Every event QEMU sends, in order, for as long as the session lives."""
+        async for raw in self._listener:
+            message: dict[str, Any] = dict(raw)
+            ts = message.get("timestamp", {})
+            stamp = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+            yield QmpEvent(str(message["event"]), dict(message.get("data", {})), stamp)
+
+    async def wait_disconnected(self) -> None:
+        """Return once the connection is gone (QEMU closed it or exited)."""
+        while self._client.runstate is Runstate.RUNNING:
+            await self._client.runstate_changed()
+
+    async def close(self) -> None:
+        """Disconnect; never raises (the error that broke the connection was already reported)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._client.disconnect()
+            except Exception:  # noqa: BLE001,S110 - the cause was reported where it happened
+                pass

@@ -1,0 +1,409 @@
+"""Sandbox: a config, a hypervisor and a state machine, as an async context manager.
+
+The sandbox owns a task group in which the hypervisor's ``run`` task lives. Calls check the
+transition table before doing anything; state then changes only through events the hypervisor
+reports (QMP events, process exit, faults). Leaving the ``async with`` block stops QEMU
+(gracefully when it can) and removes the run directory, on every path, cancellation included.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+
+from vmctl.agent import ExecResult, GuestBlockDevice, GuestMemory, parse_block_devices, parse_cpu_list, parse_memory
+from vmctl.config import SandboxConfig
+from vmctl.errors import GuestError, SandboxFailed, VmctlError, VmctlTimeout
+from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor, RunPaths
+from vmctl.hypervisors.qemu import QemuHypervisor
+from vmctl.log import get_logger
+from vmctl.paths import make_run_dir, remove_tree
+from vmctl.qmp import QmpEvent
+from vmctl.state import SandboxState, StateMachine, Transition, Trigger
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+DEFAULT_START_TIMEOUT = 120.0
+DEFAULT_STOP_TIMEOUT = 10.0
+DEFAULT_CALL_TIMEOUT = 30.0
+CONSOLE_TAIL_LINES = 50
+
+_QMP_TRIGGERS = {"STOP": Trigger.QMP_STOP, "RESUME": Trigger.QMP_RESUME, "GUEST_PANICKED": Trigger.GUEST_PANICKED}
+_FAILED_SHUTDOWN_REASONS = {"guest-reset", "guest-panic"}
+
+
+@contextmanager
+def deadline(seconds: float | None, what: str) -> Iterator[None]:
+    """``anyio.fail_after`` that raises our :class:`VmctlTimeout` naming what timed out."""
+    try:
+        with anyio.fail_after(seconds):
+            yield
+    except TimeoutError as exc:
+        if isinstance(exc, VmctlError):
+            raise
+        raise VmctlTimeout(f"{what} did not finish within {seconds}s") from None
+
+
+class Sandbox:
+    """One sandbox VM. Use ``async with Sandbox(config) as sb:``; it is running inside the block."""
+
+    def __init__(
+        self,
+        config: SandboxConfig,
+        *,
+        id: str | None = None,  # noqa: A002 - the natural name for users
+        backend: Backend | None = None,
+        log_dir: str | Path | None = None,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    ) -> None:
+        if id is not None and not ID_PATTERN.match(id):
+            raise ValueError(
+                f"id: {id!r} must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            )
+        self.id = id or f"sb-{secrets.token_hex(4)}"
+        self._config = config
+        self._backend: Backend = backend or QemuHypervisor
+        self._log_dir = Path(log_dir).expanduser().absolute() / self.id if log_dir is not None else None
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.log = get_logger("vmctl.sandbox", sandbox=self.id)
+        self._machine = StateMachine(on_transition=self._on_transition)
+        self._hv: Hypervisor | None = None
+        self._paths: RunPaths | None = None
+        self._tg: TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None
+        self._graceful_exit = True
+        self._stderr_tail = ""
+        self._console_tail: deque[str] = deque(maxlen=CONSOLE_TAIL_LINES)
+        self._console_subscribers: list[MemoryObjectSendStream[str]] = []
+
+    # -- context manager ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Sandbox:
+        if self._stack is not None:
+            raise VmctlError("this Sandbox is already open")
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        self._stack = stack
+        self._tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.push_async_callback(self._teardown)
+        try:
+            await self.start()
+        except BaseException:
+            await self._close_stack(graceful=False)
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:  # fmt: skip
+        await self._close_stack(graceful=exc_type is None)
+
+    async def _close_stack(self, *, graceful: bool) -> None:
+        # Our own failures never pass through the task group (anyio would wrap them in an
+        # ExceptionGroup): the stack always closes cleanly and the caller's exception goes on as is.
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        self._graceful_exit = graceful
+        await stack.__aexit__(None, None, None)
+
+    async def _teardown(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.stop_timeout + 30):
+            try:
+                await self._stop(graceful=self._graceful_exit, timeout=self.stop_timeout)
+            except VmctlError as err:
+                self.log.warning("stop on exit failed", error=str(err))
+        with anyio.CancelScope(shield=True):
+            await self._release()
+        self._tg = None
+
+    # -- introspection -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SandboxState:
+        return self._machine.state
+
+    @property
+    def config(self) -> SandboxConfig:
+        """The effective config once created (defaults filled, accelerator resolved)."""
+        return self._hv.effective_config() if self._hv else self._config
+
+    def capabilities(self) -> Capabilities:
+        return self._hypervisor().capabilities()
+
+    @property
+    def pid(self) -> int | None:
+        return self._hv.pid if self._hv else None
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self._paths.run_dir if self._paths else None
+
+    @property
+    def console_path(self) -> Path | None:
+        """The console's unix socket (one reader at a time; vmctl holds it while running)."""
+        return self._paths.console_socket if self._paths else None
+
+    @property
+    def console_log_path(self) -> Path | None:
+        return self._paths.console_log if self._paths else None
+
+    @property
+    def failure(self) -> str:
+        return self._machine.failure
+
+    @property
+    def command_line(self) -> list[str]:
+        return self._hypervisor().command_line
+
+    @property
+    def history(self) -> list[Transition]:
+        return list(self._machine.history)
+
+    @property
+    def console_tail(self) -> list[str]:
+        return list(self._console_tail)
+
+    @property
+    def hypervisor(self) -> Hypervisor:
+        return self._hypervisor()
+
+    def _hypervisor(self) -> Hypervisor:
+        if self._hv is None:
+            raise VmctlError("the sandbox has not been started")
+        return self._hv
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, *, timeout: float | None = None) -> None:
+        """Launch QEMU and return once the guest agent reports ready (state RUNNING)."""
+        if self._tg is None:
+            raise VmctlError("open the sandbox with 'async with Sandbox(config) as sb:'; it starts there")
+        self._request(Trigger.START)
+        run_dir = make_run_dir()
+        log_dir = run_dir
+        if self._log_dir is not None:
+            self._log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            log_dir = self._log_dir
+        self._paths = RunPaths(run_dir, log_dir)
+        self._hv = self._backend(self._config, self._paths, self.id, self, self.log)
+        limit = self.start_timeout if timeout is None else timeout
+        try:
+            with anyio.fail_after(limit):
+                await self._hv.create()
+                await self._tg.start(self._hv.run)
+                await self._wait_guest_ready()
+            self._machine.fire(Trigger.GUEST_READY, "agent ready")
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._abort_start(exc)
+            if isinstance(exc, TimeoutError) and not isinstance(exc, VmctlError):
+                raise self._ready_timeout(limit) from None
+            raise
+
+    async def _wait_guest_ready(self) -> None:
+        assert self._hv is not None
+        hv = self._hv
+        ready = False
+        async with anyio.create_task_group() as tg:
+
+            async def agent_ready() -> None:
+                nonlocal ready
+                await hv.wait_ready()
+                ready = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(agent_ready)
+            await self._machine.wait_for(SandboxState.FAILED, SandboxState.STOPPING, SandboxState.STOPPED)
+            tg.cancel_scope.cancel()
+        if not ready:
+            raise SandboxFailed(self._machine.failure or "stopped while starting", stderr_tail=self._stderr_tail)
+
+    def _ready_timeout(self, limit: float) -> VmctlError:
+        from vmctl.errors import ReadyTimeout
+
+        accel = self.config.accel
+        fix = (
+            "KVM can hang on nested hosts: set accel='tcg' (or VMCTL_ACCEL=tcg)"
+            if accel == "kvm"
+            else "TCG is slow: raise start_timeout or run fewer sandboxes at once"
+        )
+        tail = "\n".join(self._console_tail)
+        return ReadyTimeout(
+            f"guest did not report ready within {limit}s under accel={accel}; {fix}"
+            + (f"\nconsole (last lines):\n{tail}" if tail else "")
+        )
+
+    async def _abort_start(self, exc: BaseException) -> None:
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            self._machine.fire_if_allowed(Trigger.STOP, "start cancelled")
+        else:
+            self._machine.fire_if_allowed(Trigger.FAULT, f"start failed: {exc}")
+        await self._release()
+
+    async def stop(self, *, timeout: float | None = None) -> None:
+        """Stop the guest: power-off through the agent, then ``quit``, then SIGKILL. Idempotent."""
+        await self._stop(graceful=True, timeout=self.stop_timeout if timeout is None else timeout)
+
+    async def _stop(self, *, graceful: bool, timeout: float) -> None:
+        state = self.state
+        if state is SandboxState.STOPPED:
+            return
+        if state is SandboxState.CREATED:
+            self._machine.fire(Trigger.STOP, "closed before start")
+            return
+        try:
+            if state is not SandboxState.FAILED:
+                self._machine.fire(Trigger.STOP, "stop requested")
+                assert self._hv is not None
+                await self._hv.stop(graceful=graceful and state is SandboxState.RUNNING, timeout=timeout)
+                with anyio.move_on_after(5):
+                    await self._machine.wait_for(SandboxState.STOPPED, SandboxState.FAILED)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release()
+
+    async def _release(self) -> None:
+        """Kill and reap QEMU if still there, close connections, end pumps, remove the run dir."""
+        if self._hv is not None:
+            await self._hv.disconnect()
+        if self._hv is None or self._hv.pid is None:
+            self._machine.fire_if_allowed(Trigger.PROCESS_EXIT, "no QEMU process was started")
+        for stream in self._console_subscribers:
+            stream.close()
+        self._console_subscribers.clear()
+        if self._paths is not None:
+            remove_tree(self._paths.run_dir)
+
+    async def pause(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> None:
+        """Pause the vCPUs; returns once QEMU confirms with a STOP event (state PAUSED)."""
+        self._request(Trigger.PAUSE)
+        with deadline(timeout, "pause"):
+            await self._hypervisor().pause()
+            await self._machine.wait_for(SandboxState.PAUSED)
+
+    async def resume(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> None:
+        """Resume the vCPUs; returns once QEMU confirms with a RESUME event (state RUNNING)."""
+        self._request(Trigger.RESUME)
+        with deadline(timeout, "resume"):
+            await self._hypervisor().resume()
+            await self._machine.wait_for(SandboxState.RUNNING)
+
+    async def wait_for_state(self, *states: SandboxState, timeout: float | None = None) -> SandboxState:
+        """Wait until the sandbox is in one of ``states``; fails fast once none can be reached."""
+        with deadline(timeout, f"waiting for {'/'.join(map(str, states))}"):
+            return await self._machine.wait_for(*states)
+
+    def transitions(self) -> AsyncIterator[Transition]:
+        """Every transition from now on, as it happens; ends after a terminal state."""
+        return self._machine.transitions()
+
+    async def console_lines(self) -> AsyncIterator[str]:
+        """Console output lines from now on; ends when the sandbox is torn down."""
+        send, receive = anyio.create_memory_object_stream[str](1000)
+        self._console_subscribers.append(send)
+        async with receive:
+            async for line in receive:
+                yield line
+
+    # -- guest ---------------------------------------------------------------------------------
+
+    async def exec(self, argv: Sequence[str | bytes], *, stdin: bytes | str = b"", timeout: float | None = None,
+                   check: bool = False) -> ExecResult:  # fmt: skip
+        """Run ``argv`` in the guest and return its exit code, stdout and stderr.
+
+        ``timeout`` kills the command in the guest (the result says ``timed_out``); ``check``
+        raises :class:`~vmctl.agent.GuestCommandFailed` unless it exits 0.
+        """
+        self._request(Trigger.EXEC)
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        result: ExecResult = await self._guest_call(self._hypervisor().agent.exec(argv, stdin=data, timeout=timeout))
+        return result.check() if check else result
+
+    async def guest_block_devices(self) -> list[GuestBlockDevice]:
+        """Block devices the guest sees (name, size, serial)."""
+        self._request(Trigger.EXEC)
+        return parse_block_devices(await self._guest_call(self._hypervisor().agent.query("block")))
+
+    async def guest_online_cpus(self) -> list[int]:
+        """CPU numbers the guest has online."""
+        self._request(Trigger.EXEC)
+        return parse_cpu_list(await self._guest_call(self._hypervisor().agent.query("cpus")))
+
+    async def guest_memory(self) -> GuestMemory:
+        """The guest's own view of its memory (from /proc/meminfo)."""
+        self._request(Trigger.EXEC)
+        return parse_memory(await self._guest_call(self._hypervisor().agent.query("memory")))
+
+    async def _guest_call(self, call: Any) -> Any:
+        try:
+            return await call
+        except GuestError as exc:
+            # The agent connection usually drops a moment before the process exit is noticed.
+            hv = self._hypervisor()
+            waiter = getattr(hv, "wait_exited", None)
+            if waiter is not None:
+                with anyio.move_on_after(2):
+                    await waiter()
+            if self.state is SandboxState.FAILED:
+                raise SandboxFailed(self._machine.failure, stderr_tail=self._stderr_tail) from exc
+            raise
+
+    async def vcpu_thread_ids(self) -> dict[int, int]:
+        """vCPU index -> host thread id (for pinning or cgroup placement)."""
+        return await self._hypervisor().vcpu_thread_ids()
+
+    # -- events from the hypervisor (the Events protocol) --------------------------------------
+
+    def _request(self, trigger: Trigger) -> None:
+        if self._machine.state is SandboxState.FAILED:
+            raise SandboxFailed(self._machine.failure, stderr_tail=self._stderr_tail)
+        self._machine.fire(trigger)
+
+    def on_qmp_event(self, event: QmpEvent) -> None:
+        trigger = _QMP_TRIGGERS.get(event.name)
+        reason = event.name.lower()
+        if event.name == "SHUTDOWN":
+            why = str(event.data.get("reason", ""))
+            trigger = Trigger.GUEST_PANICKED if why in _FAILED_SHUTDOWN_REASONS else Trigger.QMP_SHUTDOWN
+            reason = f"shutdown: {why}"
+        if event.name == "GUEST_PANICKED":
+            reason = "guest kernel panicked"
+        if trigger is not None and self._machine.fire_if_allowed(trigger, reason) is None:
+            self.log.debug("event ignored in this state", qmp_event=event.name, state=str(self.state))
+
+    def on_process_exit(self, returncode: int, stderr_tail: str, *, requested: bool) -> None:
+        self._stderr_tail = stderr_tail
+        if requested:
+            self._machine.fire_if_allowed(Trigger.STOP, "stopped by vmctl")
+        self._machine.fire_if_allowed(Trigger.PROCESS_EXIT, f"QEMU exited with code {returncode}")
+
+    def on_fault(self, reason: str) -> None:
+        self._machine.fire_if_allowed(Trigger.FAULT, reason)
+
+    def on_console_line(self, line: str) -> None:
+        self._console_tail.append(line)
+        for stream in list(self._console_subscribers):
+            try:
+                stream.send_nowait(line)
+            except anyio.WouldBlock:
+                pass  # a slow reader loses lines rather than stalling the console
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._console_subscribers.remove(stream)
+
+    def _on_transition(self, step: Transition) -> None:
+        self.log.info("state", old=str(step.old), new=str(step.new), trigger=str(step.trigger), reason=step.reason)
+        if step.new is SandboxState.FAILED:
+            self.log.error("sandbox failed", reason=step.reason, qemu_stderr=self._stderr_tail)
+            if self._hv is not None:
+                self._hv.agent.fail_all(SandboxFailed(step.reason, stderr_tail=self._stderr_tail))
