@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from tests.conftest import assert_no_stray_tasks, qemu_processes
@@ -189,7 +190,7 @@ async def test_stop_inside_block_then_exit(make_config: MakeConfig) -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(follow)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             await sb.stop()
         assert seen == [SandboxState.STOPPING, SandboxState.STOPPED]
         assert sb.state is SandboxState.STOPPED
@@ -216,7 +217,7 @@ async def test_console_stream_and_log_file(make_config: MakeConfig, tmp_path: Pa
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(read)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             await sb.exec(["sh", "-c", "echo marker-42 > /dev/console"])
         assert any("marker-42" in line for line in lines)
         log_path = sb.console_log_path

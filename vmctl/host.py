@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,8 +92,6 @@ def find_qemu(binary: str | os.PathLike[str] | None = None) -> Path:
 
 @functools.cache
 def _qemu_version_cached(binary: str, mtime: float) -> str:
-    import subprocess
-
     out = subprocess.run([binary, "-version"], capture_output=True, text=True, timeout=30, check=False)
     match = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out.stdout)
     if match is None:
@@ -151,15 +150,31 @@ async def kvm_boots_guests(qemu: Path, kernel: Path, *, timeout: float = KVM_PRO
     """
     version = await qemu_version(qemu)
     key = _host_key(qemu, version, kernel)
-    cached = _read_verdict(key)
-    if cached is not None:
-        return cached
-    if not kvm_device_usable():
-        verdict = KvmVerdict(False, "/dev/kvm missing or not usable", time.time(), key)
-    else:
-        verdict = await _boot_probe(qemu, kernel, timeout, key)
-    _write_verdict(verdict)
-    return verdict
+    async with _probe_lock():  # many sandboxes starting at once share one probe
+        cached = _read_verdict(key)
+        if cached is not None:
+            return cached
+        if not kvm_device_usable():
+            verdict = KvmVerdict(False, "/dev/kvm missing or not usable", time.time(), key)
+        else:
+            verdict = await _boot_probe(qemu, kernel, timeout, key)
+        _write_verdict(verdict)
+        return verdict
+
+
+_PROBE_LOCKS: dict[int, anyio.Lock] = {}
+
+
+def _probe_lock() -> anyio.Lock:
+    """One lock per event loop (anyio locks belong to the loop that made them)."""
+    import asyncio
+
+    loop_id = id(asyncio.get_running_loop())
+    lock = _PROBE_LOCKS.get(loop_id)
+    if lock is None:
+        _PROBE_LOCKS.clear()
+        lock = _PROBE_LOCKS[loop_id] = anyio.Lock()
+    return lock
 
 
 def _read_verdict(key: str) -> KvmVerdict | None:
@@ -180,28 +195,36 @@ def _write_verdict(verdict: KvmVerdict) -> None:
 
 async def _boot_probe(qemu: Path, kernel: Path, timeout: float, key: str) -> KvmVerdict:
     argv = [
-        str(qemu), "-machine", "q35,accel=kvm", "-cpu", "max", "-m", "128", "-smp", "1",
+        str(qemu), "-machine", "q35,accel=kvm", "-cpu", "host", "-m", "128", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
         "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 root=/dev/vmctl-no-root",
     ]  # fmt: skip
     started = time.monotonic()
-    async with await anyio.open_process(argv, stdin=None, stderr=None) as proc:
-        assert proc.stdout is not None
-        seen = b""
+    seen = b""
+    async with await anyio.open_process(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         with anyio.move_on_after(timeout):
             async for chunk in proc.stdout:
                 seen = (seen + chunk)[-4096:]
                 if b"Kernel panic" in seen or b"VFS:" in seen:
                     break
-        proc.kill()
+        if proc.returncode is None:
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
         with anyio.CancelScope(shield=True):
-            await proc.wait()
+            rc = await proc.wait()
+            stderr = (await proc.stderr.receive(65536) if rc != -9 else b"").decode(errors="replace")
     elapsed = time.monotonic() - started
     if b"Kernel panic" in seen or b"VFS:" in seen:
-        reason = f"a guest kernel booted under KVM in {elapsed:.1f}s"
         log.info("kvm probe", usable=True, seconds=round(elapsed, 2))
-        return KvmVerdict(True, reason, time.time(), key)
-    reason = f"a guest kernel did not boot under KVM within {timeout:.0f}s (nested virtualisation?)"
+        return KvmVerdict(True, f"a guest kernel booted under KVM in {elapsed:.1f}s", time.time(), key)
+    if rc != -9:
+        last = stderr.strip().splitlines()[-1:] or [""]
+        reason = f"QEMU under KVM exited with code {rc} before the guest kernel ran: {last[0]}"
+    else:
+        reason = f"a guest kernel did not boot under KVM within {timeout:.0f}s (nested virtualisation?)"
     log.warning("kvm probe", usable=False, reason=reason)
     return KvmVerdict(False, reason, time.time(), key)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, Runstate
 from qemu.qmp import QMPError as _LibQMPError
 from qemu.qmp import StateError as _LibStateError
@@ -90,6 +91,17 @@ class QmpSession:
         """Return once the connection is gone (QEMU closed it or exited)."""
         while self._client.runstate is Runstate.RUNNING:
             await self._client.runstate_changed()
+
+    async def drain(self) -> None:
+        """Wait until QEMU's last words are read and every received event went to the pump.
+
+        Called after the process exited, so a ``SHUTDOWN`` sent just before the exit is applied
+        before the exit itself is judged.
+        """
+        with anyio.move_on_after(2):
+            await self.wait_disconnected()
+            while not self._listener.empty():
+                await anyio.lowlevel.checkpoint()
 
     async def close(self) -> None:
         """Disconnect; never raises (the error that broke the connection was already reported)."""

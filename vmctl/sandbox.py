@@ -53,6 +53,16 @@ def deadline(seconds: float | None, what: str) -> Iterator[None]:
         raise VmctlTimeout(f"{what} did not finish within {seconds}s") from None
 
 
+class _LaunchStatus:
+    """The ``task_status`` handed to :meth:`Hypervisor.run`: sets an event when QEMU is up."""
+
+    def __init__(self, event: anyio.Event) -> None:
+        self._event = event
+
+    def started(self, value: object = None) -> None:
+        self._event.set()
+
+
 class Sandbox:
     """One sandbox VM. Use ``async with Sandbox(config) as sb:``; it is running inside the block."""
 
@@ -79,6 +89,11 @@ class Sandbox:
         self.log = get_logger("vmctl.sandbox", sandbox=self.id)
         self._machine = StateMachine(on_transition=self._on_transition)
         self._hv: Hypervisor | None = None
+        self._launched = anyio.Event()
+        self._launch_error: Exception | None = None
+        self._run_scope: anyio.CancelScope | None = None
+        self._run_done: anyio.Event | None = None
+        self._released = False
         self._paths: RunPaths | None = None
         self._tg: TaskGroup | None = None
         self._stack: AsyncExitStack | None = None
@@ -201,15 +216,40 @@ class Sandbox:
         try:
             with anyio.fail_after(limit):
                 await self._hv.create()
-                await self._tg.start(self._hv.run)
+                self._run_done = anyio.Event()
+                self._tg.start_soon(self._run_hypervisor, self._hv)
+                await self._launched.wait()
+                if self._launch_error is not None:
+                    raise self._launch_error
                 await self._wait_guest_ready()
             self._machine.fire(Trigger.GUEST_READY, "agent ready")
         except BaseException as exc:
+            timed_out = isinstance(exc, TimeoutError) and not isinstance(exc, VmctlError)
             with anyio.CancelScope(shield=True):
-                await self._abort_start(exc)
-            if isinstance(exc, TimeoutError) and not isinstance(exc, VmctlError):
+                await self._abort_start(
+                    exc, f"guest not ready within {limit}s" if timed_out else f"start failed: {exc}"
+                )
+            if timed_out:
                 raise self._ready_timeout(limit) from None
             raise
+
+    async def _run_hypervisor(self, hv: Hypervisor) -> None:
+        """The hypervisor's task. It lives in the sandbox's task group, not in the caller's
+        scope: a cancelled or timed-out start is handled by :meth:`_abort_start`, which first
+        records why, then releases. Launch errors go back to :meth:`start`, never to the group."""
+        assert self._run_done is not None
+        try:
+            with anyio.CancelScope() as self._run_scope:
+                if not self._released:
+                    await hv.run(task_status=_LaunchStatus(self._launched))
+        except Exception as exc:
+            if self._launched.is_set():
+                self.on_fault(f"hypervisor task failed: {exc!r}")
+            else:
+                self._launch_error = exc
+        finally:
+            self._launched.set()
+            self._run_done.set()
 
     async def _wait_guest_ready(self) -> None:
         assert self._hv is not None
@@ -244,11 +284,11 @@ class Sandbox:
             + (f"\nconsole (last lines):\n{tail}" if tail else "")
         )
 
-    async def _abort_start(self, exc: BaseException) -> None:
+    async def _abort_start(self, exc: BaseException, reason: str) -> None:
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             self._machine.fire_if_allowed(Trigger.STOP, "start cancelled")
         else:
-            self._machine.fire_if_allowed(Trigger.FAULT, f"start failed: {exc}")
+            self._machine.fire_if_allowed(Trigger.FAULT, reason)
         await self._release()
 
     async def stop(self, *, timeout: float | None = None) -> None:
@@ -275,8 +315,14 @@ class Sandbox:
 
     async def _release(self) -> None:
         """Kill and reap QEMU if still there, close connections, end pumps, remove the run dir."""
+        self._released = True
         if self._hv is not None:
             await self._hv.disconnect()
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+        if self._run_done is not None:
+            with anyio.CancelScope(shield=True):
+                await self._run_done.wait()
         if self._hv is None or self._hv.pid is None:
             self._machine.fire_if_allowed(Trigger.PROCESS_EXIT, "no QEMU process was started")
         for stream in self._console_subscribers:

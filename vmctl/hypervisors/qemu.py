@@ -127,7 +127,6 @@ class QemuHypervisor(Hypervisor):
         self._stderr_done = anyio.Event()
         self._exited = anyio.Event()
         self._scope: anyio.CancelScope | None = None
-        self._finished: anyio.Event | None = None
         self._closing = False
 
     # -- introspection ---------------------------------------------------------------------
@@ -191,7 +190,6 @@ class QemuHypervisor(Hypervisor):
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         listeners: dict[str, socket.socket] = {}
-        self._finished = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
@@ -218,7 +216,6 @@ class QemuHypervisor(Hypervisor):
                     sock.close()
                 await self._reap()
                 await self._qmp.close()
-                self._finished.set()
 
     async def _launch(self, tg: anyio.abc.TaskGroup) -> None:
         await self._qmp.connect(self.paths.qmp_socket)
@@ -268,6 +265,7 @@ class QemuHypervisor(Hypervisor):
         rc = await self._process.wait()
         with anyio.move_on_after(1):
             await self._stderr_done.wait()
+        await self._qmp.drain()
         self._note_exit(rc)
 
     def _note_exit(self, rc: int) -> None:
@@ -350,6 +348,3 @@ class QemuHypervisor(Hypervisor):
         self.agent.fail_all(GuestError("disconnected from the sandbox"))
         if self._scope is not None:
             self._scope.cancel()
-        if self._finished is not None:
-            with anyio.CancelScope(shield=True):
-                await self._finished.wait()

@@ -1,0 +1,122 @@
+"""Boot-to-ready: vmctl against a plain qemu.qmp script on the same QEMU command line.
+
+Both sides start QEMU paused (-S), connect QMP, send `cont`, and wait for the guest agent's
+READY line on the virtio-serial socket. Rounds alternate between the two so drift in machine
+load hits both alike. Prints a table and writes JSON to bench/results/.
+
+    python bench/boot.py --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+from qemu.qmp import QMPClient
+
+from vmctl import Sandbox, SandboxConfig, guest
+from vmctl.hypervisors.base import RunPaths
+from vmctl.hypervisors.cmdline import build_command
+
+RESULTS = Path(__file__).parent / "results"
+
+
+async def vmctl_boot(config: SandboxConfig) -> tuple[float, float]:
+    started = time.perf_counter()
+    sb = Sandbox(config)
+    async with sb:
+        ready = time.perf_counter() - started
+        stop_started = time.perf_counter()
+    return ready, time.perf_counter() - stop_started
+
+
+async def plain_boot(config: SandboxConfig) -> tuple[float, float]:
+    """What a careful script does by hand: QEMU creates the sockets, we poll for them."""
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    paths = RunPaths(run_dir, run_dir)
+    resolved = config.replace(accel="tcg", qemu_binary=Path("/usr/bin/qemu-system-x86_64"))
+    argv = build_command(resolved, paths, "plain", {"qmp": 0, "console": 0, "agent": 0})
+    sockets = {"qmp": paths.qmp_socket, "console0": paths.console_socket, "agent0": paths.agent_socket}
+    argv = [re.sub(r"socket,id=(\w+),fd=0", lambda m: f"socket,id={m.group(1)},path={sockets[m.group(1)]}", a)
+            for a in argv]  # fmt: skip
+    started = time.perf_counter()
+    # the baseline is deliberately the plain way: Popen, then poll for QEMU's sockets
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
+    try:
+        while not (paths.qmp_socket.exists() and paths.agent_socket.exists()):  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        qmp = QMPClient("plain")
+        await qmp.connect(str(paths.qmp_socket))
+        reader, writer = await asyncio.open_unix_connection(str(paths.agent_socket))
+        await qmp.execute("cont")
+        line = await reader.readline()
+        assert line.startswith(b"READY"), line
+        ready = time.perf_counter() - started
+        stop_started = time.perf_counter()
+        writer.write(b"POWEROFF 1\n")
+        await writer.drain()
+        await asyncio.to_thread(proc.wait, 30)
+        writer.close()
+        try:
+            await qmp.disconnect()
+        except EOFError:
+            pass  # QEMU is gone: the reader saw it first
+        return ready, time.perf_counter() - stop_started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()  # noqa: ASYNC221
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {"p50": statistics.median(ordered), "p95": p95, "min": ordered[0], "max": ordered[-1]}
+
+
+async def main(rounds: int, memory: int) -> None:
+    os.environ.setdefault("VMCTL_ACCEL", "tcg")
+    assets = await guest.ensure_default_assets()
+    config = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, vcpus=1, memory_mib=memory, accel="tcg")
+    samples: dict[str, dict[str, list[float]]] = {"vmctl": {"ready": [], "stop": []},
+                                                  "plain qemu.qmp": {"ready": [], "stop": []}}  # fmt: skip
+    for i in range(rounds):
+        order = [("vmctl", vmctl_boot), ("plain qemu.qmp", plain_boot)]
+        for name, fn in order if i % 2 == 0 else reversed(order):
+            ready, stop = await fn(config)
+            samples[name]["ready"].append(ready)
+            samples[name]["stop"].append(stop)
+    table = {name: {k: summary(v) for k, v in s.items()} for name, s in samples.items()}
+    ratio = table["vmctl"]["ready"]["p50"] / table["plain qemu.qmp"]["ready"]["p50"]
+    print(f"boot to guest ready, {rounds} rounds, TCG, {memory} MiB, {platform.node()}")
+    print(f"{'':16} {'ready p50':>10} {'ready p95':>10} {'stop p50':>10} {'stop p95':>10}")
+    for name, t in table.items():
+        print(
+            f"{name:16} {t['ready']['p50']:10.3f} {t['ready']['p95']:10.3f} {t['stop']['p50']:10.3f} {t['stop']['p95']:10.3f}"
+        )
+    print(f"ratio vmctl / plain (ready p50): {ratio:.3f}  ({(ratio - 1) * 100:+.1f}%)")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"boot-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "rounds": rounds, "memory_mib": memory,
+                               "samples": samples, "summary": table, "ratio_ready_p50": ratio}, indent=2))  # fmt: skip
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--memory", type=int, default=256)
+    args = parser.parse_args()
+    anyio.run(main, args.rounds, args.memory)

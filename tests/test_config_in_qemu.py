@@ -1,0 +1,104 @@
+"""Config fields reach QEMU and the guest: checked through QMP and inside the guest, not by argv."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from vmctl import ReadyTimeout, Sandbox, SandboxConfig, SandboxState
+
+pytestmark = pytest.mark.qemu
+MakeConfig = Callable[..., SandboxConfig]
+
+
+async def qmp(sb: Sandbox, command: str, **arguments: Any) -> Any:
+    return await sb.hypervisor.qmp.execute(command, arguments or None)  # type: ignore[attr-defined]
+
+
+async def test_fields_reach_qemu_and_guest(make_config: MakeConfig) -> None:
+    config = make_config(
+        vcpus=2, max_vcpus=4, memory_mib=256, memory_slots=4, max_memory_mib=1024, pci_bridges=3,
+        io_threads=True, mem_prealloc=True, mlock=True, debug=True,
+        kernel_params={"vmctl.test": "42"}, hypervisor_params={"rtc": "base=2020-06-01T00:00:00"},
+    )  # fmt: skip
+    async with Sandbox(config) as sb:
+        cmdline = (await sb.exec(["cat", "/proc/cmdline"], check=True)).text
+        assert "vmctl.test=42" in cmdline and " debug" in cmdline and "quiet" not in cmdline
+        assert (await sb.exec(["date", "+%Y"], check=True)).text.strip() == "2020"
+        assert await sb.guest_online_cpus() == [0, 1]
+        assert len(await qmp(sb, "query-hotpluggable-cpus")) == 4
+        summary = await qmp(sb, "query-memory-size-summary")
+        assert summary["base-memory"] == 256 * 1024 * 1024
+        memdevs = await qmp(sb, "query-memdev")
+        assert memdevs[0]["prealloc"] is True and memdevs[0]["size"] == 256 * 1024 * 1024
+        peripherals = {p["name"] for p in await qmp(sb, "qom-list", path="/machine/peripheral")}
+        assert {"rp0", "rp1", "rp2", "scsi0", "vser0"} <= peripherals
+        assert [t["id"] for t in await qmp(sb, "query-iothreads")] == ["iothread0"]
+        status = Path(f"/proc/{sb.pid}/status").read_text()
+        locked_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmLck")))
+        assert locked_kib >= 256 * 1024, "mlock: guest memory is locked"
+        rng = await sb.exec(["cat", "/sys/class/misc/hw_random/rng_current"], check=True)
+        assert rng.text.startswith("virtio_rng")
+        caps = sb.capabilities()
+        assert caps.cpu_hotplug and caps.memory_hotplug and caps.block_hotplug
+        assert sb.config.accel == "tcg" and sb.config.max_vcpus == 4
+
+
+async def test_pc_machine_and_no_block_devices(make_config: MakeConfig) -> None:
+    async with Sandbox(make_config(machine="pc", disable_block_devices=True, pci_bridges=1)) as sb:
+        product = await sb.exec(["cat", "/sys/class/dmi/id/product_name"], check=True)
+        assert "i440FX" in product.text
+        peripherals = {p["name"] for p in await qmp(sb, "qom-list", path="/machine/peripheral")}
+        assert "br0" in peripherals and "scsi0" not in peripherals
+        assert not sb.capabilities().block_hotplug
+
+
+async def test_custom_qemu_binary_is_the_one_running(make_config: MakeConfig, tmp_path: Path) -> None:
+    link = tmp_path / "my-qemu"
+    link.symlink_to("/usr/bin/qemu-system-x86_64")
+    async with Sandbox(make_config().with_custom_assets(qemu_binary=link)) as sb:
+        assert sb.command_line[0] == str(link)
+        assert os.readlink(f"/proc/{sb.pid}/exe") == "/usr/bin/qemu-system-x86_64"
+
+
+async def test_image_root_reaches_qemu_and_a_guest_that_never_readies_times_out(
+    make_config: MakeConfig, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """The default initramfs-less image cannot boot this kernel yet (virtio drivers are modules),
+    which makes it a real guest that never reports ready: the timeout names the accelerator."""
+    image = tmp_path / "root.img"
+    image.write_bytes(b"\0" * (8 << 20))
+    config = make_config(initrd=None, image=image, block_driver="virtio-scsi",
+                         block_cache_set=True, block_cache_direct=False, block_cache_noflush=True)  # fmt: skip
+    sb = Sandbox(config, start_timeout=6)
+    seen: list[Any] = []
+
+    async def inspect_block() -> None:
+        while True:
+            hv = sb._hv  # noqa: SLF001 - peeking while the start is still under way
+            if hv is not None and hv.qmp.connected:  # type: ignore[attr-defined]
+                seen.extend(await hv.qmp.execute("query-block"))  # type: ignore[attr-defined]
+                return
+            await anyio.sleep(0.01)
+
+    errors: list[ReadyTimeout] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(inspect_block)
+        try:
+            async with sb:
+                pytest.fail("this guest cannot become ready")
+        except ReadyTimeout as exc:
+            errors.append(exc)
+        finally:
+            tg.cancel_scope.cancel()
+    assert len(errors) == 1 and "accel=tcg" in str(errors[0])
+    assert "not ready within 6" in sb.failure
+    assert sb.state is SandboxState.FAILED
+    root = next(b for b in seen if b["device"] == "rootfs")
+    assert root["inserted"]["file"] == str(image)
+    assert root["inserted"]["cache"] == {"writeback": True, "direct": False, "no-flush": True}

@@ -1,0 +1,154 @@
+"""Faults a real QEMU will not produce on demand, against the fake QMP peer on real sockets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.conftest import assert_no_stray_tasks
+from vmctl import ExecResult, ReadyTimeout, Sandbox, SandboxFailed, SandboxState, VmctlTimeout
+from vmctl.errors import QMPCommandError
+from vmctl.testing import FakeQemu, QmpErrorReply, fake_config
+
+
+async def test_fake_drives_the_real_lifecycle(tmp_path: Path) -> None:
+    fake = FakeQemu(exec_handler=lambda argv, stdin: ExecResult(0, b"hi " + stdin, b""))
+    async with Sandbox(fake_config(tmp_path), backend=fake) as sb:
+        assert sb.state is SandboxState.RUNNING
+        assert (await sb.exec(["anything"], stdin=b"there")).stdout == b"hi there"
+        await sb.pause()
+        assert sb.state is SandboxState.PAUSED
+        await sb.resume()
+        assert sb.console_tail[0] == "fake console: booting"
+    assert sb.state is SandboxState.STOPPED
+    assert fake.commands()[:2] == ["qmp_capabilities", "cont"]
+    assert "stop" in fake.commands()
+    await assert_no_stray_tasks()
+
+
+async def test_reply_that_never_comes_times_out_and_changes_nothing(tmp_path: Path) -> None:
+    fake = FakeQemu(hang={"stop"})
+    async with Sandbox(fake_config(tmp_path), backend=fake) as sb:
+        with pytest.raises(VmctlTimeout, match="pause"):
+            await sb.pause(timeout=0.3)
+        assert sb.state is SandboxState.RUNNING
+        assert sb.hypervisor.qmp.connected  # type: ignore[attr-defined]
+    assert sb.state is SandboxState.STOPPED
+    await assert_no_stray_tasks()
+
+
+async def test_lost_event_is_a_timeout_not_a_wrong_state(tmp_path: Path) -> None:
+    fake = FakeQemu(drop_events={"STOP"})
+    async with Sandbox(fake_config(tmp_path), backend=fake) as sb:
+        with pytest.raises(VmctlTimeout):
+            await sb.pause(timeout=0.3)
+        assert sb.state is SandboxState.RUNNING, "no STOP event, no PAUSED state"
+
+
+async def test_qmp_error_reply_is_mapped(tmp_path: Path) -> None:
+    fake = FakeQemu(replies={"stop": QmpErrorReply("GenericError", "nope")})
+    async with Sandbox(fake_config(tmp_path), backend=fake) as sb:
+        with pytest.raises(QMPCommandError) as info:
+            await sb.pause()
+        assert (info.value.command, info.value.error_class, info.value.description) == ("stop", "GenericError", "nope")
+        assert sb.state is SandboxState.RUNNING
+
+
+async def test_garbage_on_the_socket_fails_the_sandbox_and_its_waiters(tmp_path: Path) -> None:
+    fake = FakeQemu()
+    errors: list[Exception] = []
+    async with Sandbox(fake_config(tmp_path), backend=fake) as sb:
+
+        async def wait_paused() -> None:
+            try:
+                await sb.wait_for_state(SandboxState.PAUSED)
+            except SandboxFailed as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_paused)
+            await anyio.wait_all_tasks_blocked()
+            await fake.send_raw(b"\x00{not json at all\n")
+        assert sb.state is SandboxState.FAILED
+        assert "QMP" in sb.failure
+        assert len(errors) == 1
+    await assert_no_stray_tasks()
+
+
+async def test_crash_reports_exit_code_and_stderr(tmp_path: Path) -> None:
+    fake = FakeQemu(exec_handler=lambda argv, stdin: anyio.sleep(30))  # type: ignore[arg-type,return-value]
+    async with Sandbox(fake_config(tmp_path), backend=fake) as sb:
+        errors: list[Exception] = []
+
+        async def run() -> None:
+            try:
+                await sb.exec(["sleep"])
+            except SandboxFailed as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await anyio.wait_all_tasks_blocked()
+            fake.crash(-11, stderr="qemu: assertion failed: something broke")
+        assert sb.state is SandboxState.FAILED and "code -11" in sb.failure
+        assert len(errors) == 1 and "something broke" in str(errors[0])
+        assert sb.hypervisor.agent.pending == 0
+
+
+async def test_guest_panic_event_fails_the_sandbox(tmp_path: Path) -> None:
+    fake = FakeQemu()
+    async with Sandbox(fake_config(tmp_path), backend=fake) as sb:
+        await fake.emit("GUEST_PANICKED", {"action": "pause"})
+        assert await sb.wait_for_state(SandboxState.FAILED, timeout=5) is SandboxState.FAILED
+        assert "panic" in sb.failure
+        with pytest.raises(SandboxFailed):
+            await sb.pause()
+
+
+async def test_guest_power_off_is_a_clean_stop(tmp_path: Path) -> None:
+    fake = FakeQemu()
+    async with Sandbox(fake_config(tmp_path), backend=fake) as sb:
+        await fake.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        fake.crash(0)
+        assert await sb.wait_for_state(SandboxState.STOPPED, timeout=5) is SandboxState.STOPPED
+
+
+async def test_late_or_illegal_events_are_ignored(tmp_path: Path) -> None:
+    fake = FakeQemu()
+    async with Sandbox(fake_config(tmp_path), backend=fake) as sb:
+        await fake.emit("RESUME")
+        await fake.emit("SOMETHING_NEW", {"x": 1})
+        await sb.pause()  # the pump is still healthy and ordered
+        assert sb.state is SandboxState.PAUSED
+
+
+async def test_never_ready_gives_ready_timeout_naming_the_accelerator(tmp_path: Path, runtime_dir: Path) -> None:
+    fake = FakeQemu(ready_delay=None)
+    sb = Sandbox(fake_config(tmp_path), backend=fake, start_timeout=0.5)
+    with pytest.raises(ReadyTimeout) as info:
+        async with sb:
+            pytest.fail("should not start")
+    assert "accel=tcg" in str(info.value) and "start_timeout" in str(info.value)
+    assert sb.state is SandboxState.FAILED
+    assert list(runtime_dir.iterdir()) == []
+    await assert_no_stray_tasks()
+
+
+async def test_qmp_closed_under_us_while_process_lives(tmp_path: Path) -> None:
+    fake = FakeQemu()
+    async with Sandbox(fake_config(tmp_path), backend=fake) as sb:
+        await fake.close_qmp()
+        assert await sb.wait_for_state(SandboxState.FAILED, timeout=10) is SandboxState.FAILED
+        assert "QMP connection lost" in sb.failure
+    await assert_no_stray_tasks()
+
+
+async def test_cancelled_exec_leaves_no_waiter(tmp_path: Path) -> None:
+    fake = FakeQemu()
+    async with Sandbox(fake_config(tmp_path), backend=fake) as sb:
+        with anyio.move_on_after(0.05):
+            await sb.exec(["sleep", "10"])
+        assert sb.hypervisor.agent.pending == 0
+        assert (await sb.exec(["echo", "still", "fine"])).stdout == b"still fine\n"

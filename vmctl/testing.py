@@ -1,0 +1,376 @@
+"""A fake QEMU for tests of code that embeds vmctl: no QEMU, no guest, real sockets.
+
+:class:`FakeQemu` is a sandbox backend. It serves the real QMP wire protocol (greeting,
+capabilities negotiation, commands with ids, events) and the vmctl agent protocol on the same
+listening unix sockets a real QEMU would inherit, so everything above the process (QMP session,
+event pump, state machine, agent client) is the production code. Replies, events, delays and
+faults are scriptable::
+
+    fake = FakeQemu(exec_handler=lambda argv, stdin: ExecResult(0, b"hi\\n", b""))
+    async with Sandbox(config, backend=fake) as sb:
+        await fake.emit("GUEST_PANICKED", {"action": "pause"})
+        await sb.wait_for_state(SandboxState.FAILED)
+
+``fake_config(tmp_path)`` makes a valid config whose kernel and initrd are placeholder files.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import SocketListener, SocketStream, TaskGroup
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from vmctl.agent import ExecResult
+from vmctl.config import SandboxConfig
+from vmctl.hypervisors.cmdline import build_command
+from vmctl.hypervisors.qemu import QemuHypervisor, VmProcess
+
+ExecHandler = Callable[[list[bytes], bytes], "ExecResult | Awaitable[ExecResult]"]
+CommandHandler = Callable[[Mapping[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class QmpErrorReply:
+    """Script a QMP error reply: ``{"error": {"class": ..., "desc": ...}}``."""
+
+    error_class: str = "GenericError"
+    desc: str = "scripted failure"
+
+
+def fake_config(directory: Path, **overrides: Any) -> SandboxConfig:
+    """A valid config for the fake: placeholder kernel and initrd files in ``directory``."""
+    for name in ("fake-kernel", "fake-initrd"):
+        (directory / name).write_bytes(b"not a kernel\n")
+    values: dict[str, Any] = {"kernel": directory / "fake-kernel", "initrd": directory / "fake-initrd",
+                              "memory_mib": 256, "accel": "tcg"}  # fmt: skip
+    values.update(overrides)
+    return SandboxConfig(**values)
+
+
+async def default_exec(argv: list[bytes], stdin: bytes) -> ExecResult:
+    """A few commands, enough for most tests: echo, cat, true, false, sleep N, exit N."""
+    prog, args = argv[0].decode(), argv[1:]
+    if prog == "echo":
+        return ExecResult(0, b" ".join(args) + b"\n", b"")
+    if prog == "cat":
+        return ExecResult(0, stdin, b"")
+    if prog in ("true", "false"):
+        return ExecResult(int(prog == "false"), b"", b"")
+    if prog == "sleep":
+        await anyio.sleep(float(args[0]))
+        return ExecResult(0, b"", b"")
+    if prog == "exit":
+        return ExecResult(int(args[0]), b"", b"")
+    return ExecResult(127, b"", f"sh: {prog}: not found\n".encode())
+
+
+class FakeQemu:
+    """Scriptable fake QEMU; pass it as ``Sandbox(config, backend=fake)``."""
+
+    def __init__(
+        self,
+        *,
+        ready_delay: float | None = 0.0,
+        exec_handler: ExecHandler = default_exec,
+        replies: Mapping[str, Any] | None = None,
+        delays: Mapping[str, float] | None = None,
+        hang: set[str] | frozenset[str] = frozenset(),
+        drop_events: set[str] | frozenset[str] = frozenset(),
+        stderr: list[str] | None = None,
+        version: tuple[int, int, int] = (7, 2, 0),
+    ) -> None:
+        self.ready_delay = ready_delay
+        self.exec_handler = exec_handler
+        self.replies = dict(replies or {})
+        self.delays = dict(delays or {})
+        self.hang = set(hang)
+        self.drop_events = set(drop_events)
+        self.stderr = list(stderr or [])
+        self.version = version
+        self.received: list[dict[str, Any]] = []
+        self.processes: list[FakeProcess] = []
+
+    def __call__(self, *args: Any) -> QemuHypervisor:
+        return _FakeHypervisor(self, *args)
+
+    @property
+    def process(self) -> FakeProcess:
+        if not self.processes:
+            raise RuntimeError("no sandbox has been started with this FakeQemu")
+        return self.processes[-1]
+
+    def commands(self) -> list[str]:
+        return [str(c.get("execute")) for c in self.received]
+
+    async def emit(self, event: str, data: Mapping[str, Any] | None = None) -> None:
+        """Send an event to the current sandbox's QMP client."""
+        await self.process.emit(event, data)
+
+    def crash(self, returncode: int = -9, stderr: str = "") -> None:
+        """The process dies now: connections drop, ``returncode`` is reported."""
+        if stderr:
+            self.process.stderr_send(stderr)
+        self.process.exit(returncode)
+
+    async def close_qmp(self) -> None:
+        """Close the QMP connection while the process stays alive."""
+        await self.process.close_qmp()
+
+    async def send_raw(self, data: bytes) -> None:
+        """Write raw bytes on the QMP connection (garbage, partial JSON, huge lines)."""
+        await self.process.send_qmp_raw(data)
+
+
+class _FakeHypervisor(QemuHypervisor):
+    name = "fake"
+
+    def __init__(self, fake: FakeQemu, *args: Any) -> None:
+        super().__init__(*args)
+        self._fake = fake
+
+    async def create(self) -> None:
+        self._effective = self.config.replace(accel="tcg", qemu_binary=Path(sys.executable))
+        self._argv = build_command(
+            self._effective, self.paths, self.sandbox_id, {"qmp": -1, "console": -1, "agent": -1}
+        )
+
+    async def _spawn(self, argv: list[str], listeners: Mapping[str, socket.socket]) -> VmProcess:
+        process = FakeProcess(self._fake, {name: sock.dup() for name, sock in listeners.items()})
+        self._fake.processes.append(process)
+        return process
+
+    async def _launch(self, tg: TaskGroup) -> None:
+        process = self._process
+        assert isinstance(process, FakeProcess)
+        await tg.start(process.serve)
+        await super()._launch(tg)
+
+
+class FakeProcess:
+    """The fake's stand-in for a QEMU process: serves QMP, agent and console until it 'exits'."""
+
+    pid = None
+
+    def __init__(self, fake: FakeQemu, listeners: dict[str, socket.socket]) -> None:
+        self.fake = fake
+        self._listeners = listeners
+        self.returncode: int | None = None
+        self.running = True
+        self._exited = anyio.Event()
+        self._qmp: SocketStream | None = None
+        self._qmp_lock = anyio.Lock()
+        self._tg: TaskGroup | None = None
+        self._stderr_send, self._stderr_receive = anyio.create_memory_object_stream[str](1000)
+        for line in fake.stderr:
+            self.stderr_send(line)
+
+    def stderr_send(self, text: str) -> None:
+        for line in text.splitlines():
+            try:
+                self._stderr_send.send_nowait(line)
+            except (anyio.WouldBlock, anyio.ClosedResourceError):
+                pass
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        self.exit(-9)
+
+    def exit(self, returncode: int) -> None:
+        if self.returncode is not None:
+            return
+        self.returncode = returncode
+        self._stderr_send.close()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        self._exited.set()
+
+    async def stderr_lines(self) -> AsyncIterator[str]:
+        async with self._stderr_receive:
+            async for line in self._stderr_receive:
+                yield line
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._accept, "qmp", self._serve_qmp)
+            tg.start_soon(self._accept, "agent", self._serve_agent)
+            tg.start_soon(self._accept, "console", self._serve_console)
+            task_status.started()
+
+    async def _accept(self, name: str, handler: Callable[[SocketStream], Awaitable[None]]) -> None:
+        """Serve one client at a time, like a QEMU chardev socket."""
+        async with await SocketListener.from_socket(self._listeners[name]) as listener:
+            while True:
+                async with await listener.accept() as stream:
+                    await handler(stream)
+
+    # -- QMP -------------------------------------------------------------------------------
+
+    async def _serve_qmp(self, stream: SocketStream) -> None:
+        self._qmp = stream
+        major, minor, micro = self.fake.version
+        greeting = {"QMP": {"version": {"qemu": {"major": major, "minor": minor, "micro": micro},
+                                        "package": "vmctl-fake"}, "capabilities": ["oob"]}}  # fmt: skip
+        await self._send(greeting)
+        decoder = json.JSONDecoder()
+        buffer = ""
+        try:
+            async for chunk in stream:  # QMP is a JSON stream: objects need no newline between them
+                buffer += chunk.decode()
+                while buffer.strip():
+                    try:
+                        msg, end = decoder.raw_decode(buffer.lstrip())
+                    except json.JSONDecodeError:
+                        break
+                    buffer = buffer.lstrip()[end:]
+                    await self._command(msg)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            self._qmp = None
+
+    async def _command(self, msg: dict[str, Any]) -> None:
+        self.fake.received.append(msg)
+        name, args, msg_id = msg.get("execute", ""), msg.get("arguments", {}), msg.get("id")
+        if name in self.fake.hang:
+            return
+        if name in self.fake.delays:
+            await anyio.sleep(self.fake.delays[name])
+        result: Any = {}
+        after: Callable[[], Awaitable[None]] | None = None
+        if name in self.fake.replies:
+            scripted = self.fake.replies[name]
+            result = scripted(args) if callable(scripted) else scripted
+            if inspect.isawaitable(result):
+                result = await result
+        elif name == "qmp_capabilities":
+            pass
+        elif name == "stop":
+            self.running = False
+            await self.emit("STOP")
+        elif name == "cont":
+            self.running = True
+            await self.emit("RESUME")
+        elif name == "query-status":
+            result = {"status": "running" if self.running else "paused", "running": self.running,
+                      "singlestep": False}  # fmt: skip
+        elif name == "query-cpus-fast":
+            result = [{"cpu-index": 0, "thread-id": 1, "qom-path": "/machine/unattached/device[0]",
+                       "target": "x86_64"}]  # fmt: skip
+        elif name == "quit":
+
+            async def after_quit() -> None:
+                await self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+                self.exit(0)
+
+            after = after_quit
+        else:
+            result = QmpErrorReply("CommandNotFound", f"The command {name} has not been found")
+        reply: dict[str, Any]
+        if isinstance(result, QmpErrorReply):
+            reply = {"error": {"class": result.error_class, "desc": result.desc}}
+        else:
+            reply = {"return": result}
+        if msg_id is not None:
+            reply["id"] = msg_id
+        await self._send(reply)
+        if after is not None:
+            await after()
+
+    async def emit(self, event: str, data: Mapping[str, Any] | None = None) -> None:
+        if event in self.fake.drop_events:
+            return
+        now = time.time()
+        message: dict[str, Any] = {
+            "event": event,
+            "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
+        }
+        if data is not None:
+            message["data"] = dict(data)
+        await self._send(message)
+
+    async def _send(self, message: Mapping[str, Any]) -> None:
+        await self.send_qmp_raw(json.dumps(message).encode() + b"\n")
+
+    async def send_qmp_raw(self, data: bytes) -> None:
+        if self._qmp is None:
+            return
+        async with self._qmp_lock:
+            try:
+                await self._qmp.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+
+    async def close_qmp(self) -> None:
+        if self._qmp is not None:
+            await self._qmp.aclose()
+
+    # -- agent and console -----------------------------------------------------------------
+
+    async def _serve_agent(self, stream: SocketStream) -> None:
+        lock = anyio.Lock()
+
+        async def reply(text: str) -> None:
+            async with lock:
+                await stream.send(text.encode() + b"\n")
+
+        async with anyio.create_task_group() as tg:
+            if self.fake.ready_delay is not None:
+
+                async def ready() -> None:
+                    await anyio.sleep(self.fake.ready_delay or 0)
+                    await reply("READY fake-boot-id")
+
+                tg.start_soon(ready)
+            reader = BufferedByteReceiveStream(stream)
+            try:
+                while True:
+                    fields = (await reader.receive_until(b"\n", 1 << 26)).decode().split(" ")
+                    tg.start_soon(self._agent_request, fields, reply)
+            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                tg.cancel_scope.cancel()
+
+    async def _agent_request(self, fields: list[str], reply: Callable[[str], Awaitable[None]]) -> None:
+        op, request_id = fields[0], fields[1]
+        if op == "PING":
+            await reply(f"PONG {request_id}")
+        elif op == "EXEC":
+            argv = [_unb64(f) for f in fields[4:]]
+            outcome = self.fake.exec_handler(argv, _unb64(fields[3]))
+            result = await outcome if inspect.isawaitable(outcome) else outcome
+            assert isinstance(result, ExecResult)
+            out, err = base64.b64encode(result.stdout).decode(), base64.b64encode(result.stderr).decode()
+            await reply(f"R {request_id} {result.exit_code} {int(result.timed_out)} {out} {err}")
+        elif op == "QUERY":
+            text = {"block": b"", "cpus": b"0\n", "memory": b"MemTotal: 200000 kB\nMemFree: 150000 kB\n"
+                    b"MemAvailable: 160000 kB\n"}.get(fields[2], b"")  # fmt: skip
+            await reply(f"R {request_id} 0 0 {base64.b64encode(text).decode()} ")
+        elif op == "POWEROFF":
+            await reply(f"OK {request_id}")
+            await self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+            self.exit(0)
+        else:
+            await reply(f"ERR {request_id} unknown request")
+
+    async def _serve_console(self, stream: SocketStream) -> None:
+        await stream.send(b"fake console: booting\r\nvmctl-agent: ready on /dev/vport0p1\r\n")
+        await anyio.sleep_forever()
+
+
+def _unb64(field: str) -> bytes:
+    return base64.b64decode(field) if field and field != "-" else b""
