@@ -218,6 +218,11 @@ class AgentClient:
                 waiter.error = error
                 waiter.done.set()
 
+    def mark_ready(self, boot_id: str = "restored") -> None:
+        """Ready without a READY line (a guest restored from a template already sent it)."""
+        self.boot_id = self.boot_id or boot_id
+        self._ready.set()
+
     async def wait_ready(self) -> str:
         """Wait for the agent's READY line; returns the guest boot id."""
         await self._ready.wait()

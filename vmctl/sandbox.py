@@ -23,7 +23,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from vmctl.agent import ExecResult, GuestBlockDevice, GuestMemory, parse_block_devices, parse_cpu_list, parse_memory
 from vmctl.config import SandboxConfig
-from vmctl.errors import GuestError, SandboxFailed, VmctlError, VmctlTimeout
+from vmctl.errors import GuestError, NotSupported, SandboxFailed, VmctlError, VmctlTimeout
 from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor, RunPaths
 from vmctl.hypervisors.qemu import QemuHypervisor
 from vmctl.log import get_logger
@@ -223,6 +223,8 @@ class Sandbox:
                     raise self._launch_error
                 await self._wait_guest_ready()
             self._machine.fire(Trigger.GUEST_READY, "agent ready")
+            if self._config.boot_to_be_template:
+                await self._become_template()
         except BaseException as exc:
             timed_out = isinstance(exc, TimeoutError) and not isinstance(exc, VmctlError)
             with anyio.CancelScope(shield=True):
@@ -232,6 +234,16 @@ class Sandbox:
             if timed_out:
                 raise self._ready_timeout(limit) from None
             raise
+
+    async def _become_template(self) -> None:
+        """Boot-to-be-template: pause at the ready point and save device state for clones."""
+        assert self._config.devices_state_path is not None
+        await self.pause()
+        save = getattr(self._hypervisor(), "save_device_state", None)
+        if save is None:
+            raise NotSupported(f"the {self._hypervisor().name} backend cannot save templates")
+        await save(self._config.devices_state_path)
+        self.log.info("template saved", devices_state=str(self._config.devices_state_path))
 
     async def _run_hypervisor(self, hv: Hypervisor) -> None:
         """The hypervisor's task. It lives in the sandbox's task group, not in the caller's

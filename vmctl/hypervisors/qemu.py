@@ -25,6 +25,7 @@ from vmctl.config import SandboxConfig
 from vmctl.errors import GuestError, HostError, QMPError, SandboxFailed, VmctlError
 from vmctl.hypervisors.base import Capabilities, Hypervisor
 from vmctl.hypervisors.cmdline import build_command
+from vmctl.migration import MigrationTracker, load_device_state, save_device_state
 from vmctl.qmp import QmpSession
 
 STDERR_TAIL_LINES = 40
@@ -128,6 +129,7 @@ class QemuHypervisor(Hypervisor):
         self._exited = anyio.Event()
         self._scope: anyio.CancelScope | None = None
         self._closing = False
+        self._migration = MigrationTracker()
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -223,6 +225,9 @@ class QemuHypervisor(Hypervisor):
         tg.start_soon(self._watch_qmp)
         await tg.start(self.agent.run)
         tg.start_soon(self._pump_console)
+        if self._effective.boot_from_template:
+            assert self._effective.devices_state_path is not None
+            await load_device_state(self._qmp, self._migration, self._effective.devices_state_path)
         await self._qmp.execute("cont")
 
     async def _launch_failure(self, exc: Exception) -> Exception:
@@ -277,6 +282,7 @@ class QemuHypervisor(Hypervisor):
         try:
             async for event in self._qmp.events():
                 self.log.debug("qmp event", name=event.name, data=event.data)
+                self._migration.on_event(event)
                 self.events.on_qmp_event(event)
         except Exception as exc:  # an event we could not handle must not go unnoticed
             self.events.on_fault(f"QMP event pump failed: {exc!r}")
@@ -307,7 +313,15 @@ class QemuHypervisor(Hypervisor):
                 self.events.on_console_line(line.decode(errors="replace").rstrip("\r"))
 
     async def wait_ready(self) -> None:
+        if self._effective.boot_from_template:
+            # A clone resumes a guest whose agent announced itself long ago: ask it instead.
+            await self.agent.ping()
+            self.agent.mark_ready()
         await self.agent.wait_ready()
+
+    async def save_device_state(self, path: Path) -> None:
+        """Save the (paused) VM's device state for clones; guest RAM stays in the memory file."""
+        await save_device_state(self._qmp, self._migration, path)
 
     async def wait_exited(self) -> None:
         await self._exited.wait()

@@ -1,0 +1,39 @@
+"""VM templates: boot one sandbox to be a template, start clones that load its state instead of booting."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vmctl import Sandbox, SandboxConfig, SandboxState
+
+pytestmark = pytest.mark.qemu
+MakeConfig = Callable[..., SandboxConfig]
+
+
+async def test_template_then_clones(make_config: MakeConfig, tmp_path: Path) -> None:
+    memory, state = tmp_path / "template.mem", tmp_path / "template.state"
+    template = make_config(boot_to_be_template=True, memory_path=memory, devices_state_path=state)
+    started = time.monotonic()
+    async with Sandbox(template) as tsb:
+        cold_boot = time.monotonic() - started
+        assert tsb.state is SandboxState.PAUSED, "a template waits paused at its ready point"
+    assert state.is_file() and state.stat().st_size > 0
+    assert memory.stat().st_size == 256 * 1024 * 1024
+    assert not list(tmp_path.glob(".*partial")), "the state file was written atomically"
+
+    clone = make_config(boot_from_template=True, memory_path=memory, devices_state_path=state)
+    started = time.monotonic()
+    async with Sandbox(clone) as a:
+        clone_ready = time.monotonic() - started
+        assert a.state is SandboxState.RUNNING
+        await a.exec(["sh", "-c", "echo only-in-a > /tmp/mark"], check=True)
+        async with Sandbox(clone) as b:
+            r = await b.exec(["cat", "/tmp/mark"])
+            assert r.exit_code != 0, "clones do not share what they write"
+            assert (await b.exec(["uname", "-r"], check=True)).text.strip()
+        assert (await a.exec(["cat", "/tmp/mark"], check=True)).text == "only-in-a\n"
+    assert clone_ready < cold_boot, (clone_ready, cold_boot)

@@ -1,0 +1,84 @@
+"""Saving and loading a VM's device state over QMP, for VM templates.
+
+QEMU runs with ``-sandbox on,spawn=deny``, so ``exec:`` migration targets are out: vmctl opens the
+file itself and hands the descriptor to QEMU over the QMP socket (``getfd``), then migrates to
+``fd:NAME``. Guest RAM is not in the stream: it lives in the template's shared memory file and
+the ``x-ignore-shared`` capability skips it, which is what makes clones cheap.
+
+Completion is event-driven: the ``events`` capability makes QEMU send ``MIGRATION`` events, which
+the hypervisor's event pump feeds to :class:`MigrationTracker`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+
+from vmctl.errors import QMPError
+from vmctl.qmp import QmpEvent, QmpSession
+
+FINAL = frozenset({"completed", "failed", "cancelled"})
+MAX_BANDWIDTH = 10 * 1024**3  # bytes/s: the default (128 MiB/s) would throttle a local file
+
+
+class MigrationTracker:
+    """Follows ``MIGRATION`` events so callers can wait for the end of a migration."""
+
+    def __init__(self) -> None:
+        self.status = "none"
+        self._changed = anyio.Event()
+
+    def on_event(self, event: QmpEvent) -> None:
+        if event.name == "MIGRATION":
+            self.status = str(event.data.get("status", ""))
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def wait_final(self, qmp: QmpSession) -> str:
+        # Ask once as well: the final event may have come before we started waiting.
+        info = await qmp.execute("query-migrate")
+        if info.get("status") in FINAL:
+            self.status = info["status"]
+        while self.status not in FINAL:
+            await self._changed.wait()
+        return self.status
+
+
+async def _prepare(qmp: QmpSession) -> None:
+    capabilities = [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]
+    await qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
+
+
+async def save_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Path) -> None:
+    """Write the paused VM's device state to ``path`` atomically (a partial file never shows)."""
+    await _prepare(qmp)
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+    partial = path.with_name(f".{path.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        await qmp.send_fd(fd, "vmctl-save")
+        await qmp.execute("migrate", {"uri": "fd:vmctl-save"})
+        status = await tracker.wait_final(qmp)
+        if status != "completed":
+            raise QMPError(f"saving device state to {path} ended {status}")
+        os.fsync(fd)
+        os.replace(partial, path)
+    finally:
+        os.close(fd)
+        partial.unlink(missing_ok=True)
+
+
+async def load_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Path) -> None:
+    """Load device state saved by :func:`save_device_state` into a QEMU started with -incoming defer."""
+    await _prepare(qmp)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        await qmp.send_fd(fd, "vmctl-load")
+        await qmp.execute("migrate-incoming", {"uri": "fd:vmctl-load"})
+        status = await tracker.wait_final(qmp)
+        if status != "completed":
+            raise QMPError(f"loading device state from {path} ended {status}")
+    finally:
+        os.close(fd)
