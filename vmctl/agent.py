@@ -128,6 +128,19 @@ def parse_memory(text: str) -> GuestMemory:
         raise GuestError(f"guest meminfo lacks {exc}") from None
 
 
+def shell_words(args: Sequence[bytes]) -> bytes:
+    """argv as single-quoted POSIX shell words, which the agent splits with ``eval "set -- ..."``."""
+    return b" ".join(b"'" + a.replace(b"'", b"'\\''") + b"'" for a in args)
+
+
+def split_shell_words(words: bytes) -> list[bytes]:
+    """The inverse of :func:`shell_words` (used by the fake agent)."""
+    import shlex
+
+    text = words.decode("utf-8", "surrogateescape")
+    return [w.encode("utf-8", "surrogateescape") for w in shlex.split(text)]
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode() if data else "-"
 
@@ -268,7 +281,7 @@ class AgentClient:
             raise InvalidArgument("timeout: must be positive (or None for no limit)")
         guest_timeout = 0 if timeout is None else max(1, math.ceil(timeout))
         started = time.monotonic()
-        fields = (str(guest_timeout), _b64(stdin), *(_b64(a) for a in args))
+        fields = (str(guest_timeout), _b64(stdin), _b64(shell_words(args)))
         if timeout is None:
             reply = await self._request("EXEC", *fields)
         else:

@@ -58,8 +58,8 @@ def _path(value: object) -> Path | None:
 class SandboxConfig:
     """Everything about one sandbox's virtual machine. Immutable; see :meth:`replace`."""
 
-    # assets
-    kernel: Path
+    # assets (kernel is required; its None default only lets validation name it in ConfigError)
+    kernel: Path = None  # type: ignore[assignment]
     initrd: Path | None = None
     image: Path | None = None
     firmware: Path | None = None
@@ -155,9 +155,9 @@ class SandboxConfig:
                 raw = values.get(name)
                 if isinstance(raw, str) and raw and not Path(raw).expanduser().is_absolute():
                     values[name] = base_dir / raw
-        if "kernel" not in values:
-            raise ConfigError([Problem("kernel", "required: path to the guest kernel")])
         return cls(**values)
+
+    from_dict = from_mapping
 
     @classmethod
     def from_toml(cls, source: str | os.PathLike[str], *, table: str | None = "sandbox") -> SandboxConfig:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -38,9 +39,65 @@ def runtime_dir() -> Path:
     return _private_dir(Path(tempfile.gettempdir()) / f"vmctl-{os.getuid()}")
 
 
+OWNER_FILE = "owner"
+
+
+def _process_identity(pid: int) -> str | None:
+    """``pid:starttime``: survives pid reuse, unlike the pid alone. None if the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None
+    return f"{pid}:{fields[19]}"
+
+
 def make_run_dir() -> Path:
-    """A fresh private directory for one sandbox's sockets, logs and pid file."""
-    return Path(tempfile.mkdtemp(prefix="sb-", dir=runtime_dir()))
+    """A fresh private directory for one sandbox's sockets and logs, marked with its owner.
+
+    Directories left by a controller that died without cleaning up (SIGKILL, power loss) are
+    removed here, together with any QEMU still holding them.
+    """
+    base = runtime_dir()
+    sweep_stale_run_dirs(base)
+    path = Path(tempfile.mkdtemp(prefix="sb-", dir=base))
+    (path / OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
+    return path
+
+
+def sweep_stale_run_dirs(base: Path) -> list[Path]:
+    """Remove run directories whose owning process is gone; kill QEMU processes still in them."""
+    removed = []
+    for path in base.glob("sb-*"):
+        try:
+            owner = (path / OWNER_FILE).read_text().strip()
+        except OSError:
+            continue  # being created right now, or not ours
+        pid = int(owner.split(":")[0]) if owner.split(":")[0].isdigit() else -1
+        if owner and _process_identity(pid) == owner:
+            continue
+        for qemu_pid in _processes_mentioning(str(path)):
+            try:
+                os.kill(qemu_pid, signal.SIGKILL)
+            except OSError:
+                pass
+        remove_tree(path)
+        removed.append(path)
+    return removed
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
 
 
 def remove_tree(path: Path) -> None:

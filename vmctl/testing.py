@@ -31,7 +31,7 @@ import anyio
 from anyio.abc import SocketListener, SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from vmctl.agent import ExecResult
+from vmctl.agent import ExecResult, split_shell_words
 from vmctl.config import SandboxConfig
 from vmctl.hypervisors.cmdline import build_command
 from vmctl.hypervisors.qemu import QemuHypervisor, VmProcess
@@ -350,7 +350,7 @@ class FakeProcess:
         if op == "PING":
             await reply(f"PONG {request_id}")
         elif op == "EXEC":
-            argv = [_unb64(f) for f in fields[4:]]
+            argv = split_shell_words(_unb64(fields[4]))
             outcome = self.fake.exec_handler(argv, _unb64(fields[3]))
             result = await outcome if inspect.isawaitable(outcome) else outcome
             assert isinstance(result, ExecResult)

@@ -1,0 +1,56 @@
+"""QEMU dies with the controller, and what a dead controller left behind is swept on the next start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.conftest import qemu_processes
+from vmctl import Sandbox, SandboxConfig, guest
+
+pytestmark = pytest.mark.qemu
+
+CHILD = """
+import sys, anyio
+from vmctl import Sandbox, SandboxConfig
+async def main():
+    config = SandboxConfig(kernel=sys.argv[1], initrd=sys.argv[2], memory_mib=256)
+    async with Sandbox(config) as sb:
+        print(sb.pid, sb.run_dir, flush=True)
+        await anyio.sleep_forever()
+anyio.run(main)
+"""
+
+
+async def wait_for_exit(pid: int) -> None:
+    """Event-driven wait for a process that is not our child."""
+    fd = os.pidfd_open(pid)
+    try:
+        await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+async def test_qemu_dies_with_a_killed_controller_and_leftovers_are_swept(
+    assets: guest.GuestAssets, make_config: Callable[..., SandboxConfig], runtime_dir: Path
+) -> None:
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(assets.kernel), str(assets.initrd)],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert child.stdout is not None
+    line = await anyio.to_thread.run_sync(child.stdout.readline)
+    qemu_pid, run_dir = int(line.split()[0]), Path(line.split()[1])
+    assert qemu_processes(str(runtime_dir)) == [qemu_pid]
+    child.send_signal(signal.SIGKILL)
+    await anyio.to_thread.run_sync(child.wait)
+    with anyio.fail_after(10):
+        await wait_for_exit(qemu_pid)
+    assert run_dir.exists(), "a SIGKILLed controller cannot clean up after itself..."
+    async with Sandbox(make_config()):
+        assert not run_dir.exists(), "...so the next start does"
