@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.conftest import qemu_processes
 from vmctl import Sandbox, SandboxConfig, guest
@@ -41,14 +42,15 @@ async def wait_for_exit(pid: int) -> None:
 async def test_qemu_dies_with_a_killed_controller_and_leftovers_are_swept(
     assets: guest.GuestAssets, make_config: Callable[..., SandboxConfig], runtime_dir: Path
 ) -> None:
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(assets.kernel), str(assets.initrd)],
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
-    assert child.stdout is not None
-    line = await anyio.to_thread.run_sync(child.stdout.readline)
-    qemu_pid, run_dir = int(line.split()[0]), Path(line.split()[1])
-    assert qemu_processes(str(runtime_dir)) == [qemu_pid]
-    child.send_signal(signal.SIGKILL)
-    await anyio.to_thread.run_sync(child.wait)
+    async with await anyio.open_process(
+        [sys.executable, "-c", CHILD, str(assets.kernel), str(assets.initrd)], stderr=subprocess.DEVNULL
+    ) as child:
+        assert child.stdout is not None
+        line = (await BufferedByteReceiveStream(child.stdout).receive_until(b"\n", 4096)).decode()
+        qemu_pid, run_dir = int(line.split()[0]), Path(line.split()[1])
+        assert qemu_processes(str(runtime_dir)) == [qemu_pid]
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
     with anyio.fail_after(10):
         await wait_for_exit(qemu_pid)
     assert run_dir.exists(), "a SIGKILLed controller cannot clean up after itself..."
