@@ -298,6 +298,18 @@ class AgentClient:
             raise GuestError(f"guest query {name!r} failed: {result.stderr.decode(errors='replace')}")
         return result.text
 
+    async def wait_block_device(self, bus: str, key: str, timeout: float) -> str | None:
+        """Wait in the guest for a disk (virtio: by serial; scsi: by target); its /dev path or None."""
+        tenths = max(1, int(timeout * 10))
+        reply = await self._request("WAITDEV", bus, key, str(tenths))
+        result = self._result(reply, 0.0)
+        return f"/dev/{result.text}" if result.exit_code == 0 and result.text else None
+
+    async def wait_device_gone(self, bus: str, key: str, timeout: float) -> bool:
+        """Wait in the guest until a disk or NIC is gone; False if it is still there."""
+        reply = await self._request("WAITGONE", bus, key, str(max(1, int(timeout * 10))))
+        return self._result(reply, 0.0).exit_code == 0
+
     async def poweroff(self) -> None:
         """Ask the guest to power off; the reply may be lost as the guest goes down."""
         if self._stream is None or self._closed_reason is not None:

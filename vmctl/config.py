@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from vmctl import host
+from vmctl.devices import Device, DeviceContext, device_from_mapping
 from vmctl.errors import ConfigError, Problem
 from vmctl.params import Param, normalize_params, serialize_params
 
@@ -92,6 +93,8 @@ class SandboxConfig:
     # devices
     vsock: bool = False
     entropy_source: Path = Path("/dev/urandom")
+    # cold-plugged devices (present from boot; hot-added ones go through Sandbox.hotplug)
+    devices: tuple[Device, ...] = ()
     # templates
     boot_to_be_template: bool = False
     boot_from_template: bool = False
@@ -102,6 +105,11 @@ class SandboxConfig:
         problems: list[Problem] = []
         for name in (*_ASSETS, "entropy_source", "memory_path", "devices_state_path"):
             object.__setattr__(self, name, _path(getattr(self, name)))
+        try:
+            object.__setattr__(self, "devices", _normalize_devices(self.devices))
+        except TypeError as exc:
+            problems.append(Problem("devices", str(exc)))
+            object.__setattr__(self, "devices", ())
         for name in ("kernel_params", "hypervisor_params"):
             try:
                 object.__setattr__(self, name, normalize_params(getattr(self, name)))
@@ -180,6 +188,15 @@ class SandboxConfig:
         env = os.environ.get(ACCEL_ENV, "").strip()
         return env if env in get_args(Accel) else self.accel  # type: ignore[return-value]
 
+    def device_context(self) -> DeviceContext:
+        return DeviceContext(machine=self.machine, block_driver=self.block_driver, io_threads=self.io_threads,
+                             cache_set=self.block_cache_set, cache_direct=self.block_cache_direct,
+                             cache_noflush=self.block_cache_noflush)  # fmt: skip
+
+    @property
+    def memory_hotplug_possible(self) -> bool:
+        return self.memory_slots > 0 and (self.max_memory_mib or 0) > self.memory_mib
+
     def kernel_cmdline(self) -> str:
         return " ".join(serialize_params(self.kernel_params, "="))
 
@@ -223,7 +240,33 @@ def _validate(c: SandboxConfig) -> list[Problem]:
     _check_params(c, bad)
     _check_host_features(c, bad)
     _check_templates(c, bad)
+    _check_devices(c, problems)
     return problems
+
+
+def _normalize_devices(value: Any) -> tuple[Device, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, Device | Mapping | str):
+        raise TypeError("devices must be a list of devices (or of tables with a 'type')")
+    out = []
+    for item in value:
+        out.append(item if isinstance(item, Device) else device_from_mapping(item))
+    return tuple(out)
+
+
+def _check_devices(c: SandboxConfig, problems: list[Problem]) -> None:
+    ctx = c.device_context()
+    seen: set[str] = set()
+    for i, device in enumerate(c.devices):
+        for problem in device.problems(ctx):
+            problems.append(Problem(f"devices[{i}].{problem.field.split('.', 1)[-1]}", problem.message))
+        if device.id is not None:
+            if device.id in seen:
+                problems.append(Problem(f"devices[{i}].id", f"{device.id!r} is used twice"))
+            seen.add(device.id)
+        if c.disable_block_devices and device.kind == "block":
+            problems.append(Problem(f"devices[{i}]", "block devices are disabled (disable_block_devices)"))
 
 
 def _check_types(c: SandboxConfig, bad: Any) -> bool:

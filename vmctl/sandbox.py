@@ -8,6 +8,8 @@ reports (QMP events, process exit, faults). Leaving the ``async with`` block sto
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 import secrets
 from collections import deque
@@ -21,10 +23,14 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
+from vmctl import resize
 from vmctl.agent import ExecResult, GuestBlockDevice, GuestMemory, parse_block_devices, parse_cpu_list, parse_memory
 from vmctl.config import SandboxConfig
-from vmctl.errors import GuestError, NotSupported, SandboxFailed, VmctlError, VmctlTimeout
+from vmctl.devices import BlockDevice, Device, NetworkDevice, SerialPort, id_prefix
+from vmctl.errors import ConfigError, GuestError, NotSupported, SandboxFailed, VmctlError, VmctlTimeout
+from vmctl.hotplug import HotplugError, HotplugQueue, PluggedDevice, SlotAllocator
 from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor, RunPaths
+from vmctl.hypervisors.cmdline import cold_devices
 from vmctl.hypervisors.qemu import QemuHypervisor
 from vmctl.log import get_logger
 from vmctl.paths import make_run_dir, remove_tree
@@ -39,6 +45,12 @@ CONSOLE_TAIL_LINES = 50
 
 _QMP_TRIGGERS = {"STOP": Trigger.QMP_STOP, "RESUME": Trigger.QMP_RESUME, "GUEST_PANICKED": Trigger.GUEST_PANICKED}
 _FAILED_SHUTDOWN_REASONS = {"guest-reset", "guest-panic"}
+
+
+def _mac_for(sandbox_id: str, dev_id: str) -> str:
+    """A stable, locally administered MAC per sandbox and device (QEMU's 52:54:00 prefix)."""
+    digest = hashlib.sha256(f"{sandbox_id}/{dev_id}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
 @contextmanager
@@ -89,6 +101,7 @@ class Sandbox:
         self.log = get_logger("vmctl.sandbox", sandbox=self.id)
         self._machine = StateMachine(on_transition=self._on_transition)
         self._hv: Hypervisor | None = None
+        self._queue: HotplugQueue | None = None
         self._launched = anyio.Event()
         self._launch_error: Exception | None = None
         self._run_scope: anyio.CancelScope | None = None
@@ -221,6 +234,7 @@ class Sandbox:
                 await self._launched.wait()
                 if self._launch_error is not None:
                     raise self._launch_error
+                self._queue = self._make_queue(self._hv)
                 await self._wait_guest_ready()
             self._machine.fire(Trigger.GUEST_READY, "agent ready")
             if self._config.boot_to_be_template:
@@ -234,6 +248,22 @@ class Sandbox:
             if timed_out:
                 raise self._ready_timeout(limit) from None
             raise
+
+    def _make_queue(self, hv: Hypervisor) -> HotplugQueue:
+        config = hv.effective_config()
+        queue = HotplugQueue(hv.execute, config.device_context(), SlotAllocator(config.machine, config.pci_bridges))
+        assert self._paths is not None
+        for dev_id, device, where in cold_devices(config, self._paths):
+            queue.record_cold(dev_id, device, where)
+            kind = device.needs_slot(queue.ctx)
+            if kind == "scsi":
+                queue.slots.claim(kind, dev_id, where)
+        return queue
+
+    def _require_queue(self) -> HotplugQueue:
+        if self._queue is None:
+            raise VmctlError("the sandbox has not been started")
+        return self._queue
 
     async def _become_template(self) -> None:
         """Boot-to-be-template: pause at the ready point and save device state for clones."""
@@ -417,6 +447,99 @@ class Sandbox:
                 raise SandboxFailed(self._machine.failure, stderr_tail=self._stderr_tail) from exc
             raise
 
+    # -- devices -------------------------------------------------------------------------------
+
+    @property
+    def devices(self) -> list[PluggedDevice]:
+        """The device table: cold-plugged and hot-plugged devices with their guest names."""
+        return list(self._queue.devices.values()) if self._queue else []
+
+    async def hotplug(self, device: Device, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> PluggedDevice:
+        """Plug ``device`` into the running sandbox; returns once QEMU took it and the guest sees it.
+
+        The result's ``guest_path`` is the guest's name for it (``/dev/vdb``, ``eth1``), as
+        reported by the guest agent.
+        """
+        self._request(Trigger.HOTPLUG)
+        queue = self._require_queue()
+        caps = self.capabilities()
+        allowed = {"block": caps.block_hotplug, "network": caps.network_hotplug,
+                   "vsock": caps.network_hotplug, "serial": True}.get(device.kind, caps.network_hotplug)  # fmt: skip
+        if not allowed:
+            raise NotSupported(f"this sandbox cannot hotplug {device.kind} devices (see capabilities())")
+        problems = device.problems(queue.ctx)
+        if problems:
+            raise ConfigError(problems)
+        dev_id = device.id or queue.new_id(id_prefix(device))
+        if isinstance(device, SerialPort) and device.socket is None:
+            assert self._paths is not None
+            device = dataclasses.replace(device, socket=self._paths.run_dir / f"{dev_id}.sock")
+        if isinstance(device, NetworkDevice) and device.mac is None:
+            device = dataclasses.replace(device, mac=_mac_for(self.id, dev_id))
+        confirm = self._confirmer(device)
+        with deadline(timeout, f"hotplug of {dev_id}"):
+            return await self._guest_call(queue.plug(device, dev_id, confirm, timeout=timeout))  # type: ignore[no-any-return]
+
+    def _guest_key(self, device: Device | None, record: PluggedDevice) -> tuple[str, str] | None:
+        """How the agent finds a device in the guest: virtio disks by serial, SCSI disks by
+        target, NICs by MAC."""
+        if isinstance(device, BlockDevice):
+            if device.effective_driver(self._require_queue().ctx) == "virtio-scsi":
+                return "scsi", str(record.placement.scsi_id)
+            return "virtio", record.id
+        if isinstance(device, NetworkDevice):
+            return "net", str(device.mac)
+        return None
+
+    def _confirmer(self, device: Device) -> Any:
+        agent = self._hypervisor().agent
+
+        async def confirm(record: PluggedDevice) -> str | None:
+            key = self._guest_key(device, record)
+            if key is None:
+                return None
+            found = await agent.wait_block_device(*key, timeout=DEFAULT_CALL_TIMEOUT)
+            if found is None:
+                raise HotplugError(f"QEMU plugged {record.id} but the guest never showed it")
+            return found if key[0] != "net" else found.removeprefix("/dev/")
+
+        return confirm
+
+    async def unplug(self, device: PluggedDevice | str, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> None:
+        """Remove a device; returns once QEMU confirms with ``DEVICE_DELETED`` for it."""
+        self._request(Trigger.HOTPLUG)
+        dev_id = device if isinstance(device, str) else device.id
+        queue = self._require_queue()
+        record = queue.devices.get(dev_id)
+        key = self._guest_key(record.device, record) if record is not None else None
+        await self._guest_call(queue.unplug(dev_id, timeout=timeout))
+        # A SCSI disk leaves QEMU before the guest has let it go: wait for the guest as well.
+        agent = self._hypervisor().agent
+        if key is not None and not await self._guest_call(agent.wait_device_gone(*key, timeout=timeout or 30.0)):
+            raise HotplugError(f"QEMU removed {dev_id} but the guest still shows it")
+
+    async def resize_vcpus(self, count: int, *, timeout: float = 120.0) -> tuple[int, int]:
+        """Set the number of online vCPUs; returns ``(old, new)`` as the guest counts them."""
+        self._request(Trigger.HOTPLUG)
+        if (
+            count > self.config.vcpus
+            and not self.capabilities().cpu_hotplug
+            and count > len(await self.guest_online_cpus())
+        ):
+            raise NotSupported("this sandbox cannot hotplug CPUs (max_vcpus == vcpus)")
+        with deadline(timeout, "resize_vcpus"):
+            return await self._guest_call(resize.resize_vcpus(self, count, timeout))  # type: ignore[no-any-return]
+
+    async def resize_memory(self, mib: int, *, timeout: float = 120.0) -> int:
+        """Grow (DIMMs in block-size steps) or shrink (remove DIMMs) memory; returns the new MiB."""
+        self._request(Trigger.HOTPLUG)
+        if not self.capabilities().memory_hotplug:
+            raise NotSupported(
+                "this sandbox cannot hotplug memory: set memory_slots and max_memory_mib above memory_mib"
+            )
+        with deadline(timeout, "resize_memory"):
+            return await self._guest_call(resize.resize_memory(self, mib, timeout))  # type: ignore[no-any-return]
+
     async def vcpu_thread_ids(self) -> dict[int, int]:
         """vCPU index -> host thread id (for pinning or cgroup placement)."""
         return await self._hypervisor().vcpu_thread_ids()
@@ -429,6 +552,8 @@ class Sandbox:
         self._machine.fire(trigger)
 
     def on_qmp_event(self, event: QmpEvent) -> None:
+        if self._queue is not None:
+            self._queue.on_event(event)
         trigger = _QMP_TRIGGERS.get(event.name)
         reason = event.name.lower()
         if event.name == "SHUTDOWN":
@@ -463,5 +588,8 @@ class Sandbox:
         self.log.info("state", old=str(step.old), new=str(step.new), trigger=str(step.trigger), reason=step.reason)
         if step.new is SandboxState.FAILED:
             self.log.error("sandbox failed", reason=step.reason, qemu_stderr=self._stderr_tail)
+            failure = SandboxFailed(step.reason, stderr_tail=self._stderr_tail)
             if self._hv is not None:
-                self._hv.agent.fail_all(SandboxFailed(step.reason, stderr_tail=self._stderr_tail))
+                self._hv.agent.fail_all(failure)
+            if self._queue is not None:
+                self._queue.fail_all(failure)

@@ -10,8 +10,8 @@ Triggers come in two kinds:
 * *Confirmations* from QEMU or the guest (``QMP_STOP``, ``QMP_RESUME``, ``QMP_SHUTDOWN``,
   ``PROCESS_EXIT``, ``GUEST_PANICKED``, ``GUEST_READY``, ``FAULT``). Only these move a sandbox
   between running, paused and stopped.
-* *Requests* made by a caller (``PAUSE``, ``RESUME``, ``EXEC``, ``START``, ``STOP``). ``PAUSE``,
-  ``RESUME`` and ``EXEC`` map a state to itself: they only ask "is this call legal now?"; the state changes when QEMU's
+* *Requests* made by a caller (``PAUSE``, ``RESUME``, ``EXEC``, ``HOTPLUG``, ``START``, ``STOP``).
+  ``PAUSE``, ``RESUME``, ``EXEC`` and ``HOTPLUG`` map a state to itself: they only ask "is this call legal now?"; the state changes when QEMU's
   event arrives. ``START`` and ``STOP`` record the controller's intent (``STARTING``,
   ``STOPPING``) so that a process exit can be told apart from a crash.
 
@@ -54,6 +54,7 @@ class Trigger(enum.Enum):
     PAUSE = "pause"
     RESUME = "resume"
     EXEC = "exec"
+    HOTPLUG = "hotplug"
     STOP = "stop"
     # confirmations from QEMU, the guest or the process
     GUEST_READY = "guest-ready"
@@ -90,6 +91,7 @@ TRANSITIONS: dict[SandboxState, dict[Trigger, SandboxState]] = {
     S.RUNNING: {
         T.PAUSE: S.RUNNING,
         T.EXEC: S.RUNNING,
+        T.HOTPLUG: S.RUNNING,
         T.QMP_STOP: S.PAUSED,
         T.QMP_RESUME: S.RUNNING,
         T.STOP: S.STOPPING,

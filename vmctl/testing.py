@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import SocketListener, SocketStream, TaskGroup
@@ -89,6 +89,8 @@ class FakeQemu:
         drop_events: set[str] | frozenset[str] = frozenset(),
         stderr: list[str] | None = None,
         version: tuple[int, int, int] = (7, 2, 0),
+        unplug: Literal["ack", "never", "guest-error"] = "ack",
+        unplug_delay: float = 0.0,
     ) -> None:
         self.ready_delay = ready_delay
         self.exec_handler = exec_handler
@@ -98,6 +100,8 @@ class FakeQemu:
         self.drop_events = set(drop_events)
         self.stderr = list(stderr or [])
         self.version = version
+        self.unplug = unplug
+        self.unplug_delay = unplug_delay
         self.received: list[dict[str, Any]] = []
         self.processes: list[FakeProcess] = []
 
@@ -112,6 +116,10 @@ class FakeQemu:
 
     def commands(self) -> list[str]:
         return [str(c.get("execute")) for c in self.received]
+
+    def added_devices(self) -> list[str]:
+        """Ids of ``device_add`` requests in the order QEMU received them."""
+        return [str(c["arguments"]["id"]) for c in self.received if c.get("execute") == "device_add"]
 
     async def emit(self, event: str, data: Mapping[str, Any] | None = None) -> None:
         """Send an event to the current sandbox's QMP client."""
@@ -171,6 +179,7 @@ class FakeProcess:
         self._qmp: SocketStream | None = None
         self._qmp_lock = anyio.Lock()
         self._tg: TaskGroup | None = None
+        self.devices: dict[str, dict[str, Any]] = {}
         self._stderr_send, self._stderr_receive = anyio.create_memory_object_stream[str](1000)
         for line in fake.stderr:
             self.stderr_send(line)
@@ -272,6 +281,20 @@ class FakeProcess:
         elif name == "query-cpus-fast":
             result = [{"cpu-index": 0, "thread-id": 1, "qom-path": "/machine/unattached/device[0]",
                        "target": "x86_64"}]  # fmt: skip
+        elif name == "device_add":
+            if args.get("id") in self.devices:
+                result = QmpErrorReply("GenericError", f"Duplicate device ID '{args.get('id')}'")
+            else:
+                self.devices[str(args.get("id"))] = dict(args)
+        elif name == "device_del":
+            dev_id = str(args.get("id"))
+            if dev_id not in self.devices:
+                result = QmpErrorReply("DeviceNotFound", f"Device '{dev_id}' not found")
+            else:
+                after = self._unplug_later(dev_id)
+        elif name in ("blockdev-add", "blockdev-del", "netdev_add", "netdev_del", "object-add", "object-del",
+                      "chardev-add", "chardev-remove"):  # fmt: skip
+            pass
         elif name == "quit":
 
             async def after_quit() -> None:
@@ -291,6 +314,40 @@ class FakeProcess:
         await self._send(reply)
         if after is not None:
             await after()
+
+    def _unplug_later(self, dev_id: str) -> Callable[[], Awaitable[None]]:
+        async def unplug() -> None:
+            if self.fake.unplug == "never":
+                return
+            if self._tg is None:
+                return
+
+            async def acknowledge() -> None:
+                await anyio.sleep(self.fake.unplug_delay)
+                if self.fake.unplug == "guest-error":
+                    await self.emit(
+                        "DEVICE_UNPLUG_GUEST_ERROR", {"device": dev_id, "path": f"/machine/peripheral/{dev_id}"}
+                    )
+                    return
+                self.devices.pop(dev_id, None)
+                await self.emit("DEVICE_DELETED", {"device": dev_id, "path": f"/machine/peripheral/{dev_id}"})
+
+            self._tg.start_soon(acknowledge)
+
+        return unplug
+
+    def guest_name(self, bus: str, key: str) -> str | None:
+        """What the fake guest calls a plugged disk or NIC (vdX / sdX / ethN by plug order)."""
+        matches = {
+            "virtio": [d for d in self.devices.values() if d.get("driver") == "virtio-blk-pci"],
+            "scsi": [d for d in self.devices.values() if d.get("driver") == "scsi-hd"],
+            "net": [d for d in self.devices.values() if str(d.get("driver", "")).startswith("virtio-net")],
+        }[bus]
+        field = {"virtio": "serial", "scsi": "scsi-id", "net": "mac"}[bus]
+        for index, props in enumerate(matches):
+            if str(props.get(field)) == key:
+                return {"virtio": f"vd{chr(97 + index)}", "scsi": f"sd{chr(97 + index)}", "net": f"eth{index}"}[bus]
+        return None
 
     async def emit(self, event: str, data: Mapping[str, Any] | None = None) -> None:
         if event in self.fake.drop_events:
@@ -360,6 +417,16 @@ class FakeProcess:
             text = {"block": b"", "cpus": b"0\n", "memory": b"MemTotal: 200000 kB\nMemFree: 150000 kB\n"
                     b"MemAvailable: 160000 kB\n"}.get(fields[2], b"")  # fmt: skip
             await reply(f"R {request_id} 0 0 {base64.b64encode(text).decode()} ")
+        elif op == "WAITDEV":
+            name = self.guest_name(fields[2], fields[3])
+            if name is None:
+                await anyio.sleep(int(fields[4]) / 10)
+                name = self.guest_name(fields[2], fields[3])
+            encoded = base64.b64encode((name or "").encode()).decode()
+            await reply(f"R {request_id} {0 if name else 1} 0 {encoded} ")
+        elif op == "WAITGONE":
+            gone = self.guest_name(fields[2], fields[3]) is None
+            await reply(f"R {request_id} {0 if gone else 1} 0  ")
         elif op == "POWEROFF":
             await reply(f"OK {request_id}")
             await self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})

@@ -124,6 +124,10 @@ class Hypervisor(ABC):
         """The config as launched: defaults filled, ``auto`` resolved, custom assets applied."""
 
     @abstractmethod
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command (with the session's timeout)."""
+
+    @abstractmethod
     async def vcpu_thread_ids(self) -> dict[int, int]:
         """vCPU index -> host thread id, for pinning and cgroups."""
 

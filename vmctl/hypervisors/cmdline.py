@@ -7,12 +7,14 @@ and connecting never races QEMU's start-up.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
 from vmctl import host
 from vmctl.config import SandboxConfig
+from vmctl.devices import Device, Placement, SerialPort, id_prefix
 from vmctl.hypervisors.base import RunPaths
 
 AGENT_PORT_NAME = "org.vmctl.agent"
@@ -23,6 +25,8 @@ def kernel_cmdline(config: SandboxConfig) -> str:
     """Our base parameters first, the user's after them (so the user's win)."""
     base = ["console=ttyS0", "panic=1", "reboot=t"]
     base += ["debug", "vmctl.debug=1"] if config.debug else ["quiet"]
+    if config.memory_hotplug_possible:
+        base.append("memhp_default_state=online_movable")  # hot-added memory stays removable
     if config.image is not None:
         root = "/dev/sda" if config.block_driver == "virtio-scsi" else "/dev/vda"
         base += [f"root={root}", "rw", "rootwait"]
@@ -78,6 +82,8 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
     if c.io_threads:
         argv += ["-object", "iothread,id=iothread0"]
     argv += _block(c)
+    for dev_id, device, where in cold_devices(c, paths):
+        argv += device.cold_args(dev_id, c.device_context(), where)
     if c.vsock:
         argv += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={secrets.randbelow(2**31) + 3}"]
     if c.boot_from_template:
@@ -85,6 +91,33 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
     argv += ["-sandbox", SECCOMP]
     argv += c.qemu_extra_args()
     return argv
+
+
+def cold_devices(config: SandboxConfig, paths: RunPaths) -> list[tuple[str, Device, Placement]]:
+    """Ids and places of the config's devices, the same on every call (the sandbox's device
+    table is filled from this too). PCI devices sit on the root bus, SCSI disks take targets
+    from 0 up, serial ports without a socket get one in the run directory."""
+    ctx = config.device_context()
+    used = {d.id for d in config.devices if d.id}
+    counters: dict[str, int] = {}
+    scsi = 0
+    out = []
+    for device in config.devices:
+        dev_id = device.id
+        while dev_id is None or (dev_id in used and device.id is None):
+            prefix = id_prefix(device)
+            counters[prefix] = counters.get(prefix, -1) + 1
+            candidate = f"{prefix}{counters[prefix]}"
+            dev_id = None if candidate in used else candidate
+        used.add(dev_id)
+        where = Placement()
+        if device.needs_slot(ctx) == "scsi":
+            where = Placement(scsi_id=scsi)
+            scsi += 1
+        if isinstance(device, SerialPort) and device.socket is None:
+            device = dataclasses.replace(device, socket=paths.run_dir / f"{dev_id}.sock")
+        out.append((dev_id, device, where))
+    return out
 
 
 def _memory(c: SandboxConfig) -> list[str]:

@@ -159,12 +159,15 @@ class QemuHypervisor(Hypervisor):
     def capabilities(self) -> Capabilities:
         c = self._effective
         return Capabilities(
-            block_hotplug=not c.disable_block_devices and c.pci_bridges > 0,
+            block_hotplug=not c.disable_block_devices and (c.pci_bridges > 0 or c.block_driver == "virtio-scsi"),
             cpu_hotplug=(c.max_vcpus or 1) > c.vcpus,
-            memory_hotplug=c.memory_slots > 0 and (c.max_memory_mib or 0) > c.memory_mib,
+            memory_hotplug=c.memory_hotplug_possible,
             network_hotplug=c.pci_bridges > 0,
             vsock=c.vsock,
         )
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        return await self._qmp.execute(command, arguments)
 
     async def vcpu_thread_ids(self) -> dict[int, int]:
         cpus = await self._qmp.execute("query-cpus-fast")

@@ -1,0 +1,135 @@
+"""Cold plug, hotplug and resize on real QEMU (TCG), checked from inside the guest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.conftest import assert_no_stray_tasks
+from vmctl import ConfigError, NotSupported, Sandbox, SandboxConfig
+from vmctl.devices import BlockDevice, NetworkDevice, VfioDevice, VhostUserBlockDevice, VhostUserNetDevice
+from vmctl.hotplug import DeviceState
+
+pytestmark = pytest.mark.qemu
+MakeConfig = Callable[..., SandboxConfig]
+
+
+def make_disk(path: Path, label: str, size_mib: int = 8) -> Path:
+    with path.open("wb") as f:
+        f.write(label.encode() + b"\n")
+        f.truncate(size_mib << 20)
+    return path
+
+
+@pytest.mark.parametrize("driver", ["virtio-blk", "virtio-scsi"])
+async def test_three_disks_hot_added_at_once_and_removed(make_config: MakeConfig, tmp_path: Path, driver: str) -> None:
+    disks = {n: make_disk(tmp_path / f"{n}.img", f"data-{n}", size_mib=8 + i) for i, n in enumerate("abc")}
+    async with Sandbox(make_config(block_driver=driver, pci_bridges=3)) as sb:
+        plugged = {}
+
+        async def plug(name: str) -> None:
+            plugged[name] = await sb.hotplug(BlockDevice(path=disks[name]))
+
+        async with anyio.create_task_group() as tg:
+            for name in disks:
+                tg.start_soon(plug, name)
+        prefix = "/dev/vd" if driver == "virtio-blk" else "/dev/sd"
+        seen = {d.path: d.size_bytes for d in await sb.guest_block_devices()}
+        for i, (name, record) in enumerate(sorted(plugged.items())):
+            assert record.guest_path is not None and record.guest_path.startswith(prefix)
+            head = await sb.exec(["head", "-n", "1", record.guest_path], check=True)
+            assert head.text == f"data-{name}\n", "the guest name leads to the right disk"
+            assert seen[record.guest_path] == (8 + i) << 20
+        async with anyio.create_task_group() as tg:
+            for record in plugged.values():
+                tg.start_soon(sb.unplug, record)
+        assert await sb.guest_block_devices() == []
+        assert sb.devices == [] and all(r.state is DeviceState.REMOVED for r in plugged.values())
+        await assert_no_stray_tasks_in(sb)
+
+
+async def assert_no_stray_tasks_in(sb: Sandbox) -> None:
+    assert sb.hypervisor.agent.pending == 0
+    assert sb._require_queue().pending_waiters == 0  # noqa: SLF001
+
+
+async def test_cold_plugged_disk_is_visible_at_boot(make_config: MakeConfig, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "cold.img", "cold-data")
+    config = make_config(devices=[BlockDevice(path=disk, id="cold", read_only=True)], block_driver="virtio-blk")
+    async with Sandbox(config) as sb:
+        blocks = await sb.guest_block_devices()
+        assert [(b.name, b.serial) for b in blocks] == [("vda", "cold")]
+        assert (await sb.exec(["head", "-n", "1", "/dev/vda"], check=True)).text == "cold-data\n"
+        ro = await sb.exec(["cat", "/sys/block/vda/ro"], check=True)
+        assert ro.text.strip() == "1"
+        assert [d.id for d in sb.devices] == ["cold"] and not sb.devices[0].hotplugged
+    await assert_no_stray_tasks()
+
+
+async def test_user_mode_nic_hot_added_and_seen_by_the_guest(make_config: MakeConfig) -> None:
+    async with Sandbox(make_config(pci_bridges=2)) as sb:
+        nic = await sb.hotplug(NetworkDevice(hostfwd=("tcp:127.0.0.1:0-:23",)))
+        assert nic.guest_path == "eth0"
+        assert nic.device is not None
+        mac = (await sb.exec(["cat", "/sys/class/net/eth0/address"], check=True)).text.strip()
+        assert mac == nic.device.mac  # type: ignore[attr-defined]
+        await sb.exec(["ip", "link", "set", "eth0", "up"], check=True)
+        await sb.exec(["udhcpc", "-i", "eth0", "-n", "-q", "-t", "5", "-s", "/bin/true"], timeout=30, check=True)
+        await sb.unplug(nic)
+        assert (await sb.exec(["ls", "/sys/class/net"], check=True)).text.split() == ["lo"]
+
+
+async def test_vcpus_up_and_down_in_the_guest(make_config: MakeConfig) -> None:
+    async with Sandbox(make_config(vcpus=1, max_vcpus=3)) as sb:
+        assert await sb.resize_vcpus(3) == (1, 3)
+        assert await sb.guest_online_cpus() == [0, 1, 2]
+        assert (await sb.exec(["nproc"], check=True)).text.strip() == "3"
+        assert await sb.resize_vcpus(1) == (3, 1)
+        assert await sb.guest_online_cpus() == [0]
+        assert await sb.resize_vcpus(2) == (1, 2), "growing again reuses the offlined CPU, no new device_add"
+        assert len([d for d in sb.devices if d.id.startswith("cpu")]) == 2
+        with pytest.raises(ValueError, match="max_vcpus"):
+            await sb.resize_vcpus(4)
+        assert len(await sb.vcpu_thread_ids()) == 3
+
+
+async def test_memory_grows_in_block_steps_and_shrinks(make_config: MakeConfig) -> None:
+    async with Sandbox(make_config(memory_mib=256, memory_slots=2, max_memory_mib=768)) as sb:
+        before = (await sb.guest_memory()).total_kib
+        assert await sb.resize_memory(400) == 512, "rounded up to 128 MiB blocks"
+        after = (await sb.guest_memory()).total_kib
+        assert after - before >= 250 * 1024
+        with pytest.raises(ValueError, match="max_memory_mib"):
+            await sb.resize_memory(1024)
+        assert await sb.resize_memory(256) == 256
+        assert (await sb.guest_memory()).total_kib <= before + 1024
+
+
+async def test_hotplug_refused_where_the_machine_cannot(make_config: MakeConfig, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "x.img", "x")
+    async with Sandbox(make_config(disable_block_devices=True, memory_slots=0)) as sb:
+        with pytest.raises(NotSupported):
+            await sb.hotplug(BlockDevice(path=disk))
+        with pytest.raises(NotSupported):
+            await sb.resize_memory(512)
+        assert sb.devices == []
+
+
+async def test_device_paths_that_do_not_exist_are_refused(make_config: MakeConfig, tmp_path: Path) -> None:
+    async with Sandbox(make_config()) as sb:
+        with pytest.raises(ConfigError) as info:
+            await sb.hotplug(VfioDevice(host_address="0000:7f:1f.7"))
+        assert "vfio.host_address" in info.value.fields
+        with pytest.raises(ConfigError, match="start the vhost-user backend"):
+            await sb.hotplug(VhostUserBlockDevice(socket=tmp_path / "nope.sock"))
+        with pytest.raises(ConfigError, match="vhost-user-net.socket"):
+            await sb.hotplug(VhostUserNetDevice(socket=tmp_path / "nope.sock"))
+        with pytest.raises(ConfigError, match="block.path"):
+            await sb.hotplug(BlockDevice(path=tmp_path / "missing.img"))
+        assert sb.devices == []
+    with pytest.raises(ConfigError) as info:
+        make_config(devices=[VfioDevice(host_address="bogus")])
+    assert info.value.fields == ("devices[0].host_address",)

@@ -1,0 +1,121 @@
+"""The hotplug queue against the fake QMP peer: faults QEMU will not produce on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.conftest import assert_no_stray_tasks
+from vmctl import Sandbox, SandboxFailed
+from vmctl.devices import BlockDevice
+from vmctl.hotplug import DeviceState, HotplugError, HotplugTimeout
+from vmctl.testing import FakeQemu, fake_config
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"\0" * 4096)
+    return path
+
+
+async def test_unplug_never_acknowledged_times_out_and_a_late_event_reconciles(tmp_path: Path, disk: Path) -> None:
+    fake = FakeQemu(unplug="never")
+    async with Sandbox(fake_config(tmp_path, block_driver="virtio-blk", pci_bridges=1), backend=fake) as sb:
+        plugged = await sb.hotplug(BlockDevice(path=disk))
+        assert plugged.guest_path == "/dev/vda"
+        with pytest.raises(HotplugTimeout):
+            await sb.unplug(plugged, timeout=0.3)
+        assert plugged.state is DeviceState.UNPLUG_PENDING and sb.devices == [plugged]
+        with pytest.raises(HotplugError, match="no free PCIe root port"):
+            await sb.hotplug(BlockDevice(path=disk))  # its one slot is still taken
+        await fake.emit("DEVICE_DELETED", {"device": plugged.id, "path": f"/machine/peripheral/{plugged.id}"})
+        with anyio.fail_after(5):
+            while sb.devices:
+                await anyio.lowlevel.checkpoint()
+        assert plugged.state is DeviceState.REMOVED
+        again = await sb.hotplug(BlockDevice(path=disk))  # the slot came back
+        assert again.placement == plugged.placement
+        deleted = [c["arguments"] for c in fake.received if c["execute"] == "blockdev-del"]
+        assert {"node-name": f"{plugged.id}-fmt"} in deleted, "the late cleanup ran before the next request"
+        assert sb.hypervisor.agent.pending == 0
+    await assert_no_stray_tasks()
+
+
+async def test_guest_refusal_is_a_clear_failure(tmp_path: Path, disk: Path) -> None:
+    fake = FakeQemu(unplug="guest-error")
+    async with Sandbox(fake_config(tmp_path, block_driver="virtio-blk"), backend=fake) as sb:
+        plugged = await sb.hotplug(BlockDevice(path=disk))
+        with pytest.raises(HotplugError, match="guest refused"):
+            await sb.unplug(plugged)
+        assert plugged.state is DeviceState.PLUGGED and sb.devices == [plugged]
+
+
+async def test_fifty_concurrent_requests_complete_in_order(tmp_path: Path, disk: Path) -> None:
+    fake = FakeQemu(delays={"device_add": 0.002})
+    async with Sandbox(fake_config(tmp_path, block_driver="virtio-scsi"), backend=fake) as sb:
+        results: dict[int, str] = {}
+
+        async def plug(i: int) -> None:
+            results[i] = (await sb.hotplug(BlockDevice(path=disk, id=f"d{i:02d}"))).guest_path or ""
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(plug, i)
+        assert fake.added_devices() == [f"d{i:02d}" for i in range(50)]
+        assert len(results) == 50 and all(path.startswith("/dev/sd") for path in results.values())
+        assert sorted(d.placement.scsi_id for d in sb.devices) == list(range(50))  # type: ignore[type-var]
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(sb.unplug, f"d{i:02d}")
+        assert sb.devices == []
+
+
+async def test_cancelled_unplug_leaves_no_waiter_and_a_consistent_table(tmp_path: Path, disk: Path) -> None:
+    fake = FakeQemu(unplug_delay=0.5)
+    async with Sandbox(fake_config(tmp_path, block_driver="virtio-blk"), backend=fake) as sb:
+        plugged = await sb.hotplug(BlockDevice(path=disk))
+        with anyio.move_on_after(0.05):
+            await sb.unplug(plugged)
+        queue = sb._require_queue()  # noqa: SLF001
+        assert queue.pending_waiters == 0
+        assert plugged.state is DeviceState.UNPLUG_PENDING
+        with anyio.fail_after(5):
+            await sb.unplug(plugged)  # waiting again picks up the same removal
+        assert sb.devices == []
+
+
+async def test_failed_plug_rolls_back_backends(tmp_path: Path, disk: Path) -> None:
+    from vmctl.testing import QmpErrorReply
+
+    fake = FakeQemu(replies={"device_add": QmpErrorReply("GenericError", "Bus 'rp0' is full")})
+    async with Sandbox(fake_config(tmp_path, block_driver="virtio-blk"), backend=fake) as sb:
+        with pytest.raises(Exception, match="is full"):
+            await sb.hotplug(BlockDevice(path=disk, id="d1"))
+        assert sb.devices == []
+        assert [c["arguments"]["node-name"] for c in fake.received if c["execute"] == "blockdev-del"] == [
+            "d1-fmt", "d1-file",
+        ]  # fmt: skip
+
+
+async def test_sandbox_failure_wakes_hotplug_waiters(tmp_path: Path, disk: Path) -> None:
+    fake = FakeQemu(unplug="never")
+    async with Sandbox(fake_config(tmp_path, block_driver="virtio-blk"), backend=fake) as sb:
+        plugged = await sb.hotplug(BlockDevice(path=disk))
+        errors: list[Exception] = []
+
+        async def unplug() -> None:
+            try:
+                await sb.unplug(plugged, timeout=30)
+            except SandboxFailed as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(unplug)
+            await anyio.wait_all_tasks_blocked()
+            fake.crash(-9)
+        assert len(errors) == 1
+        assert sb._require_queue().pending_waiters == 0  # noqa: SLF001

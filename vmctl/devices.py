@@ -1,0 +1,422 @@
+"""Device models. Each device is one description that renders both ways: QEMU arguments for
+cold plug (in the config, before start) and QMP commands for hotplug, so the two cannot drift.
+
+QEMU 7.2 takes JSON for ``-device``, ``-blockdev``, ``-netdev`` and ``-object``, which is exactly
+what ``device_add``, ``blockdev-add``, ``netdev_add`` and ``object-add`` take over QMP; only
+character devices need two spellings (``-chardev`` has no JSON form).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from vmctl.errors import Problem
+
+ID_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,19}$")
+HOSTFWD_PATTERN = re.compile(r"^(tcp|udp):(\d{1,3}(\.\d{1,3}){3})?:\d{1,5}-(\d{1,3}(\.\d{1,3}){3})?:\d{1,5}$")
+PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+MAC_PATTERN = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+BlockDriver = Literal["virtio-blk", "virtio-scsi", "virtio-mmio"]
+
+
+@dataclass(frozen=True)
+class QmpCommand:
+    name: str
+    arguments: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A host-side part of a device: ``kind`` is blockdev, netdev, object or chardev."""
+
+    kind: str
+    spec: Mapping[str, Any]
+    key: str  # the id QEMU knows it by (node-name or id)
+
+    def cold_args(self) -> list[str]:
+        if self.kind == "chardev":
+            return ["-chardev", _chardev_string(self.spec)]
+        return [f"-{self.kind}", json.dumps(self.spec, separators=(",", ":"))]
+
+    def add_command(self) -> QmpCommand:
+        if self.kind == "chardev":
+            return QmpCommand("chardev-add", _chardev_qmp(self.spec))
+        name = {"blockdev": "blockdev-add", "netdev": "netdev_add", "object": "object-add"}[self.kind]
+        return QmpCommand(name, self.spec)
+
+    def del_command(self) -> QmpCommand:
+        name, arg = {
+            "blockdev": ("blockdev-del", "node-name"),
+            "netdev": ("netdev_del", "id"),
+            "object": ("object-del", "id"),
+            "chardev": ("chardev-remove", "id"),
+        }[self.kind]
+        return QmpCommand(name, {arg: self.key})
+
+
+def _chardev_string(spec: Mapping[str, Any]) -> str:
+    path = str(spec["path"]).replace(",", ",,")
+    server = "on" if spec.get("server") else "off"
+    return f"socket,id={spec['id']},path={path},server={server}" + (",wait=off" if spec.get("server") else "")
+
+
+def _chardev_qmp(spec: Mapping[str, Any]) -> dict[str, Any]:
+    data = {"addr": {"type": "unix", "data": {"path": str(spec["path"])}}, "server": bool(spec.get("server"))}
+    if spec.get("server"):
+        data["wait"] = False
+    return {"id": spec["id"], "backend": {"type": "socket", "data": data}}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a device sits: a PCI bus (and address), a SCSI target, or nothing (virtio-mmio)."""
+
+    bus: str | None = None
+    addr: str | None = None
+    scsi_id: int | None = None
+
+
+@dataclass(frozen=True)
+class DeviceContext:
+    """What rendering needs from the sandbox config."""
+
+    machine: str = "q35"
+    block_driver: BlockDriver = "virtio-scsi"
+    io_threads: bool = False
+    cache_set: bool = False
+    cache_direct: bool = False
+    cache_noflush: bool = False
+
+    @property
+    def pci(self) -> bool:
+        return self.machine != "microvm"
+
+
+class Device(ABC):
+    """A device a sandbox can have. Subclasses are frozen dataclasses with an optional ``id``."""
+
+    kind: ClassVar[str]
+    id: str | None
+
+    def problems(self, ctx: DeviceContext) -> list[Problem]:
+        out = []
+        if self.id is not None and not ID_PATTERN.match(self.id):
+            out.append(
+                Problem(f"{self.kind}.id", f"{self.id!r}: 1-20 letters, digits, '_' or '-', starting with a letter")
+            )
+        return out
+
+    def needs_slot(self, ctx: DeviceContext) -> str | None:
+        """``pci`` or ``scsi`` when the device takes a slot on that bus, else None."""
+        return "pci" if ctx.pci else None
+
+    def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
+        return []
+
+    @abstractmethod
+    def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]: ...
+
+    def cold_args(self, dev_id: str, ctx: DeviceContext, where: Placement) -> list[str]:
+        args: list[str] = []
+        for backend in self.backends(dev_id, ctx):
+            args += backend.cold_args()
+        return args + ["-device", json.dumps(self.frontend(dev_id, ctx, where), separators=(",", ":"))]
+
+    def plug_commands(self, dev_id: str, ctx: DeviceContext, where: Placement) -> list[QmpCommand]:
+        commands = [b.add_command() for b in self.backends(dev_id, ctx)]
+        return commands + [QmpCommand("device_add", self.frontend(dev_id, ctx, where))]
+
+    def cleanup_commands(self, dev_id: str, ctx: DeviceContext) -> list[QmpCommand]:
+        """What to delete after QEMU confirmed the device is gone (backends, last added first)."""
+        return [b.del_command() for b in reversed(self.backends(dev_id, ctx))]
+
+
+def _placed(props: dict[str, Any], where: Placement) -> dict[str, Any]:
+    if where.bus is not None:
+        props["bus"] = where.bus
+    if where.addr is not None:
+        props["addr"] = where.addr
+    return props
+
+
+@dataclass(frozen=True)
+class BlockDevice(Device):
+    """A disk image file. The guest sees it as /dev/vdX (virtio-blk) or /dev/sdX (virtio-scsi)."""
+
+    kind: ClassVar[str] = "block"
+    path: Path = field(default=Path())
+    read_only: bool = False
+    id: str | None = None
+    driver: BlockDriver | None = None
+    format: Literal["raw", "qcow2"] | None = None
+    io_thread: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path).expanduser().absolute())
+
+    def problems(self, ctx: DeviceContext) -> list[Problem]:
+        out = super().problems(ctx)
+        if not self.path.is_file():
+            out.append(Problem("block.path", f"{self.path} does not exist or is not a file"))
+        driver = self.driver or ctx.block_driver
+        if driver == "virtio-mmio" and ctx.pci:
+            out.append(Problem("block.driver", "virtio-mmio needs machine='microvm'"))
+        if driver != "virtio-mmio" and not ctx.pci:
+            out.append(Problem("block.driver", f"{driver} needs PCI; on microvm use virtio-mmio"))
+        return out
+
+    def effective_driver(self, ctx: DeviceContext) -> BlockDriver:
+        return self.driver or ("virtio-mmio" if not ctx.pci else ctx.block_driver)
+
+    def needs_slot(self, ctx: DeviceContext) -> str | None:
+        driver = self.effective_driver(ctx)
+        return {"virtio-blk": "pci", "virtio-scsi": "scsi", "virtio-mmio": None}[driver]
+
+    def image_format(self) -> str:
+        if self.format is not None:
+            return self.format
+        with self.path.open("rb") as f:
+            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+
+    def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
+        file_node: dict[str, Any] = {"driver": "file", "filename": str(self.path), "node-name": f"{dev_id}-file",
+                                     "read-only": self.read_only}  # fmt: skip
+        fmt: dict[str, Any] = {"driver": self.image_format(), "file": f"{dev_id}-file", "node-name": f"{dev_id}-fmt",
+                               "read-only": self.read_only}  # fmt: skip
+        if ctx.cache_set:
+            cache = {"direct": ctx.cache_direct, "no-flush": ctx.cache_noflush}
+            file_node["cache"] = fmt["cache"] = cache
+        return [Backend("blockdev", file_node, f"{dev_id}-file"), Backend("blockdev", fmt, f"{dev_id}-fmt")]
+
+    def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
+        driver = self.effective_driver(ctx)
+        props: dict[str, Any] = {"id": dev_id, "drive": f"{dev_id}-fmt", "serial": dev_id}
+        iothread = ctx.io_threads if self.io_thread is None else self.io_thread
+        if driver == "virtio-scsi":
+            return {"driver": "scsi-hd", **props, "bus": "scsi0.0", "channel": 0, "scsi-id": where.scsi_id, "lun": 0}
+        if driver == "virtio-mmio":
+            return {"driver": "virtio-blk-device", **props}
+        if iothread:
+            props["iothread"] = "iothread0"
+        return _placed({"driver": "virtio-blk-pci", **props}, where)
+
+
+@dataclass(frozen=True)
+class NetworkDevice(Device):
+    """virtio-net. ``backend="user"`` needs no privileges (``hostfwd`` like "tcp:127.0.0.1:2222-:22");
+    ``backend="tap"`` uses (or creates, as root) the tap interface ``tap_name``."""
+
+    kind: ClassVar[str] = "network"
+    backend: Literal["user", "tap"] = "user"
+    hostfwd: tuple[str, ...] = ()
+    tap_name: str | None = None
+    mac: str | None = None
+    id: str | None = None
+
+    def problems(self, ctx: DeviceContext) -> list[Problem]:
+        out = super().problems(ctx)
+        if self.backend not in ("user", "tap"):
+            out.append(Problem("network.backend", "must be 'user' or 'tap'"))
+        for rule in self.hostfwd:
+            if not HOSTFWD_PATTERN.match(rule):
+                out.append(Problem("network.hostfwd", f"{rule!r}: use 'tcp:127.0.0.1:HOSTPORT-:GUESTPORT'"))
+        if self.hostfwd and self.backend != "user":
+            out.append(Problem("network.hostfwd", "port forwarding needs backend='user'"))
+        if self.backend == "tap":
+            if not self.tap_name or not TAP_NAME.match(self.tap_name):
+                out.append(Problem("network.tap_name", "a tap interface name of 1-15 letters, digits, '_', '.', '-'"))
+            if not Path("/dev/net/tun").exists():
+                out.append(Problem("network.backend", "the host has no /dev/net/tun; use backend='user'"))
+        if self.mac is not None and not MAC_PATTERN.match(self.mac):
+            out.append(Problem("network.mac", f"{self.mac!r}: use six lower-case hex pairs like 52:54:00:12:34:56"))
+        return out
+
+    def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
+        spec: dict[str, Any] = {"type": self.backend, "id": f"{dev_id}-net"}
+        if self.backend == "user" and self.hostfwd:
+            spec["hostfwd"] = [{"str": rule} for rule in self.hostfwd]
+        if self.backend == "tap":
+            spec.update({"ifname": self.tap_name, "script": "no", "downscript": "no"})
+        return [Backend("netdev", spec, f"{dev_id}-net")]
+
+    def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
+        props: dict[str, Any] = {"id": dev_id, "netdev": f"{dev_id}-net"}
+        if self.mac:
+            props["mac"] = self.mac
+        if not ctx.pci:
+            return {"driver": "virtio-net-device", **props}
+        return _placed({"driver": "virtio-net-pci", **props}, where)
+
+
+@dataclass(frozen=True)
+class VsockDevice(Device):
+    kind: ClassVar[str] = "vsock"
+    guest_cid: int = 3
+    id: str | None = None
+
+    def problems(self, ctx: DeviceContext) -> list[Problem]:
+        out = super().problems(ctx)
+        if not 3 <= self.guest_cid < 2**32 - 1:
+            out.append(Problem("vsock.guest_cid", "must be between 3 and 2^32-2"))
+        if not Path("/dev/vhost-vsock").exists():
+            out.append(Problem("vsock", "the host has no /dev/vhost-vsock: 'modprobe vhost_vsock' first"))
+        return out
+
+    def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
+        driver = "vhost-vsock-pci" if ctx.pci else "vhost-vsock-device"
+        return _placed({"driver": driver, "id": dev_id, "guest-cid": self.guest_cid}, where)
+
+
+@dataclass(frozen=True)
+class VfioDevice(Device):
+    """A host PCI device passed through (``host_address`` like "0000:01:00.0", bound to vfio-pci)."""
+
+    kind: ClassVar[str] = "vfio"
+    host_address: str = ""
+    id: str | None = None
+
+    def problems(self, ctx: DeviceContext) -> list[Problem]:
+        out = super().problems(ctx)
+        if not PCI_ADDRESS.match(self.host_address):
+            out.append(Problem("vfio.host_address", f"{self.host_address!r}: use DDDD:BB:SS.F, e.g. 0000:01:00.0"))
+        elif not Path(f"/sys/bus/pci/devices/{self.host_address}").exists():
+            out.append(Problem("vfio.host_address", f"no PCI device {self.host_address} on this host"))
+        elif not Path(f"/sys/bus/pci/devices/{self.host_address}/iommu_group").exists():
+            out.append(Problem("vfio.host_address", f"{self.host_address} has no IOMMU group: enable the IOMMU"))
+        if not ctx.pci:
+            out.append(Problem("vfio", "VFIO needs a PCI machine"))
+        return out
+
+    def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
+        return _placed({"driver": "vfio-pci", "id": dev_id, "host": self.host_address}, where)
+
+
+def _socket_problems(field_name: str, path: Path) -> list[Problem]:
+    try:
+        if stat.S_ISSOCK(path.stat().st_mode):
+            return []
+        return [Problem(field_name, f"{path} is not a unix socket")]
+    except OSError:
+        return [Problem(field_name, f"{path} does not exist: start the vhost-user backend first")]
+
+
+@dataclass(frozen=True)
+class VhostUserBlockDevice(Device):
+    """A disk served by a vhost-user backend (e.g. qemu-storage-daemon) on ``socket``."""
+
+    kind: ClassVar[str] = "vhost-user-block"
+    socket: Path = field(default=Path())
+    id: str | None = None
+
+    def problems(self, ctx: DeviceContext) -> list[Problem]:
+        return super().problems(ctx) + _socket_problems("vhost-user-block.socket", Path(self.socket))
+
+    def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
+        return [Backend("chardev", {"id": f"{dev_id}-chr", "path": str(self.socket)}, f"{dev_id}-chr")]
+
+    def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
+        return _placed({"driver": "vhost-user-blk-pci", "id": dev_id, "chardev": f"{dev_id}-chr"}, where)
+
+
+@dataclass(frozen=True)
+class VhostUserNetDevice(Device):
+    """A NIC served by a vhost-user backend (e.g. a DPDK switch) on ``socket``."""
+
+    kind: ClassVar[str] = "vhost-user-net"
+    socket: Path = field(default=Path())
+    mac: str | None = None
+    id: str | None = None
+
+    def problems(self, ctx: DeviceContext) -> list[Problem]:
+        return super().problems(ctx) + _socket_problems("vhost-user-net.socket", Path(self.socket))
+
+    def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
+        return [
+            Backend("chardev", {"id": f"{dev_id}-chr", "path": str(self.socket)}, f"{dev_id}-chr"),
+            Backend(
+                "netdev", {"type": "vhost-user", "id": f"{dev_id}-net", "chardev": f"{dev_id}-chr"}, f"{dev_id}-net"
+            ),
+        ]
+
+    def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
+        props: dict[str, Any] = {"driver": "virtio-net-pci", "id": dev_id, "netdev": f"{dev_id}-net"}
+        if self.mac:
+            props["mac"] = self.mac
+        return _placed(props, where)
+
+
+@dataclass(frozen=True)
+class SerialPort(Device):
+    """An extra virtio-serial port named ``name`` in the guest, as a unix socket on the host.
+
+    vmctl listens on ``socket`` (it is created in the sandbox's run directory when not given)."""
+
+    kind: ClassVar[str] = "serial"
+    name: str = "org.vmctl.port"
+    socket: Path | None = None
+    id: str | None = None
+
+    def problems(self, ctx: DeviceContext) -> list[Problem]:
+        out = super().problems(ctx)
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
+            out.append(Problem("serial.name", f"{self.name!r}: 1-64 letters, digits, '_', '.', '-'"))
+        return out
+
+    def needs_slot(self, ctx: DeviceContext) -> str | None:
+        return None
+
+    def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
+        assert self.socket is not None, "the sandbox fills in the socket path"
+        return [Backend("chardev", {"id": f"{dev_id}-chr", "path": str(self.socket), "server": True}, f"{dev_id}-chr")]
+
+    def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
+        return {
+            "driver": "virtserialport",
+            "id": dev_id,
+            "bus": "vser0.0",
+            "chardev": f"{dev_id}-chr",
+            "name": self.name,
+        }
+
+
+DEVICE_TYPES: dict[str, type[Device]] = {
+    cls.kind: cls
+    for cls in (
+        BlockDevice,
+        NetworkDevice,
+        VsockDevice,
+        VfioDevice,
+        VhostUserBlockDevice,
+        VhostUserNetDevice,
+        SerialPort,
+    )
+}
+
+
+def device_from_mapping(data: Mapping[str, Any]) -> Device:
+    """``{"type": "block", "path": "data.img"}`` -> :class:`BlockDevice` (for TOML configs)."""
+    values = dict(data)
+    kind = values.pop("type", None)
+    cls = DEVICE_TYPES.get(str(kind))
+    if cls is None:
+        raise TypeError(f"device type {kind!r}: use one of {', '.join(DEVICE_TYPES)}")
+    if "hostfwd" in values and isinstance(values["hostfwd"], Sequence):
+        values["hostfwd"] = tuple(values["hostfwd"])
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise TypeError(f"device type {kind!r}: {exc}") from None
+
+
+def id_prefix(device: Device) -> str:
+    return {"block": "disk", "network": "net", "vsock": "vsock", "vfio": "vfio", "vhost-user-block": "vublk",
+            "vhost-user-net": "vunet", "serial": "port"}[device.kind]  # fmt: skip

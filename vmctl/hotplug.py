@@ -1,0 +1,330 @@
+"""The per-sandbox hotplug queue and device table.
+
+Theory of operation. Requests from any number of tasks take one FIFO lock to *submit* their QMP
+commands, so QEMU sees them in arrival order; the *wait* for QEMU's acknowledgement happens
+outside the lock, so slow acknowledgements do not serialise the queue. Every request that waits
+registers a one-slot waiter, keyed by device id, before it sends the command that will trigger
+the event (the qemu.qmp listener pattern):
+
+* unplug: ``DEVICE_DELETED`` for its id completes it; ``DEVICE_UNPLUG_GUEST_ERROR`` fails it;
+* CPU and memory plug: ``ACPI_DEVICE_OST`` for its id completes it (status 0) or fails it;
+* disk and NIC plug: the command's return, then the guest showing the device (via the agent).
+
+A waiter is removed in ``finally`` whatever happens, so a cancelled or timed-out caller never
+leaves a stale entry. A request not acknowledged in time raises :class:`HotplugTimeout`; the
+device then stays ``unplug-pending`` and a late ``DEVICE_DELETED`` still completes the
+bookkeeping (slot freed, record dropped; the backend deletion runs before the next request).
+When the sandbox fails, every waiter is woken with the failure.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+
+from vmctl.devices import Device, DeviceContext, Placement, QmpCommand
+from vmctl.errors import QMPCommandError, VmctlError, VmctlTimeout
+from vmctl.qmp import QmpEvent
+
+
+class HotplugError(VmctlError):
+    """A hotplug or unplug request failed (QEMU or the guest refused, no slot left, ...)."""
+
+
+class HotplugTimeout(HotplugError, VmctlTimeout):
+    """QEMU or the guest did not acknowledge a hotplug request in time."""
+
+
+class DeviceState(enum.Enum):
+    PLUGGED = "plugged"
+    UNPLUG_PENDING = "unplug-pending"
+    REMOVED = "removed"
+
+
+@dataclass
+class PluggedDevice:
+    """A row of the device table: what was plugged, where, and what the guest calls it."""
+
+    id: str
+    device: Device | None
+    placement: Placement
+    hotplugged: bool
+    state: DeviceState = DeviceState.PLUGGED
+    guest_path: str | None = None
+    cleanup: list[QmpCommand] = field(default_factory=list)
+
+
+class Executor(Protocol):
+    async def __call__(self, command: str, arguments: dict[str, Any] | None = None) -> Any: ...
+
+
+class _Waiter:
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def resolve(self, value: Any = None, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.value, self.error = value, error
+            self.done.set()
+
+
+class SlotAllocator:
+    """PCIe root ports (q35), bridge slots (pc) and SCSI targets, allocated on plug, freed on unplug."""
+
+    def __init__(self, machine: str, pci_bridges: int, scsi_targets: int = 256) -> None:
+        if machine == "q35":
+            self._pci = [Placement(bus=f"rp{i}") for i in range(pci_bridges)]
+        elif machine == "pc":
+            self._pci = [Placement(bus=f"br{b}", addr=hex(a)) for b in range(pci_bridges) for a in range(1, 32)]
+        else:
+            self._pci = []
+        self._scsi = [Placement(scsi_id=i) for i in range(scsi_targets)]
+        self._owner: dict[str, tuple[str, Placement]] = {}
+
+    def free(self, kind: str) -> int:
+        used = {p for k, p in self._owner.values() if k == kind}
+        return len([p for p in self._pool(kind) if p not in used])
+
+    def _pool(self, kind: str) -> list[Placement]:
+        return self._pci if kind == "pci" else self._scsi
+
+    def allocate(self, kind: str, owner: str) -> Placement:
+        used = {p for k, p in self._owner.values() if k == kind}
+        for placement in self._pool(kind):
+            if placement not in used:
+                self._owner[owner] = (kind, placement)
+                return placement
+        what = "PCIe root port (raise pci_bridges)" if kind == "pci" else "SCSI target"
+        raise HotplugError(f"no free {what} for {owner}: {len(self._pool(kind))} in use")
+
+    def claim(self, kind: str, owner: str, placement: Placement) -> None:
+        """Mark a place taken by a cold-plugged device."""
+        self._owner[owner] = (kind, placement)
+
+    def release(self, owner: str) -> None:
+        self._owner.pop(owner, None)
+
+
+class HotplugQueue:
+    """One per sandbox: orders requests, tracks devices, completes waiters from QMP events."""
+
+    def __init__(
+        self, execute: Executor, ctx: DeviceContext, slots: SlotAllocator, *, ack_timeout: float = 30.0
+    ) -> None:
+        self._execute = execute
+        self.ctx = ctx
+        self.slots = slots
+        self.ack_timeout = ack_timeout
+        self.devices: dict[str, PluggedDevice] = {}
+        self._submit = anyio.Lock()
+        self._deleted: dict[str, _Waiter] = {}
+        self._ost: dict[str, _Waiter] = {}
+        self._late_cleanup: list[QmpCommand] = []
+        self._failure: BaseException | None = None
+        self._counter = 0
+
+    @property
+    def pending_waiters(self) -> int:
+        return len(self._deleted) + len(self._ost)
+
+    def new_id(self, prefix: str) -> str:
+        while True:
+            self._counter += 1
+            candidate = f"{prefix}{self._counter}"
+            if candidate not in self.devices:
+                return candidate
+
+    # -- events -----------------------------------------------------------------------------
+
+    def on_event(self, event: QmpEvent) -> None:
+        if event.name == "DEVICE_DELETED":
+            dev_id = event.data.get("device") or _peripheral_id(str(event.data.get("path", "")))
+            if dev_id:
+                self._device_gone(str(dev_id))
+        elif event.name == "DEVICE_UNPLUG_GUEST_ERROR":
+            dev_id = event.data.get("device") or _peripheral_id(str(event.data.get("path", "")))
+            waiter = self._deleted.get(str(dev_id))
+            if waiter is not None:
+                waiter.resolve(error=HotplugError(f"the guest refused to release {dev_id}"))
+        elif event.name == "ACPI_DEVICE_OST":
+            info = event.data.get("info", {})
+            waiter = self._ost.get(str(info.get("device", "")))
+            if waiter is not None:
+                waiter.resolve(dict(info))
+
+    def _device_gone(self, dev_id: str) -> None:
+        record = self.devices.get(dev_id)
+        waiter = self._deleted.get(dev_id)
+        if waiter is not None:
+            waiter.resolve(True)
+        if record is not None and record.state is not DeviceState.REMOVED:
+            record.state = DeviceState.REMOVED
+            self.slots.release(dev_id)
+            del self.devices[dev_id]
+            if waiter is None:  # late: nobody waits to clean up, so the next request does
+                self._late_cleanup.extend(record.cleanup)
+
+    def fail_all(self, error: BaseException) -> None:
+        self._failure = error
+        for waiter in [*self._deleted.values(), *self._ost.values()]:
+            waiter.resolve(error=error)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def _run(self, commands: list[QmpCommand]) -> None:
+        for command in commands:
+            await self._execute(command.name, dict(command.arguments))
+
+    async def _flush_late_cleanup(self) -> None:
+        todo, self._late_cleanup = self._late_cleanup, []
+        for command in todo:
+            try:
+                await self._execute(command.name, dict(command.arguments))
+            except QMPCommandError:
+                pass  # already gone
+
+    def record_cold(self, dev_id: str, device: Device, placement: Placement) -> PluggedDevice:
+        record = PluggedDevice(dev_id, device, placement, hotplugged=False,
+                               cleanup=device.cleanup_commands(dev_id, self.ctx))  # fmt: skip
+        self.devices[dev_id] = record
+        return record
+
+    async def plug(self, device: Device, dev_id: str,
+                   confirm: Callable[[PluggedDevice], Awaitable[str | None]] | None = None,
+                   timeout: float | None = None) -> PluggedDevice:  # fmt: skip
+        """Plug ``device``; return once QEMU accepted it and ``confirm`` saw it in the guest."""
+        if self._failure is not None:
+            raise self._failure
+        if dev_id in self.devices:
+            raise HotplugError(f"device id {dev_id!r} is already in use in this sandbox")
+        async with self._submit:
+            await self._flush_late_cleanup()
+            kind = device.needs_slot(self.ctx)
+            placement = self.slots.allocate(kind, dev_id) if kind else Placement()
+            record = PluggedDevice(dev_id, device, placement, hotplugged=True,
+                                   cleanup=device.cleanup_commands(dev_id, self.ctx))  # fmt: skip
+            commands = device.plug_commands(dev_id, self.ctx, placement)
+            done: list[QmpCommand] = []
+            try:
+                for command in commands:
+                    await self._execute(command.name, dict(command.arguments))
+                    done.append(command)
+            except BaseException:
+                self.slots.release(dev_id)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await self._rollback(done, dev_id)
+                raise
+            self.devices[dev_id] = record
+        if confirm is not None:
+            try:
+                with anyio.fail_after(self.ack_timeout if timeout is None else timeout):
+                    record.guest_path = await confirm(record)
+            except TimeoutError as exc:
+                if isinstance(exc, VmctlError):
+                    raise
+                raise HotplugTimeout(f"the guest did not show {dev_id} within {timeout or self.ack_timeout}s") from None
+        return record
+
+    async def _rollback(self, done: list[QmpCommand], dev_id: str) -> None:
+        backends = [c for c in done if c.name != "device_add"]
+        if len(backends) < len(done):  # the frontend went in: take it out first
+            try:
+                await self._execute("device_del", {"id": dev_id})
+            except VmctlError:
+                pass
+        for command in reversed(backends):
+            delete = _undo(command)
+            if delete is not None:
+                try:
+                    await self._execute(delete.name, dict(delete.arguments))
+                except VmctlError:
+                    pass
+
+    async def unplug(self, dev_id: str, timeout: float | None = None) -> None:
+        """``device_del`` and wait for ``DEVICE_DELETED``; then delete the backends, free the slot."""
+        if self._failure is not None:
+            raise self._failure
+        record = self.devices.get(dev_id)
+        if record is None:
+            raise HotplugError(f"no device {dev_id!r} in this sandbox")
+        if not record.hotplugged and self.ctx.pci and record.placement.bus is None and record.placement.scsi_id is None:
+            raise HotplugError(f"{dev_id} was cold-plugged on the root bus, which cannot hot-unplug")
+        waiter = self._deleted.setdefault(dev_id, _Waiter())
+        try:
+            async with self._submit:
+                await self._flush_late_cleanup()
+                if record.state is DeviceState.PLUGGED:
+                    await self._execute("device_del", {"id": dev_id})
+                    record.state = DeviceState.UNPLUG_PENDING
+            limit = self.ack_timeout if timeout is None else timeout
+            with anyio.move_on_after(limit) as scope:
+                await waiter.done.wait()
+            if scope.cancelled_caught:
+                raise HotplugTimeout(f"QEMU did not confirm the removal of {dev_id} within {limit}s; "
+                                     "it stays unplug-pending and is cleaned up if the event comes later")  # fmt: skip
+            if waiter.error is not None:
+                if record.state is DeviceState.UNPLUG_PENDING:
+                    record.state = DeviceState.PLUGGED
+                raise waiter.error
+        finally:
+            self._deleted.pop(dev_id, None)
+        async with self._submit:
+            for command in record.cleanup:
+                try:
+                    await self._execute(command.name, dict(command.arguments))
+                except QMPCommandError:
+                    pass
+
+    async def add_and_wait_ost(self, driver_props: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """``device_add`` a CPU or DIMM and wait for its ``ACPI_DEVICE_OST``; raise unless status 0."""
+        if self._failure is not None:
+            raise self._failure
+        dev_id = str(driver_props["id"])
+        waiter = self._ost.setdefault(dev_id, _Waiter())
+        try:
+            async with self._submit:
+                await self._execute("device_add", driver_props)
+            limit = self.ack_timeout if timeout is None else timeout
+            with anyio.move_on_after(limit) as scope:
+                await waiter.done.wait()
+            if scope.cancelled_caught:
+                raise HotplugTimeout(f"no ACPI acknowledgement for {dev_id} within {limit}s")
+            if waiter.error is not None:
+                raise waiter.error
+            info: dict[str, Any] = waiter.value
+            if info.get("status", 0) != 0:
+                raise HotplugError(f"the guest's ACPI refused {dev_id} (status {info.get('status')})")
+            return info
+        finally:
+            self._ost.pop(dev_id, None)
+
+    async def submit(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one plain command in queue order (object-add and friends)."""
+        async with self._submit:
+            return await self._execute(command, arguments)
+
+
+def _undo(command: QmpCommand) -> QmpCommand | None:
+    args = command.arguments
+    return {
+        "blockdev-add": lambda: QmpCommand("blockdev-del", {"node-name": args.get("node-name")}),
+        "netdev_add": lambda: QmpCommand("netdev_del", {"id": args.get("id")}),
+        "object-add": lambda: QmpCommand("object-del", {"id": args.get("id")}),
+        "chardev-add": lambda: QmpCommand("chardev-remove", {"id": args.get("id")}),
+    }.get(command.name, lambda: None)()
+
+
+def _peripheral_id(path: str) -> str | None:
+    """``/machine/peripheral/cpu1/lapic`` -> ``cpu1`` (CPU DEVICE_DELETED carries only a path)."""
+    parts = path.split("/")
+    if len(parts) >= 4 and parts[1] == "machine" and parts[2] == "peripheral":
+        return parts[3]
+    return None
