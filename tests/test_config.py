@@ -86,6 +86,10 @@ def test_template_rules(files: dict[str, Path], tmp_path: Path) -> None:
     cfg(files, boot_to_be_template=True, memory_path=tmp_path / "mem", devices_state_path=tmp_path / "dev")
 
 
+def test_cache_flags_need_cache_set(files: dict[str, Path]) -> None:
+    assert "block_cache_set" in problems(files, block_cache_direct=True)
+
+
 def test_block_rules(files: dict[str, Path]) -> None:
     assert "microvm" in problems(files, block_driver="virtio-mmio")["block_driver"]
     assert "one of" in problems(files, block_driver="ide")["block_driver"]
@@ -112,7 +116,9 @@ def test_kernel_params_validation_and_forms(files: dict[str, Path]) -> None:
 
 
 def test_hypervisor_params_cannot_take_over_managed_options(files: dict[str, Path]) -> None:
-    assert "managed by vmctl" in problems(files, hypervisor_params={"qmp": "tcp:0:4444"})["hypervisor_params[0]"]
+    assert "not allowed" in problems(files, hypervisor_params={"qmp": "tcp:0:4444"})["hypervisor_params[0]"]
+    for risky in ("parallel", "trace", "readconfig", "drive", "virtfs", "gdb", "vnc", "action", "device"):
+        assert "not allowed" in problems(files, hypervisor_params={risky: "x"})["hypervisor_params[0]"]
     assert "option name" in problems(files, hypervisor_params={"-rtc": "x"})["hypervisor_params[0]"]
     assert "start with '-'" in problems(files, hypervisor_params={"rtc": "-x"})["hypervisor_params[0]"]
     assert cfg(files, hypervisor_params={"rtc": "base=utc"}).qemu_extra_args() == ["-rtc", "base=utc"]
@@ -235,3 +241,36 @@ def test_templates_on_the_command_line(files: dict[str, Path], tmp_path: Path) -
     clone = cfg(files, boot_from_template=True, memory_path=mem, devices_state_path=files["state"])
     a = argv(clone, tmp_path)
     assert any("share=off" in x for x in opt(a, "-object")) and opt(a, "-incoming") == ["defer"]
+
+
+def test_runtime_dir_owned_by_someone_else_or_a_symlink_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from vmctl import HostError
+    from vmctl.paths import make_run_dir
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "rt-link"
+    link.symlink_to(target)
+    monkeypatch.setenv("VMCTL_RUNTIME_DIR", str(link))
+    with pytest.raises(HostError, match="symlink"):
+        make_run_dir()
+    if os.getuid() == 0:
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o777)
+        os.chown(foreign, 65534, 65534)
+        monkeypatch.setenv("VMCTL_RUNTIME_DIR", str(foreign))
+        with pytest.raises(HostError, match="uid 65534"):
+            make_run_dir()
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o777)
+    loose.chmod(0o777)
+    monkeypatch.setenv("VMCTL_RUNTIME_DIR", str(loose))
+    run_dir = make_run_dir()
+    assert (loose.stat().st_mode & 0o777) == 0o700 and (run_dir.stat().st_mode & 0o777) == 0o700
+    import shutil
+
+    shutil.rmtree(run_dir)

@@ -152,3 +152,44 @@ async def test_cancelled_exec_leaves_no_waiter(tmp_path: Path) -> None:
             await sb.exec(["sleep", "10"])
         assert sb.hypervisor.agent.pending == 0
         assert (await sb.exec(["echo", "still", "fine"])).stdout == b"still fine\n"
+
+
+async def test_launch_failure_is_one_clear_error_not_a_group(tmp_path: Path, runtime_dir: Path) -> None:
+    fake = FakeQemu(replies={"cont": QmpErrorReply("GenericError", "cannot continue")})
+    sb = Sandbox(fake_config(tmp_path), backend=fake)
+    with pytest.raises(QMPCommandError, match="cannot continue"):
+        async with sb:
+            pytest.fail("should not start")
+    assert sb.state is SandboxState.FAILED
+    assert list(runtime_dir.iterdir()) == []
+
+
+async def test_qemu_dying_at_launch_reports_its_stderr(tmp_path: Path) -> None:
+    fake = FakeQemu(hang={"qmp_capabilities"}, stderr=["qemu-system-x86_64: -device foo: 'foo' is not a valid device"])
+    errors: list[SandboxFailed] = []
+
+    async def crash_soon() -> None:
+        while not fake.processes:
+            await anyio.lowlevel.checkpoint()
+        fake.crash(1)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(crash_soon)
+        try:
+            async with Sandbox(fake_config(tmp_path), backend=fake):
+                pytest.fail("should not start")
+        except SandboxFailed as exc:
+            errors.append(exc)
+    assert len(errors) == 1
+    assert "code 1" in str(errors[0]) and "not a valid device" in str(errors[0])
+
+
+async def test_setup_error_before_launch_leaves_nothing(tmp_path: Path, runtime_dir: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    sb = Sandbox(fake_config(tmp_path), backend=FakeQemu(), log_dir=blocker)
+    with pytest.raises(OSError):
+        async with sb:
+            pass
+    assert sb.state is SandboxState.FAILED and "start failed" in sb.failure
+    assert list(runtime_dir.iterdir()) == []

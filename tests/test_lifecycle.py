@@ -68,6 +68,10 @@ async def test_exec_stdin_stderr_exit_code_and_timeout(make_config: MakeConfig) 
         assert r.timed_out and not r.ok
         missing = await sb.exec(["no-such-program"])
         assert missing.exit_code == 127
+        for builtin in (["exit", "0"], ["exec", "true"], ["reply", "1", "x"]):
+            assert (await sb.exec(builtin, timeout=10)).exit_code == 127, "argv runs programs, not shell builtins"
+        with pytest.raises(ValueError, match="list of arguments"):
+            await sb.exec("echo hi")  # type: ignore[arg-type]
 
 
 async def test_three_sandboxes_at_once_in_one_loop(make_config: MakeConfig, runtime_dir: Path) -> None:
@@ -220,11 +224,15 @@ async def test_console_stream_and_log_file(make_config: MakeConfig, tmp_path: Pa
             await anyio.lowlevel.checkpoint()
             await sb.exec(["sh", "-c", "echo marker-42 > /dev/console"])
         assert any("marker-42" in line for line in lines)
+        # a guest that floods the console without newlines cannot stall the controller
+        await sb.exec(["sh", "-c", "head -c 200000 /dev/zero | tr '\\0' x > /dev/console; echo > /dev/console"])
+        assert (await sb.exec(["echo", "alive"])).stdout == b"alive\n"
         log_path = sb.console_log_path
     assert log_path is not None and log_path.parent == tmp_path / sb.id
     text = log_path.read_text()
     assert "vmctl-agent: ready" in text and "marker-42" in text
     assert "Power down" in text, "stop was graceful: the guest powered itself off"
+    assert [line async for line in sb.console_lines()] == [], "a finished sandbox's console ends at once"
 
 
 async def test_vcpu_thread_ids_are_qemu_threads(make_config: MakeConfig) -> None:

@@ -209,6 +209,11 @@ class AgentClient:
         fields = line.split(" ")
         kind = fields[0]
         if kind == "READY" and len(fields) >= 2:
+            if self._ready.is_set():  # the agent restarted: what it was running is gone
+                for stale in self._waiters.values():
+                    if not stale.done.is_set():
+                        stale.error = GuestError("the guest agent restarted while this request ran")
+                        stale.done.set()
             self.boot_id = fields[1]
             self._ready.set()
             return
@@ -270,6 +275,8 @@ class AgentClient:
     async def exec(self, argv: Sequence[str | bytes], *, stdin: bytes = b"",
                    timeout: float | None = None) -> ExecResult:  # fmt: skip
         """Run ``argv`` in the guest; ``timeout`` kills it there (result has ``timed_out``)."""
+        if isinstance(argv, str | bytes):
+            raise InvalidArgument(f"argv: give a list of arguments, e.g. {['sh', '-c', argv]!r}, not one string")
         args = [a.encode() if isinstance(a, str) else bytes(a) for a in argv]
         if not args:
             raise InvalidArgument("argv: give at least the program to run, e.g. ['uname', '-a']")
@@ -315,7 +322,10 @@ class AgentClient:
         if self._stream is None or self._closed_reason is not None:
             raise GuestError("guest agent not connected")
         async with self._send_lock:
-            await self._stream.send(f"POWEROFF {next(self._ids)}\n".encode())
+            try:
+                await self._stream.send(f"POWEROFF {next(self._ids)}\n".encode())
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                raise GuestError(f"cannot send to the guest agent: {exc}") from exc
 
     @staticmethod
     def _result(reply: list[str], duration: float) -> ExecResult:

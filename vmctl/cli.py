@@ -36,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable report")
 
     r = sub.add_parser("run", help="boot a sandbox, run CMD in it, print its output, exit with its code")
-    r.add_argument("--vcpus", type=int, default=1)
-    r.add_argument("--memory", type=int, default=256, metavar="MiB")
+    r.add_argument("--vcpus", type=int, default=None, help="vCPUs (default 1, or the config file's)")
+    r.add_argument("--memory", type=int, default=None, metavar="MiB", help="memory (default 256, or the config file's)")
     r.add_argument("--config", type=Path, help="TOML file with a [sandbox] table (flags override it)")
     r.add_argument("--timeout", type=float, default=None, help="kill CMD in the guest after this many seconds")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
@@ -78,12 +78,15 @@ async def _run(args: argparse.Namespace) -> int:
     if not cmd:
         print("vmctl run: give a command after --, e.g. vmctl run -- uname -a", file=sys.stderr)
         return 2
-    overrides: dict[str, Any] = {"vcpus": args.vcpus, "memory_mib": args.memory}
+    overrides: dict[str, Any] = {k: v for k, v in (("vcpus", args.vcpus), ("memory_mib", args.memory)) if v is not None}
     if args.config is not None:
-        config = SandboxConfig.from_toml(args.config).replace(**overrides)
+        config = SandboxConfig.from_toml(args.config)
+        config = config.replace(**overrides) if overrides else config
     else:
         assets = await ensure_default_assets()
-        config = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, **overrides)
+        config = SandboxConfig(
+            kernel=assets.kernel, initrd=assets.initrd, **{"vcpus": 1, "memory_mib": 256, **overrides}
+        )
     async with Sandbox(config) as sb:
         result = await sb.exec(cmd, timeout=args.timeout)
     sys.stdout.buffer.write(result.stdout)

@@ -37,12 +37,10 @@ _KERNEL_VALUE = re.compile(r"^[^\s\"'\\\x00-\x1f\x7f]*$")
 _QEMU_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
 _QEMU_VALUE = re.compile(r"^[^\x00-\x1f\x7f]*$")
 
-#: QEMU options vmctl manages itself; hypervisor_params may not override them.
-RESERVED_QEMU_OPTIONS = frozenset(
-    """S nodefaults no-user-config qmp qmp-pretty monitor mon chardev serial machine M accel
-    kernel initrd append bios m smp sandbox daemonize pidfile display nographic incoming
-    runas chroot object enable-kvm no-shutdown overcommit""".split()
-)
+#: QEMU options hypervisor_params may add. An allowlist, because many QEMU options open host
+#: files (-parallel file:, -trace file=, -drive, -readconfig), expose the host filesystem
+#: (-virtfs) or listen on the network (-gdb, -vnc): none of those can be passed this way.
+ALLOWED_QEMU_OPTIONS = frozenset({"rtc", "smbios", "icount", "global", "boot", "k", "uuid"})
 
 _ASSETS = ("kernel", "initrd", "image", "firmware", "qemu_binary")
 
@@ -116,10 +114,14 @@ class SandboxConfig:
             except TypeError as exc:
                 problems.append(Problem(name, str(exc)))
                 object.__setattr__(self, name, ())
+        defaulted = set()
         if self.max_vcpus is None and isinstance(self.vcpus, int):
             object.__setattr__(self, "max_vcpus", max(host.cpu_count(), self.vcpus))
+            defaulted.add("max_vcpus")
         if self.max_memory_mib is None:
             object.__setattr__(self, "max_memory_mib", host.total_memory_mib())
+            defaulted.add("max_memory_mib")
+        object.__setattr__(self, "_defaulted", frozenset(defaulted))
         problems.extend(_validate(self))
         if problems:
             raise ConfigError(problems)
@@ -127,7 +129,9 @@ class SandboxConfig:
     # -- construction helpers -------------------------------------------------------------
 
     def replace(self, **changes: Any) -> SandboxConfig:
-        """A copy with ``changes`` applied, validated again."""
+        """A copy with ``changes`` applied, validated again; defaults are worked out again."""
+        for name in getattr(self, "_defaulted", ()):
+            changes.setdefault(name, None)
         return dataclasses.replace(self, **changes)
 
     def with_custom_assets(self, **assets: str | os.PathLike[str] | None) -> SandboxConfig:
@@ -173,6 +177,8 @@ class SandboxConfig:
         path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
         try:
             data = tomllib.loads(path.read_text() if path else str(source))
+        except OSError as exc:
+            raise ConfigError([Problem(str(path), f"cannot read the file: {exc.strerror}")]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([Problem(str(path or "<toml>"), f"not valid TOML: {exc}")]) from None
         if table is not None:
@@ -231,6 +237,8 @@ def _validate(c: SandboxConfig) -> list[Problem]:
         bad(ACCEL_ENV, f"environment variable must be one of {', '.join(get_args(Accel))}")
     if c.machine not in get_args(Machine):
         bad("machine", f"must be one of {', '.join(get_args(Machine))}")
+    if (c.block_cache_direct or c.block_cache_noflush) and not c.block_cache_set:
+        bad("block_cache_set", "block_cache_direct and block_cache_noflush only apply with block_cache_set=true")
     if c.block_driver not in get_args(BlockDriver):
         bad("block_driver", f"must be one of {', '.join(get_args(BlockDriver))}")
     elif c.block_driver == "virtio-mmio":
@@ -322,8 +330,9 @@ def _check_params(c: SandboxConfig, bad: Any) -> None:
         name = f"hypervisor_params[{i}]"
         if not _QEMU_KEY.match(key):
             bad(name, f"option {key!r} must be a QEMU option name like 'rtc' (no leading dash)")
-        elif key in RESERVED_QEMU_OPTIONS:
-            bad(name, f"option -{key} is managed by vmctl; use the matching config field instead")
+        elif key not in ALLOWED_QEMU_OPTIONS:
+            bad(name, f"option -{key} is not allowed; allowed: {', '.join(sorted(ALLOWED_QEMU_OPTIONS))} "
+                      "(vmctl manages the others through config fields and devices)")  # fmt: skip
         if not _QEMU_VALUE.match(value):
             bad(name, f"value of {key!r} may not hold control characters")
         if value.startswith("-"):

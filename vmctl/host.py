@@ -194,14 +194,19 @@ def _write_verdict(verdict: KvmVerdict) -> None:
 
 
 async def _boot_probe(qemu: Path, kernel: Path, timeout: float, key: str) -> KvmVerdict:
+    setpriv = shutil.which("setpriv")
     argv = [
+        *([setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []),
         str(qemu), "-machine", "q35,accel=kvm", "-cpu", "host", "-m", "128", "-smp", "1",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
         "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 root=/dev/vmctl-no-root",
     ]  # fmt: skip
     started = time.monotonic()
     seen = b""
-    async with await anyio.open_process(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+    async with await anyio.open_process(
+        argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    ) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         with anyio.move_on_after(timeout):
             async for chunk in proc.stdout:
@@ -215,7 +220,12 @@ async def _boot_probe(qemu: Path, kernel: Path, timeout: float, key: str) -> Kvm
                 pass
         with anyio.CancelScope(shield=True):
             rc = await proc.wait()
-            stderr = (await proc.stderr.receive(65536) if rc != -9 else b"").decode(errors="replace")
+            stderr = ""
+            if rc != -9:
+                try:
+                    stderr = (await proc.stderr.receive(65536)).decode(errors="replace")
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass
     elapsed = time.monotonic() - started
     if b"Kernel panic" in seen or b"VFS:" in seen:
         log.info("kvm probe", usable=True, seconds=round(elapsed, 2))

@@ -8,13 +8,26 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import tempfile
 from pathlib import Path
 
+from vmctl.errors import HostError
+
 
 def _private_dir(path: Path) -> Path:
+    """Create ``path`` 0700, or accept an existing one only if it is ours, real and private.
+
+    A shared /tmp lets anyone create /tmp/vmctl-UID first; using such a directory would let its
+    owner swap our sockets or plant symlinks for QEMU to write through.
+    """
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_uid == os.getuid():
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise HostError(f"{path} is a symlink or not a directory: refusing to use it")
+    if info.st_uid != os.getuid():
+        raise HostError(f"{path} belongs to uid {info.st_uid}, not to us: refusing to use it (set VMCTL_RUNTIME_DIR)")
+    if info.st_mode & 0o077:
         path.chmod(0o700)
     return path
 
@@ -63,7 +76,9 @@ def make_run_dir() -> Path:
     base = runtime_dir()
     sweep_stale_run_dirs(base)
     path = Path(tempfile.mkdtemp(prefix="sb-", dir=base))
-    (path / OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
+    partial = path / f".{OWNER_FILE}"
+    partial.write_text(_process_identity(os.getpid()) or "")
+    partial.replace(path / OWNER_FILE)  # a sweeper never reads a half-written owner
     return path
 
 
@@ -78,7 +93,7 @@ def sweep_stale_run_dirs(base: Path) -> list[Path]:
         pid = int(owner.split(":")[0]) if owner.split(":")[0].isdigit() else -1
         if owner and _process_identity(pid) == owner:
             continue
-        for qemu_pid in _processes_mentioning(str(path)):
+        for qemu_pid in _qemu_processes_in(path):
             try:
                 os.kill(qemu_pid, signal.SIGKILL)
             except OSError:
@@ -88,12 +103,15 @@ def sweep_stale_run_dirs(base: Path) -> list[Path]:
     return removed
 
 
-def _processes_mentioning(text: str) -> list[int]:
+def _qemu_processes_in(run_dir: Path) -> list[int]:
+    """QEMU processes of ours whose sockets or logs live in ``run_dir``."""
+    needle = f"{run_dir}/".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if text.encode() in (entry / "cmdline").read_bytes():
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if entry.stat().st_uid == os.getuid() and b"qemu-system" in argv[0] and any(needle in a for a in argv):
                     pids.append(int(entry.name))
             except OSError:
                 pass

@@ -21,13 +21,21 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from vmctl import resize
-from vmctl.agent import ExecResult, GuestBlockDevice, GuestMemory, parse_block_devices, parse_cpu_list, parse_memory
+from vmctl.agent import (
+    ExecResult,
+    GuestBlockDevice,
+    GuestMemory,
+    InvalidArgument,
+    parse_block_devices,
+    parse_cpu_list,
+    parse_memory,
+)
 from vmctl.config import SandboxConfig
 from vmctl.devices import BlockDevice, Device, NetworkDevice, SerialPort, id_prefix
-from vmctl.errors import ConfigError, GuestError, NotSupported, SandboxFailed, VmctlError, VmctlTimeout
+from vmctl.errors import ConfigError, GuestError, NotSupported, QMPDisconnected, SandboxFailed, VmctlError, VmctlTimeout
 from vmctl.hotplug import HotplugError, HotplugQueue, PluggedDevice, SlotAllocator
 from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor, RunPaths
 from vmctl.hypervisors.cmdline import cold_devices
@@ -44,7 +52,13 @@ DEFAULT_CALL_TIMEOUT = 30.0
 CONSOLE_TAIL_LINES = 50
 
 _QMP_TRIGGERS = {"STOP": Trigger.QMP_STOP, "RESUME": Trigger.QMP_RESUME, "GUEST_PANICKED": Trigger.GUEST_PANICKED}
-_FAILED_SHUTDOWN_REASONS = {"guest-reset", "guest-panic"}
+_FAILED_SHUTDOWN_REASONS = {"guest-reset", "guest-panic", "host-signal", "host-error"}
+
+
+async def _iterate(receive: MemoryObjectReceiveStream[str]) -> AsyncIterator[str]:
+    async with receive:
+        async for item in receive:
+            yield item
 
 
 def _mac_for(sandbox_id: str, dev_id: str) -> str:
@@ -89,7 +103,7 @@ class Sandbox:
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
     ) -> None:
         if id is not None and not ID_PATTERN.match(id):
-            raise ValueError(
+            raise InvalidArgument(
                 f"id: {id!r} must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
             )
         self.id = id or f"sb-{secrets.token_hex(4)}"
@@ -149,8 +163,8 @@ class Sandbox:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.stop_timeout + 30):
             try:
                 await self._stop(graceful=self._graceful_exit, timeout=self.stop_timeout)
-            except VmctlError as err:
-                self.log.warning("stop on exit failed", error=str(err))
+            except Exception as err:  # teardown must finish; the cause is logged
+                self.log.warning("stop on exit failed", error=repr(err))
         with anyio.CancelScope(shield=True):
             await self._release()
         self._tg = None
@@ -218,16 +232,15 @@ class Sandbox:
         if self._tg is None:
             raise VmctlError("open the sandbox with 'async with Sandbox(config) as sb:'; it starts there")
         self._request(Trigger.START)
-        run_dir = make_run_dir()
-        log_dir = run_dir
-        if self._log_dir is not None:
-            self._log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            log_dir = self._log_dir
-        self._paths = RunPaths(run_dir, log_dir)
-        self._hv = self._backend(self._config, self._paths, self.id, self, self.log)
         limit = self.start_timeout if timeout is None else timeout
         try:
             with anyio.fail_after(limit):
+                run_dir = make_run_dir()
+                self._paths = RunPaths(run_dir, run_dir)
+                if self._log_dir is not None:
+                    self._log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    self._paths = RunPaths(run_dir, self._log_dir)
+                self._hv = self._backend(self._config, self._paths, self.id, self, self.log)
                 await self._hv.create()
                 self._run_done = anyio.Event()
                 self._tg.start_soon(self._run_hypervisor, self._hv)
@@ -243,7 +256,7 @@ class Sandbox:
             timed_out = isinstance(exc, TimeoutError) and not isinstance(exc, VmctlError)
             with anyio.CancelScope(shield=True):
                 await self._abort_start(
-                    exc, f"guest not ready within {limit}s" if timed_out else f"start failed: {exc}"
+                    exc, f"guest not ready within {limit}s" if timed_out else f"start failed: {exc!s}"[:2000]
                 )
             if timed_out:
                 raise self._ready_timeout(limit) from None
@@ -285,6 +298,8 @@ class Sandbox:
                 if not self._released:
                     await hv.run(task_status=_LaunchStatus(self._launched))
         except Exception as exc:
+            while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]  # a bug in a pump: report the cause, not the wrapper
             if self._launched.is_set():
                 self.on_fault(f"hypervisor task failed: {exc!r}")
             else:
@@ -347,8 +362,8 @@ class Sandbox:
         try:
             if state is not SandboxState.FAILED:
                 self._machine.fire(Trigger.STOP, "stop requested")
-                assert self._hv is not None
-                await self._hv.stop(graceful=graceful and state is SandboxState.RUNNING, timeout=timeout)
+                if self._hv is not None:
+                    await self._hv.stop(graceful=graceful and state is SandboxState.RUNNING, timeout=timeout)
                 with anyio.move_on_after(5):
                     await self._machine.wait_for(SandboxState.STOPPED, SandboxState.FAILED)
         finally:
@@ -377,32 +392,36 @@ class Sandbox:
         """Pause the vCPUs; returns once QEMU confirms with a STOP event (state PAUSED)."""
         self._request(Trigger.PAUSE)
         with deadline(timeout, "pause"):
-            await self._hypervisor().pause()
+            await self._guest_call(self._hypervisor().pause())
             await self._machine.wait_for(SandboxState.PAUSED)
 
     async def resume(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> None:
         """Resume the vCPUs; returns once QEMU confirms with a RESUME event (state RUNNING)."""
         self._request(Trigger.RESUME)
         with deadline(timeout, "resume"):
-            await self._hypervisor().resume()
+            await self._guest_call(self._hypervisor().resume())
             await self._machine.wait_for(SandboxState.RUNNING)
 
     async def wait_for_state(self, *states: SandboxState, timeout: float | None = None) -> SandboxState:
         """Wait until the sandbox is in one of ``states``; fails fast once none can be reached."""
         with deadline(timeout, f"waiting for {'/'.join(map(str, states))}"):
-            return await self._machine.wait_for(*states)
+            try:
+                return await self._machine.wait_for(*states)
+            except SandboxFailed as exc:
+                raise SandboxFailed(exc.reason, stderr_tail=self._stderr_tail) from None
 
     def transitions(self) -> AsyncIterator[Transition]:
-        """Every transition from now on, as it happens; ends after a terminal state."""
+        """Every transition from the moment of this call, as it happens; ends after a terminal state."""
         return self._machine.transitions()
 
-    async def console_lines(self) -> AsyncIterator[str]:
-        """Console output lines from now on; ends when the sandbox is torn down."""
+    def console_lines(self) -> AsyncIterator[str]:
+        """Console output lines from the moment of this call; ends when the sandbox is torn down."""
         send, receive = anyio.create_memory_object_stream[str](1000)
-        self._console_subscribers.append(send)
-        async with receive:
-            async for line in receive:
-                yield line
+        if self._released or self._machine.state in (SandboxState.STOPPED, SandboxState.FAILED):
+            send.close()
+        else:
+            self._console_subscribers.append(send)
+        return _iterate(receive)
 
     # -- guest ---------------------------------------------------------------------------------
 
@@ -436,8 +455,8 @@ class Sandbox:
     async def _guest_call(self, call: Any) -> Any:
         try:
             return await call
-        except GuestError as exc:
-            # The agent connection usually drops a moment before the process exit is noticed.
+        except (GuestError, QMPDisconnected) as exc:
+            # The agent or QMP connection usually drops a moment before the process exit is noticed.
             hv = self._hypervisor()
             waiter = getattr(hv, "wait_exited", None)
             if waiter is not None:
@@ -557,9 +576,12 @@ class Sandbox:
         trigger = _QMP_TRIGGERS.get(event.name)
         reason = event.name.lower()
         if event.name == "SHUTDOWN":
+            # A reset (we run with reboot=shutdown) or a signal from outside is a failure; while
+            # vmctl itself is stopping the sandbox the table absorbs it (STOPPING stays STOPPING).
             why = str(event.data.get("reason", ""))
-            trigger = Trigger.GUEST_PANICKED if why in _FAILED_SHUTDOWN_REASONS else Trigger.QMP_SHUTDOWN
-            reason = f"shutdown: {why}"
+            trigger = Trigger.FAULT if why in _FAILED_SHUTDOWN_REASONS else Trigger.QMP_SHUTDOWN
+            reason = {"host-signal": "QEMU was stopped by a signal vmctl did not send",
+                      "host-error": "QEMU stopped on a host error"}.get(why, f"shutdown: {why}")  # fmt: skip
         if event.name == "GUEST_PANICKED":
             reason = "guest kernel panicked"
         if trigger is not None and self._machine.fire_if_allowed(trigger, reason) is None:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from vmctl.errors import IllegalTransition, SandboxFailed
 
@@ -227,13 +227,20 @@ class StateMachine:
                 self._changed = anyio.Event()
             await self._changed.wait()
 
-    async def transitions(self) -> AsyncIterator[Transition]:
-        """Yield every transition from now on; ends after a terminal state."""
+    def transitions(self) -> AsyncIterator[Transition]:
+        """Every transition from the moment of this call (not of the first ``__anext__``);
+        ends after a terminal state."""
         send, receive = anyio.create_memory_object_stream[Transition](math.inf)
-        self._subscribers.append(send)
+        if self._state in TERMINAL_STATES:
+            send.close()
+        else:
+            self._subscribers.append(send)
+        return self._follow(send, receive)
+
+    async def _follow(
+        self, send: MemoryObjectSendStream[Transition], receive: MemoryObjectReceiveStream[Transition]
+    ) -> AsyncIterator[Transition]:
         try:
-            if self._state in TERMINAL_STATES:
-                return
             async with receive:
                 async for step in receive:
                     yield step

@@ -214,6 +214,11 @@ class FakeProcess:
                 yield line
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if self.returncode is not None:  # died before it could serve
+            for sock in self._listeners.values():
+                sock.close()
+            task_status.started()
+            return
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._accept, "qmp", self._serve_qmp)

@@ -13,6 +13,7 @@ import lzma
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -97,6 +98,10 @@ async def ensure_default_assets(*, rebuild: bool = False) -> GuestAssets:
         return _load(manifest)
     except anyio.get_cancelled_exc_class():
         raise
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise HostError(f"building the default guest failed: {' '.join(map(str, exc.cmd))} exited with "
+                        f"{exc.returncode}: {detail[0]} (is Debian's archive reachable?)") from exc  # fmt: skip
     except OSError as exc:
         raise HostError(f"building the default guest failed: {exc}") from exc
     finally:

@@ -18,13 +18,13 @@ from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskStatus
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from vmctl import host
 from vmctl.config import SandboxConfig
-from vmctl.errors import GuestError, HostError, QMPError, SandboxFailed, VmctlError
+from vmctl.errors import GuestError, HostError, QMPError, SandboxFailed
 from vmctl.hypervisors.base import Capabilities, Hypervisor
 from vmctl.hypervisors.cmdline import build_command
+from vmctl.lines import read_lines
 from vmctl.migration import MigrationTracker, load_device_state, save_device_state
 from vmctl.qmp import QmpSession
 
@@ -70,13 +70,7 @@ class _OsProcess:
 
     async def stderr_lines(self) -> AsyncIterator[str]:
         assert self._process.stderr is not None
-        reader = BufferedByteReceiveStream(self._process.stderr)
-        while True:
-            try:
-                line = await reader.receive_until(b"\n", 65536)
-            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.DelimiterNotFound,
-                    anyio.BrokenResourceError, anyio.ClosedResourceError):  # fmt: skip
-                return
+        async for line in read_lines(self._process.stderr):
             yield line.decode(errors="replace")
 
     async def aclose(self) -> None:
@@ -190,37 +184,44 @@ class QemuHypervisor(Hypervisor):
         process = await anyio.open_process(
             prefix + argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             pass_fds=[s.fileno() for s in listeners.values()],
+            start_new_session=True,  # a Ctrl-C aimed at the controller must not kill the VMs behind its back
         )  # fmt: skip
         return _OsProcess(process)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         listeners: dict[str, socket.socket] = {}
+        failure: Exception | None = None
         try:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
-                for name in CHANNELS:
-                    listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
-                fds = {name: s.fileno() for name, s in listeners.items()}
-                self._argv = build_command(self._effective, self.paths, self.sandbox_id, fds)
-                self.log.debug("launching qemu", argv=self._argv)
-                self._process = await self._spawn(self._argv, listeners)
-                self.log = self.log.bind(pid=self._process.pid)
-                for sock in listeners.values():
-                    sock.close()
-                tg.start_soon(self._pump_stderr)
-                tg.start_soon(self._watch_process)
                 try:
+                    for name in CHANNELS:
+                        listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
+                    fds = {name: s.fileno() for name, s in listeners.items()}
+                    self._argv = build_command(self._effective, self.paths, self.sandbox_id, fds)
+                    self.log.debug("launching qemu", argv=self._argv)
+                    self._process = await self._spawn(self._argv, listeners)
+                    self.log = self.log.bind(pid=self._process.pid)
+                    for sock in listeners.values():
+                        sock.close()
+                    tg.start_soon(self._pump_stderr)
+                    tg.start_soon(self._watch_process)
                     await self._launch(tg)
-                except (VmctlError, OSError) as exc:
-                    raise await self._launch_failure(exc) from exc
-                task_status.started()
-                await anyio.sleep_forever()
+                except Exception as exc:  # raised after the group closes, so callers never see a group
+                    failure = await self._launch_failure(exc) if self._process is not None else exc
+                    self.events.on_fault(f"start failed: {failure}"[:2000])  # before the reap below
+                    tg.cancel_scope.cancel()
+                else:
+                    task_status.started()
+                    await anyio.sleep_forever()
         finally:
             with anyio.CancelScope(shield=True):
                 for sock in listeners.values():
                     sock.close()
                 await self._reap()
                 await self._qmp.close()
+        if failure is not None:
+            raise failure
 
     async def _launch(self, tg: anyio.abc.TaskGroup) -> None:
         await self._qmp.connect(self.paths.qmp_socket)
@@ -305,14 +306,7 @@ class QemuHypervisor(Hypervisor):
         except OSError:
             return
         async with stream:
-            reader = BufferedByteReceiveStream(stream)
-            while True:
-                try:
-                    line = await reader.receive_until(b"\n", 65536)
-                except anyio.DelimiterNotFound:
-                    continue
-                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError):
-                    return
+            async for line in read_lines(stream):
                 self.events.on_console_line(line.decode(errors="replace").rstrip("\r"))
 
     async def wait_ready(self) -> None:
@@ -340,12 +334,12 @@ class QemuHypervisor(Hypervisor):
             return
         self._closing = True
         if graceful and self.agent.ready:
-            try:
-                await self.agent.poweroff()
-                with anyio.move_on_after(timeout):
+            with anyio.move_on_after(timeout):
+                try:
+                    await self.agent.poweroff()
                     await self._exited.wait()
-            except GuestError:
-                pass
+                except GuestError:
+                    pass
         if not self._exited.is_set() and self._qmp.connected:
             with anyio.move_on_after(5):
                 try:
