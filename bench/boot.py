@@ -10,24 +10,17 @@ load hits both alike. Prints a table and writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
-import re
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import anyio
-from qemu.qmp import QMPClient
+from plain import plain_vm  # noqa: E402  (bench/ is run as scripts)
 
 from vmctl import Sandbox, SandboxConfig, guest
-from vmctl.hypervisors.base import RunPaths
-from vmctl.hypervisors.cmdline import build_command
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -42,42 +35,10 @@ async def vmctl_boot(config: SandboxConfig) -> tuple[float, float]:
 
 
 async def plain_boot(config: SandboxConfig) -> tuple[float, float]:
-    """What a careful script does by hand: QEMU creates the sockets, we poll for them."""
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
-    paths = RunPaths(run_dir, run_dir)
-    resolved = config.replace(accel="tcg", qemu_binary=Path("/usr/bin/qemu-system-x86_64"))
-    argv = build_command(resolved, paths, "plain", {"qmp": 0, "console": 0, "agent": 0})
-    sockets = {"qmp": paths.qmp_socket, "console0": paths.console_socket, "agent0": paths.agent_socket}
-    argv = [re.sub(r"socket,id=(\w+),fd=0", lambda m: f"socket,id={m.group(1)},path={sockets[m.group(1)]}", a)
-            for a in argv]  # fmt: skip
-    started = time.perf_counter()
-    # the baseline is deliberately the plain way: Popen, then poll for QEMU's sockets
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
-    try:
-        while not (paths.qmp_socket.exists() and paths.agent_socket.exists()):  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
-        qmp = QMPClient("plain")
-        await qmp.connect(str(paths.qmp_socket))
-        reader, writer = await asyncio.open_unix_connection(str(paths.agent_socket))
-        await qmp.execute("cont")
-        line = await reader.readline()
-        assert line.startswith(b"READY"), line
-        ready = time.perf_counter() - started
+    async with plain_vm(config) as vm:
+        ready = vm.ready_seconds
         stop_started = time.perf_counter()
-        writer.write(b"POWEROFF 1\n")
-        await writer.drain()
-        await asyncio.to_thread(proc.wait, 30)
-        writer.close()
-        try:
-            await qmp.disconnect()
-        except EOFError:
-            pass  # QEMU is gone: the reader saw it first
-        return ready, time.perf_counter() - stop_started
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()  # noqa: ASYNC221
-        shutil.rmtree(run_dir, ignore_errors=True)
+    return ready, time.perf_counter() - stop_started
 
 
 def summary(values: list[float]) -> dict[str, float]:

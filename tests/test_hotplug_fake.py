@@ -119,3 +119,29 @@ async def test_sandbox_failure_wakes_hotplug_waiters(tmp_path: Path, disk: Path)
             fake.crash(-9)
         assert len(errors) == 1
         assert sb._require_queue().pending_waiters == 0  # noqa: SLF001
+
+
+def test_path_only_events_name_the_device_not_its_children() -> None:
+    from vmctl.hotplug import _peripheral_id
+
+    assert _peripheral_id("/machine/peripheral/disk1") == "disk1"
+    assert _peripheral_id("/machine/peripheral/cpu1/lapic") == "cpu1"
+    assert _peripheral_id("/machine/peripheral/disk1/virtio-backend") is None
+    assert _peripheral_id("/machine/unattached/device[3]") is None
+
+
+def test_devices_render_the_same_description_both_ways(disk: Path) -> None:
+    import json
+
+    from vmctl.devices import DeviceContext, NetworkDevice, Placement
+
+    ctx = DeviceContext(block_driver="virtio-blk", cache_set=True, cache_direct=True)
+    for device, where in ((BlockDevice(path=disk, read_only=True), Placement(bus="rp0")),
+                          (NetworkDevice(hostfwd=("tcp:127.0.0.1:2222-:22",)), Placement(bus="rp1"))):  # fmt: skip
+        args = device.cold_args("d0", ctx, where)
+        commands = device.plug_commands("d0", ctx, where)
+        cold = [json.loads(args[i + 1]) for i in range(0, len(args), 2)]
+        assert cold == [dict(c.arguments) for c in commands], "cold plug and hotplug cannot drift apart"
+        assert [c.name for c in commands][-1] == "device_add"
+        deletes = device.cleanup_commands("d0", ctx)
+        assert len(deletes) == len(commands) - 1

@@ -3,6 +3,16 @@
 from vmctl import guest
 from vmctl.agent import ExecResult, GuestBlockDevice, GuestCommandFailed, GuestMemory, InvalidArgument
 from vmctl.config import SandboxConfig
+from vmctl.devices import (
+    BlockDevice,
+    Device,
+    NetworkDevice,
+    SerialPort,
+    VfioDevice,
+    VhostUserBlockDevice,
+    VhostUserNetDevice,
+    VsockDevice,
+)
 from vmctl.errors import (
     ConfigError,
     GuestError,
@@ -18,6 +28,7 @@ from vmctl.errors import (
     VmctlError,
     VmctlTimeout,
 )
+from vmctl.hotplug import DeviceState, HotplugError, HotplugTimeout, PluggedDevice
 from vmctl.hypervisors.base import Capabilities
 from vmctl.params import Param, deserialize_params, serialize_params
 from vmctl.sandbox import Sandbox
@@ -26,18 +37,25 @@ from vmctl.state import SandboxState, Transition, Trigger
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockDevice",
     "Capabilities",
     "ConfigError",
+    "Device",
+    "DeviceState",
     "ExecResult",
     "GuestBlockDevice",
     "GuestCommandFailed",
     "GuestError",
     "GuestMemory",
     "HostError",
+    "HotplugError",
+    "HotplugTimeout",
     "IllegalTransition",
     "InvalidArgument",
+    "NetworkDevice",
     "NotSupported",
     "Param",
+    "PluggedDevice",
     "Problem",
     "QMPCommandError",
     "QMPDisconnected",
@@ -47,10 +65,15 @@ __all__ = [
     "SandboxConfig",
     "SandboxFailed",
     "SandboxState",
+    "SerialPort",
     "Transition",
     "Trigger",
+    "VfioDevice",
+    "VhostUserBlockDevice",
+    "VhostUserNetDevice",
     "VmctlError",
     "VmctlTimeout",
+    "VsockDevice",
     "__version__",
     "deserialize_params",
     "guest",

@@ -323,8 +323,11 @@ def _undo(command: QmpCommand) -> QmpCommand | None:
 
 
 def _peripheral_id(path: str) -> str | None:
-    """``/machine/peripheral/cpu1/lapic`` -> ``cpu1`` (CPU DEVICE_DELETED carries only a path)."""
+    """The device a path-only event is about: ``/machine/peripheral/ID`` itself, or a CPU's
+    ``/machine/peripheral/cpu1/lapic`` (CPU DEVICE_DELETED carries only that path). Children such
+    as ``.../disk1/virtio-backend`` go first and are not the device."""
     parts = path.split("/")
     if len(parts) >= 4 and parts[1] == "machine" and parts[2] == "peripheral":
-        return parts[3]
+        if len(parts) == 4 or (len(parts) == 5 and parts[4] == "lapic"):
+            return parts[3]
     return None

@@ -533,8 +533,13 @@ class Sandbox:
         key = self._guest_key(record.device, record) if record is not None else None
         await self._guest_call(queue.unplug(dev_id, timeout=timeout))
         # A SCSI disk leaves QEMU before the guest has let it go: wait for the guest as well.
+        # (PCI devices are only deleted after the guest released them, so the event suffices.)
         agent = self._hypervisor().agent
-        if key is not None and not await self._guest_call(agent.wait_device_gone(*key, timeout=timeout or 30.0)):
+        if (
+            key is not None
+            and key[0] == "scsi"
+            and not await self._guest_call(agent.wait_device_gone(*key, timeout=timeout or 30.0))
+        ):
             raise HotplugError(f"QEMU removed {dev_id} but the guest still shows it")
 
     async def resize_vcpus(self, count: int, *, timeout: float = 120.0) -> tuple[int, int]:

@@ -1,0 +1,72 @@
+"""The baseline: what a careful script does by hand with qemu-system and plain qemu.qmp.
+
+Same QEMU command line as vmctl (built by the same function) except that QEMU creates its own
+sockets (path= instead of vmctl's pre-created fd=), which the script polls for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from vmctl import SandboxConfig, host
+from vmctl.hypervisors.base import RunPaths
+from vmctl.hypervisors.cmdline import build_command
+
+
+@dataclass
+class PlainVm:
+    qmp: QMPClient
+    agent_reader: asyncio.StreamReader
+    agent_writer: asyncio.StreamWriter
+    ready_seconds: float
+    process: subprocess.Popen[bytes]
+
+
+@asynccontextmanager
+async def plain_vm(config: SandboxConfig) -> AsyncIterator[PlainVm]:
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    paths = RunPaths(run_dir, run_dir)
+    resolved = config.replace(accel="tcg", qemu_binary=host.find_qemu(config.qemu_binary))
+    argv = build_command(resolved, paths, "plain", {"qmp": 0, "console": 0, "agent": 0})
+    sockets = {"qmp": paths.qmp_socket, "console0": paths.console_socket, "agent0": paths.agent_socket}
+    argv = [re.sub(r"socket,id=(\w+),fd=0", lambda m: f"socket,id={m.group(1)},path={sockets[m.group(1)]}", a)
+            for a in argv]  # fmt: skip
+    started = time.perf_counter()
+    # the baseline is deliberately the plain way: Popen, then poll for QEMU's sockets
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
+    qmp = QMPClient("plain")
+    writer = None
+    try:
+        while not (paths.qmp_socket.exists() and paths.agent_socket.exists()):  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        await qmp.connect(str(paths.qmp_socket))
+        reader, writer = await asyncio.open_unix_connection(str(paths.agent_socket))
+        await qmp.execute("cont")
+        line = await reader.readline()
+        assert line.startswith(b"READY"), line
+        yield PlainVm(qmp, reader, writer, time.perf_counter() - started, proc)
+        writer.write(b"POWEROFF 0\n")
+        await writer.drain()
+        await asyncio.to_thread(proc.wait, 30)
+    finally:
+        if writer is not None:
+            writer.close()
+        try:
+            await qmp.disconnect()
+        except EOFError:
+            pass  # QEMU is gone: the reader saw it first
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()  # noqa: ASYNC221
+        shutil.rmtree(run_dir, ignore_errors=True)
