@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,8 @@ def test_cache_flags_need_cache_set(files: dict[str, Path]) -> None:
 
 def test_block_rules(files: dict[str, Path]) -> None:
     assert "microvm" in problems(files, block_driver="virtio-mmio")["block_driver"]
+    assert "microvm" in problems(files, machine="microvm", block_driver="virtio-blk")["block_driver"]
+    assert cfg(files, machine="microvm").block_driver == "virtio-mmio"
     assert "one of" in problems(files, block_driver="ide")["block_driver"]
     found = problems(files, initrd=None, image=files["image"], disable_block_devices=True)
     assert "disable_block_devices" in found
@@ -204,6 +207,11 @@ def test_command_line_per_field(files: dict[str, Path], tmp_path: Path) -> None:
     assert sum(x.startswith("pcie-root-port") for x in opt(a, "-device")) == 3
     assert "iothread,id=iothread0" in opt(a, "-object")
     assert "virtio-scsi-pci,id=scsi0,iothread=iothread0" in opt(a, "-device")
+    micro = argv(cfg(files, machine="microvm"), tmp_path)
+    assert opt(micro, "-machine")[0].startswith("microvm,") and "virtio-serial-device,id=vser0" in opt(micro, "-device")
+    assert not any("pci" in x for x in opt(micro, "-device"))
+    assert opt(micro, "-m") == ["size=256M"], "no memory hotplug on microvm"
+    assert "tsc_early_khz=" in kernel_cmdline(cfg(files, machine="microvm"))
     assert any("prealloc=on" in x for x in opt(a, "-object"))
     assert opt(a, "-overcommit") == ["mem-lock=on"] and opt(a, "-bios") == [str(files["firmware"])]
     pc = argv(cfg(files, machine="pc", pci_bridges=1), tmp_path)
@@ -215,8 +223,11 @@ def test_image_root_with_cache_flags(files: dict[str, Path], tmp_path: Path) -> 
     c = cfg(files, initrd=None, image=files["image"], block_driver="virtio-blk",
             block_cache_set=True, block_cache_direct=True, block_cache_noflush=False)  # fmt: skip
     a = argv(c, tmp_path)
-    assert "cache.direct=on,cache.no-flush=off" in opt(a, "-drive")[0]
-    assert "virtio-blk-pci,drive=rootfs,id=rootdisk" in opt(a, "-device")
+    nodes = [json.loads(x) for x in opt(a, "-blockdev")]
+    assert nodes[0]["filename"] == str(files["image"]) and nodes[0]["cache"] == {"direct": True, "no-flush": False}
+    assert {"driver": "virtio-blk-pci", "id": "root", "drive": "root-fmt", "serial": "root"} in [
+        json.loads(x) for x in opt(a, "-device") if x.startswith("{")
+    ]
     assert "root=/dev/vda" in kernel_cmdline(c)
 
 
@@ -224,7 +235,8 @@ def test_untrusted_paths_cannot_inject_options(tmp_path: Path, files: dict[str, 
     evil = tmp_path / "a,readonly=off,file=x"
     evil.write_bytes(b"x")
     a = argv(cfg(files, initrd=None, image=evil), tmp_path)
-    assert f"file={str(evil).replace(',', ',,')}," in opt(a, "-drive")[0]
+    assert json.loads(opt(a, "-blockdev")[0])["filename"] == str(evil), "JSON options carry paths verbatim"
+    assert all(",file=x" not in arg or arg.startswith("{") for arg in a)
 
 
 def test_kernel_cmdline_user_params_last_and_debug(files: dict[str, Path]) -> None:

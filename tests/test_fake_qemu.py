@@ -21,7 +21,10 @@ async def test_fake_drives_the_real_lifecycle(tmp_path: Path) -> None:
         await sb.pause()
         assert sb.state is SandboxState.PAUSED
         await sb.resume()
-        assert sb.console_tail[0] == "fake console: booting"
+        lines = sb.console_lines()
+        await fake.console_write(b"hello from the console\r\n" + b"x" * 100_000 + b"\n")
+        assert await lines.__anext__() == "hello from the console"
+        assert len(await lines.__anext__()) == 64 * 1024, "an endless line comes in bounded pieces"
     assert sb.state is SandboxState.STOPPED
     assert fake.commands()[:2] == ["qmp_capabilities", "cont"]
     assert "stop" in fake.commands()
@@ -193,3 +196,24 @@ async def test_setup_error_before_launch_leaves_nothing(tmp_path: Path, runtime_
             pass
     assert sb.state is SandboxState.FAILED and "start failed" in sb.failure
     assert list(runtime_dir.iterdir()) == []
+
+
+async def test_predicted_mmio_disk_names_are_confirmed_and_a_mismatch_fails(tmp_path: Path, runtime_dir: Path) -> None:
+    from vmctl import BlockDevice, GuestError
+    from vmctl.sandbox import disk_name
+
+    assert [disk_name("vd", i) for i in (0, 1, 25, 26, 27, 52)] == ["vda", "vdb", "vdz", "vdaa", "vdab", "vdba"]
+    disks = []
+    for name in "abc":
+        path = tmp_path / f"{name}.img"
+        path.write_bytes(b"\0" * 512)
+        disks.append(BlockDevice(path=path, id=f"disk{name}"))
+    config = fake_config(tmp_path, machine="microvm", devices=disks)
+    async with Sandbox(config, backend=FakeQemu()) as sb:
+        assert [(d.id, d.guest_path) for d in sb.devices] == [("diska", "/dev/vda"), ("diskb", "/dev/vdb"),
+                                                               ("diskc", "/dev/vdc")]  # fmt: skip
+    sb = Sandbox(config, backend=FakeQemu(guest_names={"diskb": "vdc", "diskc": "vdb"}))
+    with pytest.raises(GuestError, match="diskb .* predicted to be /dev/vdb but the guest shows it as /dev/vdc"):
+        async with sb:
+            pytest.fail("a wrong disk name must not start")
+    assert sb.state is SandboxState.FAILED

@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     gsub = g.add_subparsers(dest="guest_command", required=True)
     b = gsub.add_parser("build", help="build (or reuse) the default guest kernel and initramfs")
     b.add_argument("--rebuild", action="store_true", help="build again even if the cache has it")
+    b.add_argument("--image", action="store_true", help="also build an ext4 root filesystem image")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
 
     d = sub.add_parser("doctor", help="report what this host offers")
@@ -47,12 +48,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _guest_build(args: argparse.Namespace) -> int:
-    assets = await ensure_default_assets(rebuild=args.rebuild)
+    assets = await ensure_default_assets(rebuild=args.rebuild, image=args.image)
     if args.json:
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(assets).items()}))
     else:
         print(f"kernel  {assets.kernel}  ({assets.kernel_package})")
         print(f"initrd  {assets.initrd}  ({len(assets.modules)} modules, {assets.initrd.stat().st_size // 1024} KiB)")
+        if assets.image is not None:
+            print(f"image   {assets.image}  (ext4, boot it with the initrd above)")
     return 0
 
 

@@ -8,6 +8,7 @@ hypervisor layer: 1 vCPU, max vCPUs = host CPUs, 2048 MiB, one PCI bridge, virti
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import tomllib
@@ -22,7 +23,7 @@ from vmctl.errors import ConfigError, Problem
 from vmctl.params import Param, normalize_params, serialize_params
 
 Accel = Literal["auto", "kvm", "tcg"]
-Machine = Literal["q35", "pc"]
+Machine = Literal["q35", "pc", "microvm"]
 BlockDriver = Literal["virtio-scsi", "virtio-blk", "virtio-mmio"]
 
 ACCEL_ENV = "VMCTL_ACCEL"
@@ -73,7 +74,7 @@ class SandboxConfig:
     max_memory_mib: int | None = None
     pci_bridges: int = 1
     # block devices
-    block_driver: BlockDriver = "virtio-scsi"
+    block_driver: BlockDriver = None  # type: ignore[assignment]  # virtio-scsi, or virtio-mmio on microvm
     block_cache_set: bool = False
     block_cache_direct: bool = False
     block_cache_noflush: bool = False
@@ -121,6 +122,9 @@ class SandboxConfig:
         if self.max_memory_mib is None:
             object.__setattr__(self, "max_memory_mib", host.total_memory_mib())
             defaulted.add("max_memory_mib")
+        if self.block_driver is None:
+            object.__setattr__(self, "block_driver", "virtio-mmio" if self.machine == "microvm" else "virtio-scsi")
+            defaulted.add("block_driver")
         object.__setattr__(self, "_defaulted", frozenset(defaulted))
         problems.extend(_validate(self))
         if problems:
@@ -201,7 +205,7 @@ class SandboxConfig:
 
     @property
     def memory_hotplug_possible(self) -> bool:
-        return self.memory_slots > 0 and (self.max_memory_mib or 0) > self.memory_mib
+        return self.machine != "microvm" and self.memory_slots > 0 and (self.max_memory_mib or 0) > self.memory_mib
 
     def kernel_cmdline(self) -> str:
         return " ".join(serialize_params(self.kernel_params, "="))
@@ -226,8 +230,9 @@ def _validate(c: SandboxConfig) -> list[Problem]:
             bad(name, f"{path} does not exist or is not a file")
     if c.initrd is None and c.image is None:
         bad("initrd", "set initrd or image: the guest needs a root filesystem")
-    if c.initrd is not None and c.image is not None:
-        bad("image", "set initrd or image, not both")
+    if c.initrd is not None and c.image is not None and not initrd_switches_root(c.initrd):
+        bad("image", "set initrd or image, not both (only vmctl's default initramfs may come with an image: "
+                     "it loads the disk drivers and switches to the image)")  # fmt: skip
     if c.image is not None and c.disable_block_devices:
         bad("disable_block_devices", "an image root filesystem needs block devices; unset one of them")
     if c.accel not in get_args(Accel):
@@ -241,8 +246,10 @@ def _validate(c: SandboxConfig) -> list[Problem]:
         bad("block_cache_set", "block_cache_direct and block_cache_noflush only apply with block_cache_set=true")
     if c.block_driver not in get_args(BlockDriver):
         bad("block_driver", f"must be one of {', '.join(get_args(BlockDriver))}")
-    elif c.block_driver == "virtio-mmio":
-        bad("block_driver", "virtio-mmio needs a machine without PCI (microvm), which this release does not offer")
+    elif (c.block_driver == "virtio-mmio") != (c.machine == "microvm"):
+        bad(
+            "block_driver", "microvm has no PCI: use block_driver='virtio-mmio' with machine='microvm' (and only there)"
+        )
     if typed:
         _check_sizes(c, bad)
     _check_params(c, bad)
@@ -250,6 +257,15 @@ def _validate(c: SandboxConfig) -> list[Problem]:
     _check_templates(c, bad)
     _check_devices(c, problems)
     return problems
+
+
+def initrd_switches_root(initrd: Path) -> bool:
+    """Whether ``initrd`` is vmctl's default initramfs, which mounts ``root=`` and switches to it."""
+    try:
+        manifest = json.loads((initrd.parent / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return initrd.name == "initrd.img" and manifest.get("initrd_switches_root") is True
 
 
 def _normalize_devices(value: Any) -> tuple[Device, ...]:

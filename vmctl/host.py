@@ -99,6 +99,21 @@ def _qemu_version_cached(binary: str, mtime: float) -> str:
     return match.group(1)
 
 
+@functools.cache
+def _machines_cached(binary: str, mtime: float) -> frozenset[str]:
+    out = subprocess.run([binary, "-machine", "help"], capture_output=True, text=True, timeout=30, check=False)
+    names = set()
+    for line in out.stdout.splitlines()[1:]:
+        if line.strip():
+            names.add(line.split()[0])
+    return frozenset(names)
+
+
+async def qemu_machines(binary: Path) -> frozenset[str]:
+    """Machine types this QEMU offers (``-machine help``), cached per binary."""
+    return await anyio.to_thread.run_sync(_machines_cached, str(binary), binary.stat().st_mtime)
+
+
 async def qemu_version(binary: Path) -> str:
     """QEMU's version string (``7.2.22``), cached per binary and modification time."""
     return await anyio.to_thread.run_sync(_qemu_version_cached, str(binary), binary.stat().st_mtime)

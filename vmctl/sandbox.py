@@ -39,6 +39,7 @@ from vmctl.errors import ConfigError, GuestError, NotSupported, QMPDisconnected,
 from vmctl.hotplug import HotplugError, HotplugQueue, PluggedDevice, SlotAllocator
 from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor, RunPaths
 from vmctl.hypervisors.cmdline import cold_devices
+from vmctl.hypervisors.microvm import MicrovmHypervisor
 from vmctl.hypervisors.qemu import QemuHypervisor
 from vmctl.log import get_logger
 from vmctl.paths import make_run_dir, remove_tree
@@ -59,6 +60,16 @@ async def _iterate(receive: MemoryObjectReceiveStream[str]) -> AsyncIterator[str
     async with receive:
         async for item in receive:
             yield item
+
+
+def disk_name(prefix: str, index: int) -> str:
+    """Linux's disk names: vda..vdz, vdaa..vdaz, vdba..."""
+    letters = ""
+    index += 1
+    while index > 0:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("a") + rest) + letters
+    return prefix + letters
 
 
 def _mac_for(sandbox_id: str, dev_id: str) -> str:
@@ -108,7 +119,7 @@ class Sandbox:
             )
         self.id = id or f"sb-{secrets.token_hex(4)}"
         self._config = config
-        self._backend: Backend = backend or QemuHypervisor
+        self._backend: Backend = backend or (MicrovmHypervisor if config.machine == "microvm" else QemuHypervisor)
         self._log_dir = Path(log_dir).expanduser().absolute() / self.id if log_dir is not None else None
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -249,6 +260,8 @@ class Sandbox:
                     raise self._launch_error
                 self._queue = self._make_queue(self._hv)
                 await self._wait_guest_ready()
+            with anyio.fail_after(limit):
+                await self._confirm_cold_devices()
             self._machine.fire(Trigger.GUEST_READY, "agent ready")
             if self._config.boot_to_be_template:
                 await self._become_template()
@@ -272,6 +285,32 @@ class Sandbox:
             if kind == "scsi":
                 queue.slots.claim(kind, dev_id, where)
         return queue
+
+    async def _confirm_cold_devices(self) -> None:
+        """Ask the guest what it calls each cold-plugged disk and NIC.
+
+        virtio-mmio disks have no address the guest could be told about: they get names in the
+        order they were attached (the root disk first), so vmctl predicts the name and the agent
+        confirms it by serial. A mismatch fails the start rather than mounting the wrong disk.
+        """
+        queue = self._require_queue()
+        agent = self._hypervisor().agent
+        mmio_index = 0
+        for record in queue.devices.values():
+            key = self._guest_key(record.device, record)
+            if key is None:
+                continue
+            found = await agent.wait_block_device(*key, timeout=DEFAULT_CALL_TIMEOUT)
+            actual = found if key[0] != "net" else (found or "").removeprefix("/dev/") or None
+            if isinstance(record.device, BlockDevice) and record.device.effective_driver(queue.ctx) == "virtio-mmio":
+                predicted = f"/dev/{disk_name('vd', mmio_index)}"
+                mmio_index += 1
+                if actual != predicted:
+                    raise GuestError(f"disk {record.id} ({record.device.path}) was predicted to be {predicted} "
+                                     f"but the guest shows it as {actual or 'nothing'}")  # fmt: skip
+            elif actual is None:
+                raise GuestError(f"the guest does not show the cold-plugged device {record.id}")
+            record.guest_path = actual
 
     def _require_queue(self) -> HotplugQueue:
         if self._queue is None:
@@ -586,7 +625,9 @@ class Sandbox:
             why = str(event.data.get("reason", ""))
             trigger = Trigger.FAULT if why in _FAILED_SHUTDOWN_REASONS else Trigger.QMP_SHUTDOWN
             reason = {"host-signal": "QEMU was stopped by a signal vmctl did not send",
-                      "host-error": "QEMU stopped on a host error"}.get(why, f"shutdown: {why}")  # fmt: skip
+                      "host-error": "QEMU stopped on a host error",
+                      "guest-reset": "the guest reset (a kernel panic, or a reboot, which sandboxes do not do)",
+                      "guest-panic": "guest kernel panicked"}.get(why, f"shutdown: {why}")  # fmt: skip
         if event.name == "GUEST_PANICKED":
             reason = "guest kernel panicked"
         if trigger is not None and self._machine.fire_if_allowed(trigger, reason) is None:

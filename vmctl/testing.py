@@ -91,6 +91,7 @@ class FakeQemu:
         version: tuple[int, int, int] = (7, 2, 0),
         unplug: Literal["ack", "never", "guest-error"] = "ack",
         unplug_delay: float = 0.0,
+        guest_names: Mapping[str, str] | None = None,
     ) -> None:
         self.ready_delay = ready_delay
         self.exec_handler = exec_handler
@@ -102,6 +103,7 @@ class FakeQemu:
         self.version = version
         self.unplug = unplug
         self.unplug_delay = unplug_delay
+        self.guest_names = dict(guest_names or {})
         self.received: list[dict[str, Any]] = []
         self.processes: list[FakeProcess] = []
 
@@ -139,6 +141,10 @@ class FakeQemu:
         """Write raw bytes on the QMP connection (garbage, partial JSON, huge lines)."""
         await self.process.send_qmp_raw(data)
 
+    async def console_write(self, data: bytes) -> None:
+        """Write bytes to the guest console, as the guest's serial port would."""
+        await self.process.console_write(data)
+
 
 class _FakeHypervisor(QemuHypervisor):
     name = "fake"
@@ -155,6 +161,10 @@ class _FakeHypervisor(QemuHypervisor):
 
     async def _spawn(self, argv: list[str], listeners: Mapping[str, socket.socket]) -> VmProcess:
         process = FakeProcess(self._fake, {name: sock.dup() for name, sock in listeners.items()})
+        for flag, value in zip(argv, argv[1:], strict=False):  # cold-plugged devices, as QEMU would see them
+            if flag == "-device" and value.startswith("{"):
+                props = json.loads(value)
+                process.devices[str(props["id"])] = props
         self._fake.processes.append(process)
         return process
 
@@ -180,6 +190,7 @@ class FakeProcess:
         self._qmp_lock = anyio.Lock()
         self._tg: TaskGroup | None = None
         self.devices: dict[str, dict[str, Any]] = {}
+        self._console: SocketStream | None = None
         self._stderr_send, self._stderr_receive = anyio.create_memory_object_stream[str](1000)
         for line in fake.stderr:
             self.stderr_send(line)
@@ -343,8 +354,10 @@ class FakeProcess:
 
     def guest_name(self, bus: str, key: str) -> str | None:
         """What the fake guest calls a plugged disk or NIC (vdX / sdX / ethN by plug order)."""
+        if key in self.fake.guest_names:
+            return self.fake.guest_names[key]
         matches = {
-            "virtio": [d for d in self.devices.values() if d.get("driver") == "virtio-blk-pci"],
+            "virtio": [d for d in self.devices.values() if d.get("driver") in ("virtio-blk-pci", "virtio-blk-device")],
             "scsi": [d for d in self.devices.values() if d.get("driver") == "scsi-hd"],
             "net": [d for d in self.devices.values() if str(d.get("driver", "")).startswith("virtio-net")],
         }[bus]
@@ -440,8 +453,16 @@ class FakeProcess:
             await reply(f"ERR {request_id} unknown request")
 
     async def _serve_console(self, stream: SocketStream) -> None:
-        await stream.send(b"fake console: booting\r\nvmctl-agent: ready on /dev/vport0p1\r\n")
-        await anyio.sleep_forever()
+        self._console = stream
+        try:
+            await stream.send(b"fake console: booting\r\nvmctl-agent: ready on /dev/vport0p1\r\n")
+            await anyio.sleep_forever()
+        finally:
+            self._console = None
+
+    async def console_write(self, data: bytes) -> None:
+        if self._console is not None:
+            await self._console.send(data)
 
 
 def _unb64(field: str) -> bytes:

@@ -7,12 +7,14 @@ a second call with nothing changed returns at once, and any change produces a fr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import lzma
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable
@@ -30,7 +32,7 @@ from vmctl.paths import cache_dir
 
 log = get_logger("vmctl.guest")
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 KERNEL_PACKAGE_ENV = "VMCTL_KERNEL_PACKAGE"
 BUSYBOX = Path("/bin/busybox")
@@ -52,18 +54,81 @@ class GuestAssets:
     kernel_package: str
     modules: tuple[str, ...]
     key: str
+    image: Path | None = None
 
     @property
     def directory(self) -> Path:
         return self.kernel.parent
 
 
+ROOT_IMAGE = "root.img"
+ROOT_IMAGE_MIB = 64
+
+
+def _root_tree(busybox: bytes) -> list[cpio.Entry]:
+    """The busybox root shared by the initramfs and the disk image."""
+    entries = [cpio.dir_entry(d) for d in
+               ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "etc", "lib", "lib/modules",
+                "proc", "sys", "run", "tmp", "root")]  # fmt: skip
+    return entries + [
+        cpio.file_entry("bin/busybox", busybox, 0o755),
+        cpio.symlink_entry("bin/sh", "busybox"),
+        cpio.file_entry("init", _guest_file("init"), 0o755),
+        cpio.file_entry("sbin/vmctl-agent", _guest_file("vmctl-agent"), 0o755),
+        cpio.file_entry("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+        cpio.file_entry("etc/group", b"root:x:0:\n"),
+    ]
+
+
+async def _build_root_image(target: Path) -> None:
+    """ext4 image of the busybox root, built without privileges by ``mke2fs -d``."""
+    if shutil.which("mke2fs") is None:
+        raise HostError("building the root image needs mke2fs: apt-get install e2fsprogs")
+    busybox = BUSYBOX.read_bytes()
+    work = Path(tempfile.mkdtemp(prefix=".image-", dir=target.parent))
+    try:
+        tree = work / "tree"
+        for entry in [*_root_tree(busybox), cpio.file_entry("etc/vmctl-disk-root", b"")]:
+            path = tree / entry.name
+            if stat.S_ISDIR(entry.mode):
+                path.mkdir(parents=True, exist_ok=True)
+            elif stat.S_ISLNK(entry.mode):
+                path.symlink_to(entry.data.decode())
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(entry.data)
+                path.chmod(entry.mode & 0o7777)
+        partial = work / ROOT_IMAGE
+        await anyio.run_process(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "vmctl-root", "-E", "root_owner=0:0",
+                                 "-d", str(tree), str(partial), f"{ROOT_IMAGE_MIB}M"])  # fmt: skip
+        partial.replace(target)
+    except subprocess.CalledProcessError as exc:
+        raise HostError(f"mke2fs failed: {(exc.stderr or b'').decode(errors='replace').strip()}") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _guest_file(name: str) -> bytes:
     return resources.files("vmctl.guest").joinpath("files", name).read_bytes()
 
 
-async def ensure_default_assets(*, rebuild: bool = False) -> GuestAssets:
-    """Return the default guest, building it first if the cache has no build for these inputs."""
+async def ensure_default_assets(*, rebuild: bool = False, image: bool = False) -> GuestAssets:
+    """Return the default guest, building it first if the cache has no build for these inputs.
+
+    With ``image=True`` the result also has ``image``: an ext4 root filesystem made from the same
+    busybox root (``mke2fs -d``, no privileges needed). Boot it with ``initrd=assets.initrd``
+    too: the initramfs loads the virtio modules, mounts the disk and switches to it.
+    """
+    assets = await _ensure_kernel_and_initrd(rebuild=rebuild)
+    if not image:
+        return assets
+    root_img = assets.directory / ROOT_IMAGE
+    if rebuild or not root_img.is_file():
+        await _build_root_image(root_img)
+    return dataclasses.replace(assets, image=root_img)
+
+
+async def _ensure_kernel_and_initrd(*, rebuild: bool) -> GuestAssets:
     _require_tools()
     package, version = await _kernel_package()
     busybox = BUSYBOX.read_bytes()
@@ -174,25 +239,18 @@ def _assemble(pkg: Path, out: Path, busybox: bytes, package: str, key: str) -> G
         {_module_name(Path(line)) for line in builtin_file.read_text().split()} if builtin_file.exists() else set()
     )
     order = _load_order([m for m in GUEST_MODULES if m not in builtin], available)
-    entries = [cpio.dir_entry(d) for d in
-               ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "etc", "lib", "lib/modules",
-                "proc", "sys", "run", "tmp", "root")]  # fmt: skip
-    entries += [
+    entries = _root_tree(busybox) + [
         cpio.chardev_entry("dev/console", 5, 1),
         cpio.chardev_entry("dev/null", 1, 3, 0o666),
-        cpio.file_entry("bin/busybox", busybox, 0o755),
-        cpio.symlink_entry("bin/sh", "busybox"),
-        cpio.file_entry("init", _guest_file("init"), 0o755),
-        cpio.file_entry("sbin/vmctl-agent", _guest_file("vmctl-agent"), 0o755),
-        cpio.file_entry("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
-        cpio.file_entry("etc/group", b"root:x:0:\n"),
+        cpio.file_entry("etc/vmctl-initramfs", b"this initramfs switches to root= when given\n"),
         cpio.file_entry("lib/modules/load-order", "".join(f"{m}.ko\n" for m in order).encode()),
     ]
     entries += [cpio.file_entry(f"lib/modules/{m}.ko", _read_module(available[m])) for m in order]
     shutil.copyfile(vmlinuz[-1], out / "vmlinuz")
     cpio.write_initramfs(out / "initrd.img", entries)
     assets = GuestAssets(out / "vmlinuz", out / "initrd.img", kernel_version, package, tuple(order), key)
-    manifest = {k: v for k, v in asdict(assets).items() if k not in ("kernel", "initrd")}
+    manifest = {k: v for k, v in asdict(assets).items() if k not in ("kernel", "initrd", "image")}
+    manifest["initrd_switches_root"] = True
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return assets
 

@@ -21,7 +21,7 @@ from anyio.abc import TaskStatus
 
 from vmctl import host
 from vmctl.config import SandboxConfig
-from vmctl.errors import GuestError, HostError, QMPError, SandboxFailed
+from vmctl.errors import ConfigError, GuestError, HostError, Problem, QMPError, SandboxFailed
 from vmctl.hypervisors.base import Capabilities, Hypervisor
 from vmctl.hypervisors.cmdline import build_command
 from vmctl.lines import read_lines
@@ -171,6 +171,10 @@ class QemuHypervisor(Hypervisor):
 
     async def create(self) -> None:
         qemu = host.find_qemu(self.config.qemu_binary)
+        machines = await host.qemu_machines(qemu)
+        if self.config.machine not in machines:
+            raise ConfigError([Problem("machine", f"{self.config.machine!r} is not offered by {qemu} "
+                                                  f"(it has: {', '.join(sorted(machines)[:12])}...)")])  # fmt: skip
         accel = await resolve_accel(self.config, qemu, self.log)
         self._effective = self.config.replace(accel=accel, qemu_binary=qemu)
         self._argv = build_command(self._effective, self.paths, self.sandbox_id, {n: -1 for n in CHANNELS})
