@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,6 +81,16 @@ async def test_user_mode_nic_hot_added_and_seen_by_the_guest(make_config: MakeCo
         await sb.exec(["udhcpc", "-i", "eth0", "-n", "-q", "-t", "5", "-s", "/bin/true"], timeout=30, check=True)
         await sb.unplug(nic)
         assert (await sb.exec(["ls", "/sys/class/net"], check=True)).text.split() == ["lo"]
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not Path("/dev/net/tun").exists(), reason="creating a tap needs root")
+async def test_tap_nic_where_the_host_allows_it(make_config: MakeConfig) -> None:
+    async with Sandbox(make_config(pci_bridges=1)) as sb:
+        nic = await sb.hotplug(NetworkDevice(backend="tap", tap_name="vmctl-t0"))
+        assert nic.guest_path == "eth0"
+        assert Path("/sys/class/net/vmctl-t0").exists(), "QEMU created the host side"
+        await sb.unplug(nic)
+        assert not Path("/sys/class/net/vmctl-t0").exists(), "and removed it with the netdev"
 
 
 async def test_vcpus_up_and_down_in_the_guest(make_config: MakeConfig) -> None:

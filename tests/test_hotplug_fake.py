@@ -145,3 +145,11 @@ def test_devices_render_the_same_description_both_ways(disk: Path) -> None:
         assert [c.name for c in commands][-1] == "device_add"
         deletes = device.cleanup_commands("d0", ctx)
         assert len(deletes) == len(commands) - 1
+
+
+def test_tap_uses_vhost_net_unless_disabled() -> None:
+    from vmctl.devices import DeviceContext, NetworkDevice
+
+    tap = NetworkDevice(backend="tap", tap_name="tap0")
+    assert tap.backends("n0", DeviceContext(vhost_net=True))[0].spec["vhost"] is True
+    assert "vhost" not in tap.backends("n0", DeviceContext(vhost_net=False))[0].spec

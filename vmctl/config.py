@@ -91,6 +91,7 @@ class SandboxConfig:
     disable_nesting_checks: bool = False
     # devices
     vsock: bool = False
+    disable_vhost_net: bool = False
     entropy_source: Path = Path("/dev/urandom")
     # cold-plugged devices (present from boot; hot-added ones go through Sandbox.hotplug)
     devices: tuple[Device, ...] = ()
@@ -201,7 +202,8 @@ class SandboxConfig:
     def device_context(self) -> DeviceContext:
         return DeviceContext(machine=self.machine, block_driver=self.block_driver, io_threads=self.io_threads,
                              cache_set=self.block_cache_set, cache_direct=self.block_cache_direct,
-                             cache_noflush=self.block_cache_noflush)  # fmt: skip
+                             cache_noflush=self.block_cache_noflush,
+                             vhost_net=not self.disable_vhost_net and Path("/dev/vhost-net").exists())  # fmt: skip
 
     @property
     def memory_hotplug_possible(self) -> bool:

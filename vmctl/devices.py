@@ -95,6 +95,7 @@ class DeviceContext:
     cache_set: bool = False
     cache_direct: bool = False
     cache_noflush: bool = False
+    vhost_net: bool = False
 
     @property
     def pci(self) -> bool:
@@ -246,6 +247,8 @@ class NetworkDevice(Device):
             spec["hostfwd"] = [{"str": rule} for rule in self.hostfwd]
         if self.backend == "tap":
             spec.update({"ifname": self.tap_name, "script": "no", "downscript": "no"})
+            if ctx.vhost_net:
+                spec["vhost"] = True
         return [Backend("netdev", spec, f"{dev_id}-net")]
 
     def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
