@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=None, help="kill CMD in the guest after this many seconds")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
 
+    f = sub.add_parser("fleet", help="boot a fleet from a TOML spec, run its commands in each, report")
+    f.add_argument("spec", type=Path, help="fleet spec (see examples/fleet.toml)")
+    f.add_argument("--json", action="store_true", help="machine-readable results on stdout")
+
     sub.add_parser("state-diagram", help="print the sandbox state diagram (Mermaid)")
     return p
 
@@ -102,10 +106,16 @@ async def _run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+async def _fleet(args: argparse.Namespace) -> int:
+    from vmctl.fleetcli import run_fleet_command
+
+    return await run_fleet_command(args.spec, as_json=args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure(json=args.log_json, level=args.log_level)
-    handlers = {"guest": _guest_build, "doctor": _doctor, "run": _run}
+    handlers = {"guest": _guest_build, "doctor": _doctor, "run": _run, "fleet": _fleet}
     if args.command == "state-diagram":
         print(state_diagram())
         return 0

@@ -1,0 +1,237 @@
+"""Fleets: many sandboxes at once, with bounded boots, failure isolation and structured teardown.
+
+Each member is one task in the fleet's task group, and that task owns its sandbox's ``async
+with`` from boot to teardown, so nothing outlives the fleet: leaving the fleet's block (normally,
+by an error, or by cancellation) tears every member down. Boots go through a capacity limiter;
+a member that fails to boot is recorded with its error while the others go on, unless
+``fail_fast`` asks to stop them all. Progress is reported as :class:`FleetEvent` values to an
+optional callback.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
+
+from vmctl.config import SandboxConfig
+from vmctl.errors import VmctlError
+from vmctl.hypervisors.base import Backend
+from vmctl.sandbox import Sandbox
+from vmctl.state import SandboxState
+
+T = TypeVar("T")
+
+
+class FleetError(VmctlError):
+    """A fleet could not do what was asked (with ``fail_fast``: a member failed)."""
+
+
+class FleetEventKind(enum.Enum):
+    BOOTING = "booting"
+    READY = "ready"
+    BOOT_FAILED = "boot-failed"
+    RUNNING = "running"
+    DONE = "done"
+    ERROR = "error"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class FleetEvent:
+    kind: FleetEventKind
+    sandbox_id: str
+    detail: str = ""
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """What one member produced: a value, or the error that stopped it (never both, never lost)."""
+
+    value: T | None = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Member:
+    index: int
+    sandbox: Sandbox
+    boot_seconds: float | None = None
+    boot_error: BaseException | None = None
+    boot_done: bool = False
+
+
+class Fleet:
+    """``async with Fleet(config, size=8, max_concurrent_starts=4) as fleet:`` boots them all."""
+
+    def __init__(
+        self,
+        config: SandboxConfig | Sequence[SandboxConfig],
+        *,
+        size: int | None = None,
+        max_concurrent_starts: int = 4,
+        fail_fast: bool = False,
+        on_event: Callable[[FleetEvent], None] | None = None,
+        id_prefix: str = "fleet",
+        start_timeout: float = 300.0,
+        backend: Backend | None = None,
+    ) -> None:
+        configs = [config] * (size or 1) if isinstance(config, SandboxConfig) else list(config)
+        if size is not None and not isinstance(config, SandboxConfig) and size != len(configs):
+            raise ValueError("size: give either one config and a size, or a list of configs")
+        if not configs:
+            raise ValueError("size: a fleet needs at least one sandbox")
+        if max_concurrent_starts < 1:
+            raise ValueError("max_concurrent_starts: must be at least 1")
+        self.members = [
+            Member(i, Sandbox(c, id=f"{id_prefix}-{i}", backend=backend, start_timeout=start_timeout))
+            for i, c in enumerate(configs)
+        ]
+        self.fail_fast = fail_fast
+        self._limiter = anyio.CapacityLimiter(max_concurrent_starts)
+        self._on_event = on_event
+        self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+        self._booting = len(self.members)
+        self._all_booted: anyio.Event | None = None
+        self._closing: anyio.Event | None = None
+        self._first_failure: BaseException | None = None
+
+    # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def sandboxes(self) -> list[Sandbox]:
+        return [m.sandbox for m in self.members]
+
+    @property
+    def running(self) -> list[Sandbox]:
+        return [m.sandbox for m in self.members if m.sandbox.state is SandboxState.RUNNING]
+
+    @property
+    def failed(self) -> list[Member]:
+        return [m for m in self.members if m.boot_error is not None or m.sandbox.state is SandboxState.FAILED]
+
+    def _emit(self, kind: FleetEventKind, sandbox: Sandbox, detail: str = "") -> None:
+        if self._on_event is not None:
+            self._on_event(FleetEvent(kind, sandbox.id, detail))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Fleet:
+        self._all_booted = anyio.Event()
+        self._closing = anyio.Event()
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        self._stack = stack
+        self._tg = await stack.enter_async_context(anyio.create_task_group())
+        for member in self.members:
+            self._tg.start_soon(self._run_member, member, name=member.sandbox.id)
+        try:
+            await self._all_booted.wait()
+            if self.fail_fast and self._first_failure is not None:
+                raise FleetError(f"a member failed to boot: {self._first_failure}") from self._first_failure
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        assert self._closing is not None
+        self._closing.set()
+        await stack.__aexit__(None, None, None)  # members tear down in their own tasks
+
+    async def _run_member(self, member: Member) -> None:
+        """Own one sandbox from boot to teardown; never let its failure reach the group."""
+        assert self._closing is not None
+        sandbox = member.sandbox
+        try:
+            async with AsyncExitStack() as stack:
+                async with self._limiter:
+                    self._emit(FleetEventKind.BOOTING, sandbox)
+                    started = time.monotonic()
+                    try:
+                        await stack.enter_async_context(sandbox)
+                    except Exception as exc:  # noqa: BLE001 - recorded, reported, isolated
+                        member.boot_error = exc
+                        self._emit(FleetEventKind.BOOT_FAILED, sandbox, str(exc))
+                        self._note_failure(exc)
+                    else:
+                        member.boot_seconds = time.monotonic() - started
+                        self._emit(FleetEventKind.READY, sandbox, f"{member.boot_seconds:.2f}s")
+                self._boot_finished(member)
+                if member.boot_error is None:
+                    await self._closing.wait()
+        finally:
+            self._boot_finished(member)  # also when cancelled while booting
+            self._emit(FleetEventKind.STOPPED, sandbox, str(sandbox.state))
+
+    def _boot_finished(self, member: Member) -> None:
+        if member.boot_done:
+            return
+        member.boot_done = True
+        self._booting -= 1
+        if self._booting == 0 and self._all_booted is not None:
+            self._all_booted.set()
+
+    def _note_failure(self, exc: BaseException) -> None:
+        if self._first_failure is None:
+            self._first_failure = exc
+        if self.fail_fast and self._all_booted is not None:
+            self._all_booted.set()  # __aenter__ raises and closes everyone
+
+    # -- work ---------------------------------------------------------------------------------
+
+    async def map(self, fn: Callable[[Sandbox], Awaitable[T]]) -> list[tuple[Sandbox, Outcome[T]]]:
+        """Run ``fn`` on every member at once; one (sandbox, outcome) per member, in order.
+
+        Members that failed to boot are in the list with their boot error. A member whose ``fn``
+        raises does not stop the others (unless ``fail_fast``, where the rest are cancelled).
+        """
+        outcomes: list[Outcome[T] | None] = [None] * len(self.members)
+
+        async def one(member: Member, tg: TaskGroup) -> None:
+            sandbox = member.sandbox
+            if member.boot_error is not None:
+                outcomes[member.index] = Outcome(error=member.boot_error)
+                return
+            self._emit(FleetEventKind.RUNNING, sandbox)
+            try:
+                value = await fn(sandbox)
+            except Exception as exc:  # noqa: BLE001 - kept as this member's outcome
+                outcomes[member.index] = Outcome(error=exc)
+                self._emit(FleetEventKind.ERROR, sandbox, str(exc))
+                if self.fail_fast:
+                    tg.cancel_scope.cancel()
+            else:
+                outcomes[member.index] = Outcome(value=value)
+                self._emit(FleetEventKind.DONE, sandbox)
+
+        async with anyio.create_task_group() as tg:
+            for member in self.members:
+                tg.start_soon(one, member, tg)
+        cancelled = FleetError("cancelled because another member failed (fail_fast)")
+        return [(m.sandbox, outcomes[m.index] or Outcome(error=cancelled)) for m in self.members]
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [
+            {"id": m.sandbox.id, "state": str(m.sandbox.state), "boot_seconds": m.boot_seconds,
+             "error": str(m.boot_error) if m.boot_error else (m.sandbox.failure or None)}
+            for m in self.members
+        ]  # fmt: skip

@@ -1,0 +1,122 @@
+"""``vmctl fleet SPEC``: boot a fleet, run the spec's commands in each member, report.
+
+A live table (rich) shows each member while booting and running; a summary table (or JSON with
+``--json``) follows. The exit code is 0 only if every member booted and every command exited 0.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from vmctl.agent import ExecResult
+from vmctl.fleet import Fleet, FleetEvent, FleetEventKind, Outcome
+from vmctl.fleetspec import FleetSpec, load_fleet_spec
+from vmctl.guest import ensure_default_assets
+from vmctl.sandbox import Sandbox
+
+
+@dataclass
+class _Row:
+    status: str = "waiting"
+    boot: str = ""
+    exits: list[int] = field(default_factory=list)
+    error: str = ""
+
+
+def _table(rows: dict[str, _Row], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("sandbox", "status", "boot", "exit codes", "error"):
+        table.add_column(column)
+    for sandbox_id, row in rows.items():
+        table.add_row(sandbox_id, row.status, row.boot, " ".join(map(str, row.exits)), row.error[:80])
+    return table
+
+
+async def run_fleet_command(spec_path: Path, *, as_json: bool) -> int:
+    assets = await ensure_default_assets()
+    spec = load_fleet_spec(spec_path, default_kernel=assets.kernel, default_initrd=assets.initrd)
+    console = Console(stderr=as_json)
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="vmctl-fleet-"))
+    try:
+        template_seconds = await _prepare_template(spec, work) if spec.template else None
+        config = spec.sandbox
+        if spec.template:
+            config = config.replace(boot_from_template=True, memory_path=work / "template.mem",
+                                    devices_state_path=work / "template.state")  # fmt: skip
+        rows = {f"fleet-{i}": _Row() for i in range(spec.size)}
+        with Live(_table(rows, "vmctl fleet"), console=console, transient=as_json, refresh_per_second=8) as live:
+
+            def on_event(event: FleetEvent) -> None:
+                row = rows[event.sandbox_id]
+                if event.kind is FleetEventKind.READY:
+                    row.boot = event.detail
+                if event.kind in (FleetEventKind.BOOT_FAILED, FleetEventKind.ERROR):
+                    row.error = event.detail
+                if event.kind is not FleetEventKind.STOPPED or row.status in ("booting", "ready", "running"):
+                    row.status = event.kind.value
+                live.update(_table(rows, "vmctl fleet"))
+
+            async def job(sb: Sandbox) -> list[ExecResult]:
+                results = []
+                for argv in spec.commands:
+                    result = await sb.exec(list(argv), timeout=spec.command_timeout)
+                    results.append(result)
+                    rows[sb.id].exits.append(result.exit_code)
+                    live.update(_table(rows, "vmctl fleet"))
+                return results
+
+            async with Fleet(config, size=spec.size, max_concurrent_starts=spec.max_concurrent_starts,
+                             fail_fast=spec.fail_fast, on_event=on_event) as fleet:  # fmt: skip
+                outcomes = await fleet.map(job)
+            summary = fleet.summary()
+            live.update(_table(rows, "vmctl fleet: done"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = _report(summary, outcomes, time.monotonic() - started, template_seconds)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        ok = sum(m["ok"] for m in report["members"])
+        console.print()
+        console.print(f"{ok}/{len(report['members'])} sandboxes ok in {report['seconds']:.1f}s"
+                      + (f" (template built in {template_seconds:.1f}s)" if template_seconds else ""))  # fmt: skip
+    return 0 if report["ok"] else 1
+
+
+async def _prepare_template(spec: FleetSpec, work: Path) -> float:
+    """Boot one sandbox to be the template; it saves its state and stops."""
+    started = time.monotonic()
+    config = spec.sandbox.replace(boot_to_be_template=True, memory_path=work / "template.mem",
+                                  devices_state_path=work / "template.state")  # fmt: skip
+    async with Sandbox(config, id="fleet-template"):
+        pass
+    return time.monotonic() - started
+
+
+def _report(summary: list[dict[str, Any]], outcomes: list[tuple[Sandbox, Outcome[list[ExecResult]]]],
+            seconds: float, template_seconds: float | None) -> dict[str, Any]:  # fmt: skip
+    members = []
+    for row, (_sandbox, outcome) in zip(summary, outcomes, strict=True):
+        results = outcome.value or []
+        member = {
+            **row,
+            "exit_codes": [r.exit_code for r in results],
+            "stdout": [r.stdout.decode(errors="replace") for r in results],
+            "stderr": [r.stderr.decode(errors="replace") for r in results],
+            "error": row["error"] or (str(outcome.error) if outcome.error else None),
+        }
+        member["ok"] = outcome.ok and all(r.ok for r in results)
+        members.append(member)
+    return {"ok": all(m["ok"] for m in members), "seconds": seconds, "template_seconds": template_seconds,
+            "members": members}  # fmt: skip
