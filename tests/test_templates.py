@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vmctl import Sandbox, SandboxConfig, SandboxState
+from vmctl import ConfigError, Sandbox, SandboxConfig, SandboxState
 
 pytestmark = pytest.mark.qemu
 MakeConfig = Callable[..., SandboxConfig]
@@ -37,3 +37,9 @@ async def test_template_then_clones(make_config: MakeConfig, tmp_path: Path) -> 
             assert (await b.exec(["uname", "-r"], check=True)).text.strip()
         assert (await a.exec(["cat", "/tmp/mark"], check=True)).text == "only-in-a\n"
     assert clone_ready < cold_boot, (clone_ready, cold_boot)
+
+    drifted = make_config(boot_from_template=True, memory_path=memory, devices_state_path=state, vcpus=2, max_vcpus=2)
+    with pytest.raises(ConfigError) as info:
+        async with Sandbox(drifted):
+            pytest.fail("a clone that no longer matches its template must not start")
+    assert set(info.value.fields) == {"vcpus", "max_vcpus"} and "template has 1" in str(info.value)

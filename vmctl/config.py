@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from vmctl import host
-from vmctl.devices import Device, DeviceContext, device_from_mapping
+from vmctl.devices import Device, DeviceContext, device_from_mapping, device_to_mapping
 from vmctl.errors import ConfigError, Problem
 from vmctl.params import Param, normalize_params, serialize_params
 
@@ -175,6 +175,26 @@ class SandboxConfig:
         return cls(**values)
 
     from_dict = from_mapping
+
+    def to_mapping(self) -> dict[str, Any]:
+        """A TOML/JSON-ready table that :meth:`from_mapping` turns back into an equal config."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in getattr(self, "_defaulted", ()):  # let defaults be worked out again
+                continue
+            if value is None:
+                continue
+            if isinstance(value, Path):
+                value = str(value)
+            elif f.name == "kernel_params":
+                value = serialize_params(value, "=")
+            elif f.name == "hypervisor_params":
+                value = {k: v for k, v in value}
+            elif f.name == "devices":
+                value = [device_to_mapping(d) for d in value]
+            out[f.name] = value
+        return out
 
     @classmethod
     def from_toml(cls, source: str | os.PathLike[str], *, table: str | None = "sandbox") -> SandboxConfig:

@@ -420,6 +420,19 @@ def device_from_mapping(data: Mapping[str, Any]) -> Device:
         raise TypeError(f"device type {kind!r}: {exc}") from None
 
 
+def device_to_mapping(device: Device) -> dict[str, Any]:
+    """The inverse of :func:`device_from_mapping` (paths as strings, tuples as lists)."""
+    import dataclasses
+
+    out: dict[str, Any] = {"type": device.kind}
+    for f in dataclasses.fields(device):  # type: ignore[arg-type]
+        value = getattr(device, f.name)
+        if value is None:
+            continue
+        out[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def id_prefix(device: Device) -> str:
     return {"block": "disk", "network": "net", "vsock": "vsock", "vfio": "vfio", "vhost-user-block": "vublk",
             "vhost-user-net": "vunet", "serial": "port"}[device.kind]  # fmt: skip

@@ -60,7 +60,13 @@ async def save_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Pa
     try:
         await qmp.send_fd(fd, "vmctl-save")
         await qmp.execute("migrate", {"uri": "fd:vmctl-save"})
-        status = await tracker.wait_final(qmp)
+        try:
+            status = await tracker.wait_final(qmp)
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await qmp.execute("migrate_cancel")  # QEMU holds its own copy of the fd
+                await tracker.wait_final(qmp)
+            raise
         if status != "completed":
             raise QMPError(f"saving device state to {path} ended {status}")
         os.fsync(fd)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 import secrets
+import tempfile
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
@@ -35,7 +37,16 @@ from vmctl.agent import (
 )
 from vmctl.config import SandboxConfig
 from vmctl.devices import BlockDevice, Device, NetworkDevice, SerialPort, id_prefix
-from vmctl.errors import ConfigError, GuestError, NotSupported, QMPDisconnected, SandboxFailed, VmctlError, VmctlTimeout
+from vmctl.errors import (
+    ConfigError,
+    GuestError,
+    NotSupported,
+    Problem,
+    QMPDisconnected,
+    SandboxFailed,
+    VmctlError,
+    VmctlTimeout,
+)
 from vmctl.hotplug import HotplugError, HotplugQueue, PluggedDevice, SlotAllocator
 from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor, RunPaths
 from vmctl.hypervisors.cmdline import cold_devices
@@ -51,6 +62,8 @@ DEFAULT_START_TIMEOUT = 120.0
 DEFAULT_STOP_TIMEOUT = 10.0
 DEFAULT_CALL_TIMEOUT = 30.0
 CONSOLE_TAIL_LINES = 50
+SNAPSHOT_STATE = "state"
+SNAPSHOT_CONFIG = "sandbox.json"
 
 _QMP_TRIGGERS = {"STOP": Trigger.QMP_STOP, "RESUME": Trigger.QMP_RESUME, "GUEST_PANICKED": Trigger.GUEST_PANICKED}
 _FAILED_SHUTDOWN_REASONS = {"guest-reset", "guest-panic", "host-signal", "host-error"}
@@ -60,6 +73,35 @@ async def _iterate(receive: MemoryObjectReceiveStream[str]) -> AsyncIterator[str
     async with receive:
         async for item in receive:
             yield item
+
+
+_TEMPLATE_FIELDS = ("boot_to_be_template", "boot_from_template", "memory_path", "devices_state_path", "accel")
+
+
+def _template_record(state: Path) -> Path:
+    return state.with_name(state.name + ".vmctl.json")
+
+
+def _template_identity(config: SandboxConfig) -> dict[str, Any]:
+    """What a clone must share with its template (everything but the template fields)."""
+    return {k: v for k, v in config.to_mapping().items() if k not in _TEMPLATE_FIELDS}
+
+
+def _check_template_matches(config: SandboxConfig) -> None:
+    """A clone whose config drifted from its template is refused, never cold-booted instead."""
+    assert config.devices_state_path is not None
+    record = _template_record(config.devices_state_path)
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(
+            [Problem("devices_state_path", f"no template record at {record}: boot the template again")]
+        ) from None
+    mine = _template_identity(config)
+    problems = [Problem(key, f"the template has {saved.get(key)!r}, this config {mine.get(key)!r}")
+                for key in sorted(set(saved) | set(mine)) if saved.get(key) != mine.get(key)]  # fmt: skip
+    if problems:
+        raise ConfigError(problems)
 
 
 def disk_name(prefix: str, index: int) -> str:
@@ -132,6 +174,7 @@ class Sandbox:
         self._run_scope: anyio.CancelScope | None = None
         self._run_done: anyio.Event | None = None
         self._released = False
+        self._incoming: Path | None = None
         self._paths: RunPaths | None = None
         self._tg: TaskGroup | None = None
         self._stack: AsyncExitStack | None = None
@@ -251,7 +294,10 @@ class Sandbox:
                 if self._log_dir is not None:
                     self._log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                     self._paths = RunPaths(run_dir, self._log_dir)
+                if self._config.boot_from_template:
+                    _check_template_matches(self._config)
                 self._hv = self._backend(self._config, self._paths, self.id, self, self.log)
+                self._hv.incoming = self._incoming
                 await self._hv.create()
                 self._run_done = anyio.Event()
                 self._tg.start_soon(self._run_hypervisor, self._hv)
@@ -325,6 +371,7 @@ class Sandbox:
         if save is None:
             raise NotSupported(f"the {self._hypervisor().name} backend cannot save templates")
         await save(self._config.devices_state_path)
+        _template_record(self._config.devices_state_path).write_text(json.dumps(_template_identity(self._config)))
         self.log.info("template saved", devices_state=str(self._config.devices_state_path))
 
     async def _run_hypervisor(self, hv: Hypervisor) -> None:
@@ -440,6 +487,52 @@ class Sandbox:
         with deadline(timeout, "resume"):
             await self._guest_call(self._hypervisor().resume())
             await self._machine.wait_for(SandboxState.RUNNING)
+
+    async def snapshot(self, directory: str | Path, *, timeout: float = 300.0) -> Path:
+        """Save memory and device state to ``directory`` (which must not exist); keep running.
+
+        The snapshot is written into a hidden sibling directory and renamed into place at the
+        end, so a failed or cancelled save leaves no directory that looks like a snapshot, and
+        the sandbox running. :meth:`restore` starts it again, from any process.
+        """
+        target = Path(directory).expanduser().absolute()
+        if target.exists():
+            raise InvalidArgument(f"directory: {target} already exists; snapshots never overwrite")
+        save = getattr(self._hypervisor(), "save_device_state", None)
+        if save is None:
+            raise NotSupported(f"the {self._hypervisor().name} backend cannot save snapshots")
+        self._machine.check(Trigger.PAUSE)  # a running sandbox only
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            await self.pause()
+            try:
+                with deadline(timeout, "snapshot"):
+                    await save(partial / SNAPSHOT_STATE)
+                    record = {"vmctl_snapshot": 1, "sandbox_id": self.id, "config": self.config.to_mapping()}
+                    (partial / SNAPSHOT_CONFIG).write_text(json.dumps(record, indent=2))
+                    partial.rename(target)
+            finally:
+                if self.state is SandboxState.PAUSED:
+                    with anyio.CancelScope(shield=True):
+                        await self.resume()
+        finally:
+            remove_tree(partial)
+        self.log.info("snapshot saved", directory=str(target))
+        return target
+
+    @classmethod
+    def restore(cls, directory: str | Path, **options: Any) -> Sandbox:
+        """A sandbox that starts from a snapshot instead of booting (use it with ``async with``)."""
+        source = Path(directory).expanduser().absolute()
+        try:
+            record = json.loads((source / SNAPSHOT_CONFIG).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"directory: {source} is not a vmctl snapshot ({exc})") from None
+        if record.get("vmctl_snapshot") != 1 or not (source / SNAPSHOT_STATE).is_file():
+            raise InvalidArgument(f"directory: {source} is not a complete vmctl snapshot")
+        sandbox = cls(SandboxConfig.from_mapping(record["config"]), **options)
+        sandbox._incoming = source / SNAPSHOT_STATE
+        return sandbox
 
     async def wait_for_state(self, *states: SandboxState, timeout: float | None = None) -> SandboxState:
         """Wait until the sandbox is in one of ``states``; fails fast once none can be reached."""

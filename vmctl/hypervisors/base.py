@@ -86,6 +86,8 @@ class Hypervisor(ABC):
         self.events = events
         self.log = logger
         self.agent = AgentClient(paths.agent_socket)
+        #: a snapshot's device state to load instead of booting (set before ``create``)
+        self.incoming: Path | None = None
 
     @abstractmethod
     async def create(self) -> None:

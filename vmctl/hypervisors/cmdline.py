@@ -42,8 +42,11 @@ def opt(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
-def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: Mapping[str, int]) -> list[str]:
-    """The full argv (binary first) for ``config``; ``fds`` maps qmp/console/agent to listening fds."""
+def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: Mapping[str, int],
+                  *, incoming: bool = False) -> list[str]:  # fmt: skip
+    """The full argv (binary first) for ``config``; ``fds`` maps qmp/console/agent to listening fds.
+
+    ``incoming``: QEMU waits for a saved state (a snapshot) instead of booting."""
     assert config.qemu_binary is not None and config.accel in ("kvm", "tcg"), "resolve the config first"
     c = config
     pci = c.machine != "microvm"
@@ -87,7 +90,7 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
         argv += device.cold_args(dev_id, c.device_context(), where)
     if c.vsock:
         argv += ["-device", f"vhost-vsock-{bus},id=vsock0,guest-cid={secrets.randbelow(2**31) + 3}"]
-    if c.boot_from_template:
+    if c.boot_from_template or incoming:
         argv += ["-incoming", "defer"]
     argv += ["-sandbox", SECCOMP]
     argv += c.qemu_extra_args()

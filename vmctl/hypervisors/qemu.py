@@ -177,7 +177,8 @@ class QemuHypervisor(Hypervisor):
                                                   f"(it has: {', '.join(sorted(machines)[:12])}...)")])  # fmt: skip
         accel = await resolve_accel(self.config, qemu, self.log)
         self._effective = self.config.replace(accel=accel, qemu_binary=qemu)
-        self._argv = build_command(self._effective, self.paths, self.sandbox_id, {n: -1 for n in CHANNELS})
+        self._argv = build_command(self._effective, self.paths, self.sandbox_id, {n: -1 for n in CHANNELS},
+                                   incoming=self.incoming is not None)  # fmt: skip
 
     async def _spawn(self, argv: list[str], listeners: Mapping[str, socket.socket]) -> VmProcess:
         """Start QEMU; it inherits the listening sockets and dies with this process (PDEATHSIG)."""
@@ -202,7 +203,8 @@ class QemuHypervisor(Hypervisor):
                     for name in CHANNELS:
                         listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
                     fds = {name: s.fileno() for name, s in listeners.items()}
-                    self._argv = build_command(self._effective, self.paths, self.sandbox_id, fds)
+                    self._argv = build_command(self._effective, self.paths, self.sandbox_id, fds,
+                                               incoming=self.incoming is not None)  # fmt: skip
                     self.log.debug("launching qemu", argv=self._argv)
                     self._process = await self._spawn(self._argv, listeners)
                     self.log = self.log.bind(pid=self._process.pid)
@@ -233,7 +235,9 @@ class QemuHypervisor(Hypervisor):
         tg.start_soon(self._watch_qmp)
         await tg.start(self.agent.run)
         tg.start_soon(self._pump_console)
-        if self._effective.boot_from_template:
+        if self.incoming is not None:
+            await load_device_state(self._qmp, self._migration, self.incoming)
+        elif self._effective.boot_from_template:
             assert self._effective.devices_state_path is not None
             await load_device_state(self._qmp, self._migration, self._effective.devices_state_path)
         await self._qmp.execute("cont")
@@ -314,8 +318,9 @@ class QemuHypervisor(Hypervisor):
                 self.events.on_console_line(line.decode(errors="replace").rstrip("\r"))
 
     async def wait_ready(self) -> None:
-        if self._effective.boot_from_template:
-            # A clone resumes a guest whose agent announced itself long ago: ask it instead.
+        if self._effective.boot_from_template or self.incoming is not None:
+            # A clone or a restored snapshot resumes a guest whose agent announced itself long
+            # ago: ask it instead.
             await self.agent.ping()
             self.agent.mark_ready()
         await self.agent.wait_ready()
