@@ -136,3 +136,41 @@ async def test_one_member_killed_mid_run_is_reported_while_the_others_finish(
     assert results[0][1].value == "done\n" and "code -9" in str(results[1][1].error)
     assert [sb.state for sb in fleet.sandboxes] == [SandboxState.STOPPED, SandboxState.FAILED, SandboxState.STOPPED]
     assert qemu_processes(str(runtime_dir)) == []
+
+
+async def test_fail_fast_does_not_wait_for_the_other_boots(tmp_path: Path) -> None:
+    slow, broken = FakeQemu(ready_delay=30), FakeQemu(ready_delay=None)
+    backends = iter([broken, slow, slow, slow])
+
+    def backend(*args: object) -> object:
+        return next(backends)(*args)
+
+    with anyio.fail_after(10):  # not 30 s per slow member
+        with pytest.raises(Exception, match="failed to boot"):
+            async with Fleet(fake_config(tmp_path), size=4, backend=backend, start_timeout=0.3,  # type: ignore[arg-type]
+                             fail_fast=True):  # fmt: skip
+                pytest.fail("fail_fast must not enter the block")
+
+
+def test_members_cannot_share_a_writable_disk(tmp_path: Path) -> None:
+    from vmctl import BlockDevice
+    from vmctl.fleet import FleetError
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * 512)
+    with pytest.raises(FleetError, match="share writable disks"):
+        Fleet(fake_config(tmp_path, devices=[BlockDevice(path=disk)]), size=2)
+    Fleet(fake_config(tmp_path, devices=[BlockDevice(path=disk, read_only=True)]), size=2)
+    spec = tmp_path / "f.toml"
+    spec.write_text(f'[fleet]\nsize = 2\ndevices = [{{type = "block", path = "{disk}"}}]\n[sandbox]\n')
+    with pytest.raises(ConfigError) as info:
+        load_fleet_spec(spec, default_kernel=disk, default_initrd=disk)
+    assert "fleet.devices" in info.value.fields
+    spec.write_text('[fleet]\nsize = 1\ndevices = [{type = "block", path = "missing.img"}]\n[sandbox]\n')
+    with pytest.raises(ConfigError) as info:
+        load_fleet_spec(spec, default_kernel=disk, default_initrd=disk)
+    assert info.value.fields == ("fleet.devices[0].path",)
+    spec.write_text("[fleet]\nsize = 1\n[sandbox]\n")
+    spec.write_text('sandbox = "abc"\n[fleet]\nsize = 1\n')
+    with pytest.raises(ConfigError, match="sandbox"):
+        load_fleet_spec(spec, default_kernel=disk, default_initrd=disk)

@@ -153,3 +153,51 @@ def test_tap_uses_vhost_net_unless_disabled() -> None:
     tap = NetworkDevice(backend="tap", tap_name="tap0")
     assert tap.backends("n0", DeviceContext(vhost_net=True))[0].spec["vhost"] is True
     assert "vhost" not in tap.backends("n0", DeviceContext(vhost_net=False))[0].spec
+
+
+async def test_two_plugs_of_one_id_cannot_corrupt_the_slots(tmp_path: Path, disk: Path) -> None:
+    async with Sandbox(
+        fake_config(tmp_path, block_driver="virtio-scsi"), backend=FakeQemu(delays={"device_add": 0.05})
+    ) as sb:
+        errors: list[Exception] = []
+
+        async def plug() -> None:
+            try:
+                await sb.hotplug(BlockDevice(path=disk, id="data"))
+            except HotplugError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(plug)
+            tg.start_soon(plug)
+        assert len(errors) == 1 and "already in use" in str(errors[0])
+        queue = sb._require_queue()  # noqa: SLF001
+        assert [d.id for d in sb.devices] == ["data"] and queue.slots.free("scsi") == 255
+        other = await sb.hotplug(BlockDevice(path=disk, id="other"))
+        assert other.placement.scsi_id == 1, "the first disk's target is still taken"
+
+
+async def test_cancel_while_device_add_is_in_flight_keeps_the_table_true(tmp_path: Path, disk: Path) -> None:
+    fake = FakeQemu(delays={"device_add": 0.3})
+    async with Sandbox(fake_config(tmp_path, block_driver="virtio-blk"), backend=fake) as sb:
+        with anyio.move_on_after(0.1):
+            await sb.hotplug(BlockDevice(path=disk, id="late"))
+        in_qemu = "late" in fake.process.devices
+        assert ([d.id for d in sb.devices] == ["late"]) == in_qemu, "the table follows what QEMU did"
+        if in_qemu:
+            await sb.unplug("late")
+        assert sb.devices == [] and "late" not in fake.process.devices
+        again = await sb.hotplug(BlockDevice(path=disk, id="late"))  # no stale node names or slots
+        assert again.guest_path == "/dev/vda"
+
+
+def test_reserved_ids_and_no_format_guessing(tmp_path: Path, disk: Path) -> None:
+    from vmctl.devices import DeviceContext
+
+    assert "uses itself" in str(BlockDevice(path=disk, id="rp0").problems(DeviceContext()))
+    assert "uses itself" in str(BlockDevice(path=disk, id="cpu1").problems(DeviceContext()))
+    planted = tmp_path / "planted.img"
+    planted.write_bytes(b"QFI\xfb" + b"\0" * 508)  # a guest could write a qcow2 header into its disk
+    assert BlockDevice(path=planted).image_format() == "raw"
+    qcow = BlockDevice(path=planted, format="qcow2").backends("d", DeviceContext())
+    assert qcow[1].spec["backing"] is None

@@ -114,6 +114,8 @@ class Device(ABC):
             out.append(
                 Problem(f"{self.kind}.id", f"{self.id!r}: 1-20 letters, digits, '_' or '-', starting with a letter")
             )
+        elif self.id is not None and RESERVED_IDS.match(self.id):
+            out.append(Problem(f"{self.kind}.id", f"{self.id!r} is an id vmctl uses itself; pick another"))
         return out
 
     def needs_slot(self, ctx: DeviceContext) -> str | None:
@@ -183,16 +185,17 @@ class BlockDevice(Device):
         return {"virtio-blk": "pci", "virtio-scsi": "scsi", "virtio-mmio": None}[driver]
 
     def image_format(self) -> str:
-        if self.format is not None:
-            return self.format
-        with self.path.open("rb") as f:
-            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+        """``raw`` unless ``format`` says otherwise: never guessed from the file's first bytes,
+        which a guest can write (a planted qcow2 header could point QEMU at a host file)."""
+        return self.format or "raw"
 
     def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
         file_node: dict[str, Any] = {"driver": "file", "filename": str(self.path), "node-name": f"{dev_id}-file",
                                      "read-only": self.read_only}  # fmt: skip
         fmt: dict[str, Any] = {"driver": self.image_format(), "file": f"{dev_id}-file", "node-name": f"{dev_id}-fmt",
                                "read-only": self.read_only}  # fmt: skip
+        if fmt["driver"] == "qcow2":
+            fmt["backing"] = None  # a qcow2 never opens a backing file named inside the image
         if ctx.cache_set:
             cache = {"direct": ctx.cache_direct, "no-flush": ctx.cache_noflush}
             file_node["cache"] = fmt["cache"] = cache
@@ -418,6 +421,19 @@ def device_from_mapping(data: Mapping[str, Any]) -> Device:
         return cls(**values)
     except TypeError as exc:
         raise TypeError(f"device type {kind!r}: {exc}") from None
+
+
+def stable_mac(sandbox_id: str, dev_id: str) -> str:
+    """A stable, locally administered MAC per sandbox and device (QEMU's 52:54:00 prefix)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{sandbox_id}/{dev_id}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+RESERVED_IDS = re.compile(
+    r"^(root|rp\d+|br\d+|vser0|scsi0|vsock0|rng0|mem0|iothread0|qmp|console0|agent0|cpu\d+|dimm\d+.*)$"
+)
 
 
 def device_to_mapping(device: Device) -> dict[str, Any]:

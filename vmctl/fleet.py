@@ -21,6 +21,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from vmctl.config import SandboxConfig
+from vmctl.devices import BlockDevice
 from vmctl.errors import VmctlError
 from vmctl.hypervisors.base import Backend
 from vmctl.sandbox import Sandbox
@@ -29,8 +30,8 @@ from vmctl.state import SandboxState
 T = TypeVar("T")
 
 
-class FleetError(VmctlError):
-    """A fleet could not do what was asked (with ``fail_fast``: a member failed)."""
+class FleetError(VmctlError, ValueError):
+    """A fleet could not do what was asked (bad arguments, or with ``fail_fast``: a member failed)."""
 
 
 class FleetEventKind(enum.Enum):
@@ -72,6 +73,20 @@ class Member:
     boot_done: bool = False
 
 
+def _refuse_shared_writable_disks(configs: list[SandboxConfig]) -> None:
+    """Members opening one image read-write would be refused by QEMU's locks (or corrupt it)."""
+    seen: dict[str, int] = {}
+    for config in configs:
+        paths = [str(config.image)] if config.image else []
+        paths += [str(d.path) for d in config.devices if isinstance(d, BlockDevice) and not d.read_only]
+        for path in paths:
+            seen[path] = seen.get(path, 0) + 1
+    shared = sorted(p for p, n in seen.items() if n > 1)
+    if shared:
+        raise FleetError(f"members would share writable disks {shared}: give each its own copy, "
+                         "or mark data disks read_only")  # fmt: skip
+
+
 class Fleet:
     """``async with Fleet(config, size=8, max_concurrent_starts=4) as fleet:`` boots them all."""
 
@@ -89,11 +104,12 @@ class Fleet:
     ) -> None:
         configs = [config] * (size or 1) if isinstance(config, SandboxConfig) else list(config)
         if size is not None and not isinstance(config, SandboxConfig) and size != len(configs):
-            raise ValueError("size: give either one config and a size, or a list of configs")
+            raise FleetError("size: give either one config and a size, or a list of configs")
         if not configs:
-            raise ValueError("size: a fleet needs at least one sandbox")
+            raise FleetError("size: a fleet needs at least one sandbox")
         if max_concurrent_starts < 1:
-            raise ValueError("max_concurrent_starts: must be at least 1")
+            raise FleetError("max_concurrent_starts: must be at least 1")
+        _refuse_shared_writable_disks(configs)
         self.members = [
             Member(i, Sandbox(c, id=f"{id_prefix}-{i}", backend=backend, start_timeout=start_timeout))
             for i, c in enumerate(configs)
@@ -124,7 +140,10 @@ class Fleet:
 
     def _emit(self, kind: FleetEventKind, sandbox: Sandbox, detail: str = "") -> None:
         if self._on_event is not None:
-            self._on_event(FleetEvent(kind, sandbox.id, detail))
+            try:
+                self._on_event(FleetEvent(kind, sandbox.id, detail))
+            except Exception as exc:  # a broken progress display must not take the fleet down
+                sandbox.log.warning("fleet on_event callback failed", error=repr(exc))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -142,6 +161,8 @@ class Fleet:
             if self.fail_fast and self._first_failure is not None:
                 raise FleetError(f"a member failed to boot: {self._first_failure}") from self._first_failure
         except BaseException:
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()  # stop boots under way; teardowns are shielded
             await self._close()
             raise
         return self

@@ -25,7 +25,7 @@ from typing import Any
 
 from vmctl.config import SandboxConfig
 from vmctl.devices import Device, device_from_mapping
-from vmctl.errors import ConfigError, Problem
+from vmctl.errors import ConfigError, Problem, VmctlError
 
 FLEET_FIELDS = {"size", "max_concurrent_starts", "template", "fail_fast", "command_timeout", "commands", "devices"}
 
@@ -69,20 +69,34 @@ def load_fleet_spec(path: str | Path, *, default_kernel: Path | None = None,
         timeout = 300.0
     commands = _commands(fleet.get("commands", []), problems)
     devices = _devices(fleet.get("devices", []), problems, path.parent)
-    sandbox_data: dict[str, Any] = dict(data.get("sandbox", {}))
-    if not isinstance(data.get("sandbox", {}), dict):
+    raw_sandbox = data.get("sandbox", {})
+    sandbox_data: dict[str, Any] = dict(raw_sandbox) if isinstance(raw_sandbox, dict) else {}
+    if not isinstance(raw_sandbox, dict):
         problems.append(Problem("sandbox", "must be a table of SandboxConfig fields"))
-        sandbox_data = {}
     if "kernel" not in sandbox_data and default_kernel is not None:
         sandbox_data["kernel"] = str(default_kernel)
-        if "image" not in sandbox_data and "initrd" not in sandbox_data and default_initrd is not None:
-            sandbox_data["initrd"] = str(default_initrd)
+        if "initrd" not in sandbox_data and default_initrd is not None:
+            sandbox_data["initrd"] = str(default_initrd)  # with an image too: it switches to the disk
+    own = len(sandbox_data.get("devices", []))
     if devices:
         sandbox_data["devices"] = [*sandbox_data.get("devices", []), *devices]
     try:
         sandbox = SandboxConfig.from_mapping(sandbox_data, base_dir=path.parent.absolute())
     except ConfigError as exc:
-        problems.extend(Problem(f"sandbox.{p.field}", p.message) for p in exc.problems)
+        for p in exc.problems:
+            field, _, rest = p.field.partition("]")
+            if field.startswith("devices[") and int(field[8:]) >= own:  # one of [fleet] devices
+                problems.append(Problem(f"fleet.devices[{int(field[8:]) - own}]{rest}", p.message))
+            else:
+                problems.append(Problem(f"sandbox.{p.field}", p.message))
+    else:
+        if size > 1:
+            try:
+                from vmctl.fleet import _refuse_shared_writable_disks
+
+                _refuse_shared_writable_disks([sandbox] * size)
+            except VmctlError as exc:
+                problems.append(Problem("fleet.devices", str(exc)))
     if problems:
         raise ConfigError(problems)
     return FleetSpec(sandbox, size, starts, template, fail_fast, timeout, commands)

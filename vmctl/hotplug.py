@@ -30,6 +30,9 @@ from vmctl.devices import Device, DeviceContext, Placement, QmpCommand
 from vmctl.errors import QMPCommandError, VmctlError, VmctlTimeout
 from vmctl.qmp import QmpEvent
 
+ACPI_EJECT = 3
+ACPI_EJECT_REFUSED = frozenset({0x80, 0x81, 0x82, 0x83})
+
 
 class HotplugError(VmctlError):
     """A hotplug or unplug request failed (QEMU or the guest refused, no slot left, ...)."""
@@ -97,6 +100,8 @@ class SlotAllocator:
         return self._pci if kind == "pci" else self._scsi
 
     def allocate(self, kind: str, owner: str) -> Placement:
+        if owner in self._owner:
+            raise HotplugError(f"{owner} already holds a slot")
         used = {p for k, p in self._owner.values() if k == kind}
         for placement in self._pool(kind):
             if placement not in used:
@@ -156,9 +161,16 @@ class HotplugQueue:
                 waiter.resolve(error=HotplugError(f"the guest refused to release {dev_id}"))
         elif event.name == "ACPI_DEVICE_OST":
             info = event.data.get("info", {})
-            waiter = self._ost.get(str(info.get("device", "")))
+            dev_id = str(info.get("device", ""))
+            waiter = self._ost.get(dev_id)
             if waiter is not None:
                 waiter.resolve(dict(info))
+            eject = self._deleted.get(dev_id)
+            if eject is not None and info.get("source") == ACPI_EJECT and info.get("status") in ACPI_EJECT_REFUSED:
+                # the guest will not let go (e.g. memory onlined unmovable): no DEVICE_DELETED will come
+                eject.resolve(
+                    error=HotplugError(f"the guest refused to release {dev_id} (ACPI status {info.get('status')})")
+                )
 
     def _device_gone(self, dev_id: str) -> None:
         record = self.devices.get(dev_id)
@@ -169,8 +181,8 @@ class HotplugQueue:
             record.state = DeviceState.REMOVED
             self.slots.release(dev_id)
             del self.devices[dev_id]
-            if waiter is None:  # late: nobody waits to clean up, so the next request does
-                self._late_cleanup.extend(record.cleanup)
+            # the backends are deleted by the waiting unplug, or else before the next request
+            self._late_cleanup.extend(record.cleanup)
 
     def fail_all(self, error: BaseException) -> None:
         self._failure = error
@@ -201,28 +213,38 @@ class HotplugQueue:
                    confirm: Callable[[PluggedDevice], Awaitable[str | None]] | None = None,
                    timeout: float | None = None) -> PluggedDevice:  # fmt: skip
         """Plug ``device``; return once QEMU accepted it and ``confirm`` saw it in the guest."""
-        if self._failure is not None:
-            raise self._failure
-        if dev_id in self.devices:
-            raise HotplugError(f"device id {dev_id!r} is already in use in this sandbox")
         async with self._submit:
+            if self._failure is not None:
+                raise self._failure
+            if dev_id in self.devices:  # checked under the lock: two plugs of one id cannot race
+                raise HotplugError(f"device id {dev_id!r} is already in use in this sandbox")
             await self._flush_late_cleanup()
             kind = device.needs_slot(self.ctx)
             placement = self.slots.allocate(kind, dev_id) if kind else Placement()
             record = PluggedDevice(dev_id, device, placement, hotplugged=True,
                                    cleanup=device.cleanup_commands(dev_id, self.ctx))  # fmt: skip
-            commands = device.plug_commands(dev_id, self.ctx, placement)
-            done: list[QmpCommand] = []
+            *backends, frontend = device.plug_commands(dev_id, self.ctx, placement)
+            sent: list[QmpCommand] = []
             try:
-                for command in commands:
+                for command in backends:
+                    sent.append(command)  # counted before the reply: it may be in QEMU even if we hear nothing
                     await self._execute(command.name, dict(command.arguments))
-                    done.append(command)
             except BaseException:
-                self.slots.release(dev_id)
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    await self._rollback(done, dev_id)
+                await self._undo_plug(dev_id, sent)
                 raise
+            # From here the device may exist in QEMU even if we do not hear back, so the table
+            # has it until QEMU says otherwise.
             self.devices[dev_id] = record
+            try:
+                await self._execute(frontend.name, dict(frontend.arguments))
+            except QMPCommandError:
+                await self._undo_plug(dev_id, sent)
+                raise
+            except BaseException:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    if await self._exists(dev_id) is False:
+                        await self._undo_plug(dev_id, sent)
+                raise
         if confirm is not None:
             try:
                 with anyio.fail_after(self.ack_timeout if timeout is None else timeout):
@@ -233,20 +255,26 @@ class HotplugQueue:
                 raise HotplugTimeout(f"the guest did not show {dev_id} within {timeout or self.ack_timeout}s") from None
         return record
 
-    async def _rollback(self, done: list[QmpCommand], dev_id: str) -> None:
-        backends = [c for c in done if c.name != "device_add"]
-        if len(backends) < len(done):  # the frontend went in: take it out first
-            try:
-                await self._execute("device_del", {"id": dev_id})
-            except VmctlError:
-                pass
-        for command in reversed(backends):
-            delete = _undo(command)
-            if delete is not None:
-                try:
-                    await self._execute(delete.name, dict(delete.arguments))
-                except VmctlError:
-                    pass
+    async def _undo_plug(self, dev_id: str, sent: list[QmpCommand]) -> None:
+        """Forget a plug that did not happen: table row, slot, and the backends QEMU may have."""
+        self.devices.pop(dev_id, None)
+        self.slots.release(dev_id)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            for command in reversed(sent):
+                delete = _undo(command)
+                if delete is not None:
+                    try:
+                        await self._execute(delete.name, dict(delete.arguments))
+                    except VmctlError:
+                        pass  # it never got in
+
+    async def _exists(self, dev_id: str) -> bool | None:
+        """Whether QEMU has a device with this id (None: cannot tell)."""
+        try:
+            children = await self._execute("qom-list", {"path": "/machine/peripheral"})
+        except VmctlError:
+            return None
+        return any(child.get("name") == dev_id for child in children)
 
     async def unplug(self, dev_id: str, timeout: float | None = None) -> None:
         """``device_del`` and wait for ``DEVICE_DELETED``; then delete the backends, free the slot."""
@@ -262,8 +290,13 @@ class HotplugQueue:
             async with self._submit:
                 await self._flush_late_cleanup()
                 if record.state is DeviceState.PLUGGED:
-                    await self._execute("device_del", {"id": dev_id})
-                    record.state = DeviceState.UNPLUG_PENDING
+                    record.state = DeviceState.UNPLUG_PENDING  # before the reply: the event may come first
+                    try:
+                        await self._execute("device_del", {"id": dev_id})
+                    except QMPCommandError:
+                        if record.state is DeviceState.UNPLUG_PENDING:
+                            record.state = DeviceState.PLUGGED
+                        raise
             limit = self.ack_timeout if timeout is None else timeout
             with anyio.move_on_after(limit) as scope:
                 await waiter.done.wait()
@@ -276,12 +309,9 @@ class HotplugQueue:
                 raise waiter.error
         finally:
             self._deleted.pop(dev_id, None)
-        async with self._submit:
-            for command in record.cleanup:
-                try:
-                    await self._execute(command.name, dict(command.arguments))
-                except QMPCommandError:
-                    pass
+        with anyio.CancelScope(shield=True):  # the backends go even if the caller gives up now
+            async with self._submit:
+                await self._flush_late_cleanup()
 
     async def add_and_wait_ost(self, driver_props: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """``device_add`` a CPU or DIMM and wait for its ``ACPI_DEVICE_OST``; raise unless status 0."""

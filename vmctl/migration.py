@@ -46,14 +46,16 @@ class MigrationTracker:
         return self.status
 
 
-async def _prepare(qmp: QmpSession) -> None:
-    capabilities = [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]
+async def _prepare(qmp: QmpSession, *, skip_shared: bool) -> None:
+    # x-ignore-shared leaves out RAM in shared memory backends: right for templates (clones map
+    # the file), wrong for a snapshot of a guest whose RAM is shared (huge pages): it must be saved.
+    capabilities = [{"capability": "x-ignore-shared", "state": skip_shared}, {"capability": "events", "state": True}]
     await qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
 
 
-async def save_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Path) -> None:
+async def save_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Path, *, skip_shared: bool) -> None:
     """Write the paused VM's device state to ``path`` atomically (a partial file never shows)."""
-    await _prepare(qmp)
+    await _prepare(qmp, skip_shared=skip_shared)
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
     partial = path.with_name(f".{path.name}.partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -76,9 +78,9 @@ async def save_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Pa
         partial.unlink(missing_ok=True)
 
 
-async def load_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Path) -> None:
+async def load_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Path, *, skip_shared: bool) -> None:
     """Load device state saved by :func:`save_device_state` into a QEMU started with -incoming defer."""
-    await _prepare(qmp)
+    await _prepare(qmp, skip_shared=skip_shared)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         await qmp.send_fd(fd, "vmctl-load")

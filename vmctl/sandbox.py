@@ -9,7 +9,6 @@ reports (QMP events, process exit, faults). Leaving the ``async with`` block sto
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import secrets
@@ -36,7 +35,7 @@ from vmctl.agent import (
     parse_memory,
 )
 from vmctl.config import SandboxConfig
-from vmctl.devices import BlockDevice, Device, NetworkDevice, SerialPort, id_prefix
+from vmctl.devices import BlockDevice, Device, NetworkDevice, SerialPort, id_prefix, stable_mac
 from vmctl.errors import (
     ConfigError,
     GuestError,
@@ -49,7 +48,7 @@ from vmctl.errors import (
 )
 from vmctl.hotplug import HotplugError, HotplugQueue, PluggedDevice, SlotAllocator
 from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor, RunPaths
-from vmctl.hypervisors.cmdline import cold_devices
+from vmctl.hypervisors.cmdline import ROOT_DISK_ID, cold_devices
 from vmctl.hypervisors.microvm import MicrovmHypervisor
 from vmctl.hypervisors.qemu import QemuHypervisor
 from vmctl.log import get_logger
@@ -112,12 +111,6 @@ def disk_name(prefix: str, index: int) -> str:
         index, rest = divmod(index - 1, 26)
         letters = chr(ord("a") + rest) + letters
     return prefix + letters
-
-
-def _mac_for(sandbox_id: str, dev_id: str) -> str:
-    """A stable, locally administered MAC per sandbox and device (QEMU's 52:54:00 prefix)."""
-    digest = hashlib.sha256(f"{sandbox_id}/{dev_id}".encode()).digest()
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
 @contextmanager
@@ -325,7 +318,7 @@ class Sandbox:
         config = hv.effective_config()
         queue = HotplugQueue(hv.execute, config.device_context(), SlotAllocator(config.machine, config.pci_bridges))
         assert self._paths is not None
-        for dev_id, device, where in cold_devices(config, self._paths):
+        for dev_id, device, where in cold_devices(config, self._paths, self.id):
             queue.record_cold(dev_id, device, where)
             kind = device.needs_slot(queue.ctx)
             if kind == "scsi":
@@ -370,7 +363,7 @@ class Sandbox:
         save = getattr(self._hypervisor(), "save_device_state", None)
         if save is None:
             raise NotSupported(f"the {self._hypervisor().name} backend cannot save templates")
-        await save(self._config.devices_state_path)
+        await save(self._config.devices_state_path, skip_shared=True)
         _template_record(self._config.devices_state_path).write_text(json.dumps(_template_identity(self._config)))
         self.log.info("template saved", devices_state=str(self._config.devices_state_path))
 
@@ -507,7 +500,7 @@ class Sandbox:
             await self.pause()
             try:
                 with deadline(timeout, "snapshot"):
-                    await save(partial / SNAPSHOT_STATE)
+                    await save(partial / SNAPSHOT_STATE, skip_shared=False)
                     record = {"vmctl_snapshot": 1, "sandbox_id": self.id, "config": self.config.to_mapping()}
                     (partial / SNAPSHOT_CONFIG).write_text(json.dumps(record, indent=2))
                     partial.rename(target)
@@ -626,10 +619,9 @@ class Sandbox:
             assert self._paths is not None
             device = dataclasses.replace(device, socket=self._paths.run_dir / f"{dev_id}.sock")
         if isinstance(device, NetworkDevice) and device.mac is None:
-            device = dataclasses.replace(device, mac=_mac_for(self.id, dev_id))
-        confirm = self._confirmer(device)
-        with deadline(timeout, f"hotplug of {dev_id}"):
-            return await self._guest_call(queue.plug(device, dev_id, confirm, timeout=timeout))  # type: ignore[no-any-return]
+            device = dataclasses.replace(device, mac=stable_mac(self.id, dev_id))
+        confirm = self._confirmer(device, timeout or DEFAULT_CALL_TIMEOUT)
+        return await self._guest_call(queue.plug(device, dev_id, confirm, timeout=timeout))  # type: ignore[no-any-return]
 
     def _guest_key(self, device: Device | None, record: PluggedDevice) -> tuple[str, str] | None:
         """How the agent finds a device in the guest: virtio disks by serial, SCSI disks by
@@ -642,14 +634,14 @@ class Sandbox:
             return "net", str(device.mac)
         return None
 
-    def _confirmer(self, device: Device) -> Any:
+    def _confirmer(self, device: Device, timeout: float) -> Any:
         agent = self._hypervisor().agent
 
         async def confirm(record: PluggedDevice) -> str | None:
             key = self._guest_key(device, record)
             if key is None:
                 return None
-            found = await agent.wait_block_device(*key, timeout=DEFAULT_CALL_TIMEOUT)
+            found = await agent.wait_block_device(*key, timeout=timeout)
             if found is None:
                 raise HotplugError(f"QEMU plugged {record.id} but the guest never showed it")
             return found if key[0] != "net" else found.removeprefix("/dev/")
@@ -662,6 +654,10 @@ class Sandbox:
         dev_id = device if isinstance(device, str) else device.id
         queue = self._require_queue()
         record = queue.devices.get(dev_id)
+        if record is not None and record.device is None:
+            raise InvalidArgument(f"{dev_id} is a CPU or memory device: use resize_vcpus / resize_memory")
+        if dev_id == ROOT_DISK_ID:
+            raise InvalidArgument("the root disk cannot be unplugged from a running sandbox")
         key = self._guest_key(record.device, record) if record is not None else None
         await self._guest_call(queue.unplug(dev_id, timeout=timeout))
         # A SCSI disk leaves QEMU before the guest has let it go: wait for the guest as well.

@@ -302,6 +302,10 @@ class FakeProcess:
                 result = QmpErrorReply("GenericError", f"Duplicate device ID '{args.get('id')}'")
             else:
                 self.devices[str(args.get("id"))] = dict(args)
+        elif name == "qom-list" and args.get("path") == "/machine/peripheral":
+            result = [
+                {"name": dev_id, "type": f"child<{props.get('driver')}>"} for dev_id, props in self.devices.items()
+            ]
         elif name == "device_del":
             dev_id = str(args.get("id"))
             if dev_id not in self.devices:

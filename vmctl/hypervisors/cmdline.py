@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from vmctl import host
 from vmctl.config import SandboxConfig
-from vmctl.devices import BlockDevice, Device, Placement, SerialPort, id_prefix
+from vmctl.devices import BlockDevice, Device, NetworkDevice, Placement, SerialPort, id_prefix, stable_mac
 from vmctl.hypervisors.base import RunPaths
 
 AGENT_PORT_NAME = "org.vmctl.agent"
@@ -86,7 +86,7 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
         argv += ["-object", "iothread,id=iothread0"]
     if pci and c.block_driver == "virtio-scsi" and not c.disable_block_devices:
         argv += ["-device", "virtio-scsi-pci,id=scsi0" + (",iothread=iothread0" if c.io_threads else "")]
-    for dev_id, device, where in cold_devices(c, paths):
+    for dev_id, device, where in cold_devices(c, paths, sandbox_id):
         argv += device.cold_args(dev_id, c.device_context(), where)
     if c.vsock:
         argv += ["-device", f"vhost-vsock-{bus},id=vsock0,guest-cid={secrets.randbelow(2**31) + 3}"]
@@ -100,10 +100,11 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
 ROOT_DISK_ID = "root"
 
 
-def cold_devices(config: SandboxConfig, paths: RunPaths) -> list[tuple[str, Device, Placement]]:
+def cold_devices(config: SandboxConfig, paths: RunPaths, sandbox_id: str) -> list[tuple[str, Device, Placement]]:
     """Ids and places of the config's devices, the same on every call (the sandbox's device
     table is filled from this too). PCI devices sit on the root bus, SCSI disks take targets
-    from 0 up, serial ports without a socket get one in the run directory."""
+    from 0 up, serial ports without a socket get one in the run directory, NICs without a MAC
+    get a stable one."""
     ctx = config.device_context()
     used = {d.id for d in config.devices if d.id} | {ROOT_DISK_ID}
     counters: dict[str, int] = {}
@@ -126,6 +127,8 @@ def cold_devices(config: SandboxConfig, paths: RunPaths) -> list[tuple[str, Devi
             scsi += 1
         if isinstance(device, SerialPort) and device.socket is None:
             device = dataclasses.replace(device, socket=paths.run_dir / f"{dev_id}.sock")
+        if isinstance(device, NetworkDevice) and device.mac is None:
+            device = dataclasses.replace(device, mac=stable_mac(sandbox_id, dev_id))
         out.append((dev_id, device, where))
     return out
 

@@ -236,10 +236,10 @@ class QemuHypervisor(Hypervisor):
         await tg.start(self.agent.run)
         tg.start_soon(self._pump_console)
         if self.incoming is not None:
-            await load_device_state(self._qmp, self._migration, self.incoming)
+            await load_device_state(self._qmp, self._migration, self.incoming, skip_shared=False)
         elif self._effective.boot_from_template:
             assert self._effective.devices_state_path is not None
-            await load_device_state(self._qmp, self._migration, self._effective.devices_state_path)
+            await load_device_state(self._qmp, self._migration, self._effective.devices_state_path, skip_shared=True)
         await self._qmp.execute("cont")
 
     async def _launch_failure(self, exc: Exception) -> Exception:
@@ -325,9 +325,10 @@ class QemuHypervisor(Hypervisor):
             self.agent.mark_ready()
         await self.agent.wait_ready()
 
-    async def save_device_state(self, path: Path) -> None:
-        """Save the (paused) VM's device state for clones; guest RAM stays in the memory file."""
-        await save_device_state(self._qmp, self._migration, path)
+    async def save_device_state(self, path: Path, *, skip_shared: bool) -> None:
+        """Save the (paused) VM's state; with ``skip_shared`` (templates) RAM in the shared
+        memory file is left out, since clones map that file."""
+        await save_device_state(self._qmp, self._migration, path, skip_shared=skip_shared)
 
     async def wait_exited(self) -> None:
         await self._exited.wait()
