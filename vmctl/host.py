@@ -69,6 +69,11 @@ def cpu_count() -> int:
 
 
 def tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
+    """The TSC frequency: the kernel's own figure where it exports one, else "cpu MHz"."""
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
+    except (OSError, ValueError):
+        pass
     for line in cpuinfo.read_text().splitlines():
         if line.startswith("cpu MHz"):
             return int(float(line.split(":", 1)[1]) * 1000)

@@ -105,8 +105,13 @@ async def resolve_accel(config: SandboxConfig, qemu: Path, log: Any) -> str:
     verdict = await host.kvm_boots_guests(qemu, config.kernel)
     if verdict.usable:
         return "kvm"
-    log.warning("KVM not usable, falling back to TCG", reason=verdict.reason)
+    if verdict.host_key not in _WARNED:  # once per process, not once per sandbox
+        _WARNED.add(verdict.host_key)
+        log.warning("KVM not usable, falling back to TCG", reason=verdict.reason)
     return "tcg"
+
+
+_WARNED: set[str] = set()
 
 
 class QemuHypervisor(Hypervisor):
