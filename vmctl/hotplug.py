@@ -204,8 +204,12 @@ class HotplugQueue:
                 pass  # already gone
 
     def record_cold(self, dev_id: str, device: Device, placement: Placement) -> PluggedDevice:
+        """Enter a device that was on QEMU's command line, holding its SCSI target if it has one
+        (cold PCI devices sit on the root bus, outside the hotplug slots)."""
         record = PluggedDevice(dev_id, device, placement, hotplugged=False,
                                cleanup=device.cleanup_commands(dev_id, self.ctx))  # fmt: skip
+        if device.needs_slot(self.ctx) == "scsi":
+            self.slots.claim("scsi", dev_id, placement)
         self.devices[dev_id] = record
         return record
 

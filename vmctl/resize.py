@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from vmctl.agent import InvalidArgument, parse_cpu_list
-from vmctl.devices import Placement
+from vmctl.devices import Placement, QmpCommand
 from vmctl.hotplug import HotplugError, HotplugTimeout, PluggedDevice
 
 if TYPE_CHECKING:
@@ -149,8 +149,6 @@ async def _add_dimm(sb: Sandbox, delta: int) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await queue.submit("object-del", {"id": mem_id})
         raise
-    from vmctl.devices import QmpCommand
-
     queue.devices[dev_id] = PluggedDevice(dev_id, None, Placement(), hotplugged=True,
                                           cleanup=[QmpCommand("object-del", {"id": mem_id})])  # fmt: skip
     # onlining is the guest kernel's job, right after the ACPI ack: wait for it in the guest

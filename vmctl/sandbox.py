@@ -299,7 +299,6 @@ class Sandbox:
                     raise self._launch_error
                 self._queue = self._make_queue(self._hv)
                 await self._wait_guest_ready()
-            with anyio.fail_after(limit):
                 await self._confirm_cold_devices()
             self._machine.fire(Trigger.GUEST_READY, "agent ready")
             if self._config.boot_to_be_template:
@@ -320,9 +319,6 @@ class Sandbox:
         assert self._paths is not None
         for dev_id, device, where in cold_devices(config, self._paths, self.id):
             queue.record_cold(dev_id, device, where)
-            kind = device.needs_slot(queue.ctx)
-            if kind == "scsi":
-                queue.slots.claim(kind, dev_id, where)
         return queue
 
     async def _confirm_cold_devices(self) -> None:
@@ -542,7 +538,7 @@ class Sandbox:
     def console_lines(self) -> AsyncIterator[str]:
         """Console output lines from the moment of this call; ends when the sandbox is torn down."""
         send, receive = anyio.create_memory_object_stream[str](1000)
-        if self._released or self._machine.state in (SandboxState.STOPPED, SandboxState.FAILED):
+        if self._released or self._machine.state.is_terminal:
             send.close()
         else:
             self._console_subscribers.append(send)
