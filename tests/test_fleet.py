@@ -174,3 +174,17 @@ def test_members_cannot_share_a_writable_disk(tmp_path: Path) -> None:
     spec.write_text('sandbox = "abc"\n[fleet]\nsize = 1\n')
     with pytest.raises(ConfigError, match="sandbox"):
         load_fleet_spec(spec, default_kernel=disk, default_initrd=disk)
+
+
+@pytest.mark.qemu
+async def test_a_template_fleet_starts_independent_clones(assets: guest.GuestAssets, runtime_dir: Path) -> None:
+    from vmctl import SandboxConfig
+
+    config = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, memory_mib=256)
+    async with Fleet(config, size=3, max_concurrent_starts=3, template=True) as fleet:
+        assert fleet.template_seconds is not None and len(fleet.running) == 3
+        assert all(m.boot_seconds is not None and m.boot_seconds < fleet.template_seconds for m in fleet.members)
+        await fleet.sandboxes[0].exec(["sh", "-c", "echo mine > /root/x"], check=True)
+        seen = await fleet.map(lambda sb: sb.exec(["cat", "/root/x"]))
+    assert [o.value.exit_code for _, o in seen] == [0, 1, 1], "a file written in one clone is not in another"  # type: ignore[union-attr]
+    assert list(runtime_dir.iterdir()) == [], "the template's files went with the fleet"

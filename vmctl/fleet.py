@@ -11,10 +11,13 @@ optional callback.
 from __future__ import annotations
 
 import enum
+import shutil
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -24,6 +27,7 @@ from vmctl.config import SandboxConfig
 from vmctl.devices import BlockDevice
 from vmctl.errors import VmctlError
 from vmctl.hypervisors.base import Backend
+from vmctl.paths import runtime_dir
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState
 
@@ -101,6 +105,7 @@ class Fleet:
         id_prefix: str = "fleet",
         start_timeout: float = 300.0,
         backend: Backend | None = None,
+        template: bool = False,
     ) -> None:
         configs = [config] * (size or 1) if isinstance(config, SandboxConfig) else list(config)
         if size is not None and not isinstance(config, SandboxConfig) and size != len(configs):
@@ -110,10 +115,15 @@ class Fleet:
         if max_concurrent_starts < 1:
             raise FleetError("max_concurrent_starts: must be at least 1")
         _refuse_shared_writable_disks(configs)
-        self.members = [
-            Member(i, Sandbox(c, id=f"{id_prefix}-{i}", backend=backend, start_timeout=start_timeout))
-            for i, c in enumerate(configs)
-        ]
+        if template and any(c != configs[0] for c in configs):
+            raise FleetError("template: members started from one template share one config")
+        self._configs = configs
+        self._template = template
+        self._id_prefix, self._backend, self._start_timeout = id_prefix, backend, start_timeout
+        #: how long the template took to boot and save (template fleets only)
+        self.template_seconds: float | None = None
+        # with a template the members exist once it does (a clone's config names its files)
+        self.members = [] if template else self._make_members(configs)
         self.fail_fast = fail_fast
         self._limiter = anyio.CapacityLimiter(max_concurrent_starts)
         self._on_event = on_event
@@ -123,6 +133,26 @@ class Fleet:
         self._all_booted: anyio.Event | None = None
         self._closing: anyio.Event | None = None
         self._first_failure: BaseException | None = None
+
+    def _make_members(self, configs: list[SandboxConfig]) -> list[Member]:
+        return [
+            Member(i, Sandbox(c, id=f"{self._id_prefix}-{i}", backend=self._backend, start_timeout=self._start_timeout))
+            for i, c in enumerate(configs)
+        ]
+
+    async def _boot_template(self, stack: AsyncExitStack) -> None:
+        """Boot one sandbox to be the template (it saves its state and stops); members clone it."""
+        work = Path(tempfile.mkdtemp(prefix="fleet-template-", dir=runtime_dir()))
+        stack.callback(shutil.rmtree, work, True)  # after every member is gone
+        files = {"memory_path": work / "template.mem", "devices_state_path": work / "template.state"}
+        started = time.monotonic()
+        template = Sandbox(self._configs[0].replace(boot_to_be_template=True, **files), id=f"{self._id_prefix}-template",
+                           backend=self._backend, start_timeout=self._start_timeout)  # fmt: skip
+        async with template:
+            pass
+        self.template_seconds = time.monotonic() - started
+        clone = self._configs[0].replace(boot_from_template=True, **files)
+        self.members = self._make_members([clone] * len(self._configs))
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -153,10 +183,13 @@ class Fleet:
         stack = AsyncExitStack()
         await stack.__aenter__()
         self._stack = stack
-        self._tg = await stack.enter_async_context(anyio.create_task_group())
-        for member in self.members:
-            self._tg.start_soon(self._run_member, member, name=member.sandbox.id)
         try:
+            if self._template:
+                await self._boot_template(stack)
+            self._booting = len(self.members)
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            for member in self.members:
+                self._tg.start_soon(self._run_member, member, name=member.sandbox.id)
             await self._all_booted.wait()
             if self.fail_fast and self._first_failure is not None:
                 raise FleetError(f"a member failed to boot: {self._first_failure}") from self._first_failure

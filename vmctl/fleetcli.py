@@ -7,8 +7,6 @@ A live table (rich) shows each member while booting and running; a summary table
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from rich.table import Table
 
 from vmctl.agent import ExecResult
 from vmctl.fleet import Fleet, FleetEvent, FleetEventKind, Outcome
-from vmctl.fleetspec import FleetSpec, load_fleet_spec
+from vmctl.fleetspec import load_fleet_spec
 from vmctl.guest import ensure_default_assets
 from vmctl.sandbox import Sandbox
 
@@ -47,42 +45,35 @@ async def run_fleet_command(spec_path: Path, *, as_json: bool) -> int:
     spec = load_fleet_spec(spec_path, default_kernel=assets.kernel, default_initrd=assets.initrd)
     console = Console(stderr=as_json)
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="vmctl-fleet-"))
-    try:
-        template_seconds = await _prepare_template(spec, work) if spec.template else None
-        config = spec.sandbox
-        if spec.template:
-            config = config.replace(boot_from_template=True, memory_path=work / "template.mem",
-                                    devices_state_path=work / "template.state")  # fmt: skip
-        rows = {f"fleet-{i}": _Row() for i in range(spec.size)}
-        with Live(_table(rows, "vmctl fleet"), console=console, transient=as_json, refresh_per_second=8) as live:
+    rows = {f"fleet-{i}": _Row() for i in range(spec.size)}
+    with Live(_table(rows, "vmctl fleet"), console=console, transient=as_json, refresh_per_second=8) as live:
 
-            def on_event(event: FleetEvent) -> None:
-                row = rows[event.sandbox_id]
-                if event.kind is FleetEventKind.READY:
-                    row.boot = event.detail
-                if event.kind in (FleetEventKind.BOOT_FAILED, FleetEventKind.ERROR):
-                    row.error = event.detail
-                if event.kind is not FleetEventKind.STOPPED or row.status in ("booting", "ready", "running"):
-                    row.status = event.kind.value
+        def on_event(event: FleetEvent) -> None:
+            row = rows[event.sandbox_id]
+            if event.kind is FleetEventKind.READY:
+                row.boot = event.detail
+            if event.kind in (FleetEventKind.BOOT_FAILED, FleetEventKind.ERROR):
+                row.error = event.detail
+            if event.kind is not FleetEventKind.STOPPED or row.status in ("booting", "ready", "running"):
+                row.status = event.kind.value
+            live.update(_table(rows, "vmctl fleet"))
+
+        async def job(sb: Sandbox) -> list[ExecResult]:
+            results = []
+            for argv in spec.commands:
+                result = await sb.exec(list(argv), timeout=spec.command_timeout)
+                results.append(result)
+                rows[sb.id].exits.append(result.exit_code)
                 live.update(_table(rows, "vmctl fleet"))
+            return results
 
-            async def job(sb: Sandbox) -> list[ExecResult]:
-                results = []
-                for argv in spec.commands:
-                    result = await sb.exec(list(argv), timeout=spec.command_timeout)
-                    results.append(result)
-                    rows[sb.id].exits.append(result.exit_code)
-                    live.update(_table(rows, "vmctl fleet"))
-                return results
-
-            async with Fleet(config, size=spec.size, max_concurrent_starts=spec.max_concurrent_starts,
-                             fail_fast=spec.fail_fast, on_event=on_event) as fleet:  # fmt: skip
-                outcomes = await fleet.map(job)
-            summary = fleet.summary()
-            live.update(_table(rows, "vmctl fleet: done"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        fleet = Fleet(spec.sandbox, size=spec.size, max_concurrent_starts=spec.max_concurrent_starts,
+                      fail_fast=spec.fail_fast, on_event=on_event, template=spec.template)  # fmt: skip
+        async with fleet:
+            outcomes = await fleet.map(job)
+        summary = fleet.summary()
+        live.update(_table(rows, "vmctl fleet: done"))
+    template_seconds = fleet.template_seconds
     report = _report(summary, outcomes, time.monotonic() - started, template_seconds)
     if as_json:
         print(json.dumps(report, indent=2))
@@ -92,16 +83,6 @@ async def run_fleet_command(spec_path: Path, *, as_json: bool) -> int:
         console.print(f"{ok}/{len(report['members'])} sandboxes ok in {report['seconds']:.1f}s"
                       + (f" (template built in {template_seconds:.1f}s)" if template_seconds else ""))  # fmt: skip
     return 0 if report["ok"] else 1
-
-
-async def _prepare_template(spec: FleetSpec, work: Path) -> float:
-    """Boot one sandbox to be the template; it saves its state and stops."""
-    started = time.monotonic()
-    config = spec.sandbox.replace(boot_to_be_template=True, memory_path=work / "template.mem",
-                                  devices_state_path=work / "template.state")  # fmt: skip
-    async with Sandbox(config, id="fleet-template"):
-        pass
-    return time.monotonic() - started
 
 
 def _report(summary: list[dict[str, Any]], outcomes: list[tuple[Sandbox, Outcome[list[ExecResult]]]],
