@@ -286,3 +286,11 @@ def test_runtime_dir_owned_by_someone_else_or_a_symlink_is_refused(
     import shutil
 
     shutil.rmtree(run_dir)
+
+
+def test_toml_device_paths_are_relative_to_the_file(files: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "data.img").write_bytes(b"\0" * 512)
+    spec = tmp_path / "sb.toml"
+    spec.write_text('[sandbox]\nkernel = "kernel"\ninitrd = "initrd"\nmemory_mib = 256\n'
+                    'devices = [{type = "block", path = "data.img", read_only = true}]\n')  # fmt: skip
+    assert SandboxConfig.from_toml(spec).devices[0].path == tmp_path / "data.img"  # type: ignore[attr-defined]

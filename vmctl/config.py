@@ -172,6 +172,10 @@ class SandboxConfig:
                 raw = values.get(name)
                 if isinstance(raw, str) and raw and not Path(raw).expanduser().is_absolute():
                     values[name] = base_dir / raw
+            if isinstance(values.get("devices"), list):
+                values["devices"] = [
+                    relative_to(d, base_dir) if isinstance(d, Mapping) else d for d in values["devices"]
+                ]
         return cls(**values)
 
     from_dict = from_mapping
@@ -279,6 +283,15 @@ def _validate(c: SandboxConfig) -> list[Problem]:
     _check_templates(c, bad)
     _check_devices(c, problems)
     return problems
+
+
+def relative_to(device: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    """A device table with its relative ``path``/``socket`` taken from ``base_dir`` (the TOML file's)."""
+    out = dict(device)
+    for key in ("path", "socket"):
+        if isinstance(out.get(key), str) and out[key] and not Path(out[key]).expanduser().is_absolute():
+            out[key] = str(base_dir / out[key])
+    return out
 
 
 def initrd_switches_root(initrd: Path) -> bool:

@@ -129,7 +129,7 @@ class Fleet:
         self._on_event = on_event
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
-        self._booting = len(self.members)
+        self._booting = 0  # set when the members exist (after the template, if any)
         self._all_booted: anyio.Event | None = None
         self._closing: anyio.Event | None = None
         self._first_failure: BaseException | None = None

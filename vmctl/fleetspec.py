@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmctl.config import SandboxConfig
+from vmctl.config import SandboxConfig, relative_to
 from vmctl.devices import Device, device_from_mapping
 from vmctl.errors import ConfigError, Problem, VmctlError
 
@@ -141,12 +141,8 @@ def _devices(value: object, problems: list[Problem], base: Path) -> list[Device]
         if not isinstance(item, dict):
             problems.append(Problem(f"fleet.devices[{i}]", "must be a table with a 'type'"))
             continue
-        item = dict(item)
-        for key in ("path", "socket"):
-            if isinstance(item.get(key), str) and not Path(item[key]).is_absolute():
-                item[key] = str(base / item[key])
         try:
-            out.append(device_from_mapping(item))
+            out.append(device_from_mapping(relative_to(item, base)))
         except TypeError as exc:
             problems.append(Problem(f"fleet.devices[{i}]", str(exc)))
     return out
