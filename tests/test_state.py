@@ -18,9 +18,9 @@ def machine_in(*path: Trigger) -> StateMachine:
     return m
 
 
-def test_every_state_has_a_row_and_terminals_are_stopped_and_failed() -> None:
+def test_every_state_has_a_row_and_terminals_are_stopped_failed_and_detached() -> None:
     assert set(TRANSITIONS) == set(SandboxState)
-    assert TERMINAL_STATES == {S.STOPPED, S.FAILED}
+    assert TERMINAL_STATES == {S.STOPPED, S.FAILED, S.DETACHED}
 
 
 def test_happy_path_is_driven_by_confirmations() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import itertools
 import math
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -166,6 +167,9 @@ class AgentClient:
         self.boot_id: str | None = None
         self._stream: SocketStream | None = None
         self._ready = anyio.Event()
+        # Ids differ per connection: a reply to a request of a previous controller (attached to
+        # the same detached guest) can never complete one of ours.
+        self._prefix = secrets.token_hex(3)
         self._ids = itertools.count(1)
         self._waiters: dict[str, _Waiter] = {}
         self._send_lock = anyio.Lock()
@@ -252,7 +256,7 @@ class AgentClient:
             raise self._closed_reason
         if self._stream is None:
             raise GuestError("guest agent not connected")
-        request_id = str(next(self._ids))
+        request_id = f"{self._prefix}{next(self._ids)}"
         waiter = _Waiter()
         self._waiters[request_id] = waiter
         try:

@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from vmctl import host
+from vmctl import detachedcli, host
 from vmctl.config import SandboxConfig
 from vmctl.errors import ConfigError, VmctlError
 from vmctl.guest import ensure_default_assets
@@ -37,11 +37,26 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable report")
 
     r = sub.add_parser("run", help="boot a sandbox, run CMD in it, print its output, exit with its code")
-    r.add_argument("--vcpus", type=int, default=None, help="vCPUs (default 1, or the config file's)")
-    r.add_argument("--memory", type=int, default=None, metavar="MiB", help="memory (default 256, or the config file's)")
-    r.add_argument("--config", type=Path, help="TOML file with a [sandbox] table (flags override it)")
+    _config_options(r)
     r.add_argument("--timeout", type=float, default=None, help="kill CMD in the guest after this many seconds")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    s = sub.add_parser("start", help="start a detached sandbox that outlives this command; prints its id")
+    _config_options(s)
+    s.add_argument("--id", dest="sandbox_id", default=None, help="its id (default: a random sb-XXXXXXXX)")
+    s.add_argument("--json", action="store_true", help="print id, pid and state as JSON")
+
+    ps = sub.add_parser("ps", help="list detached sandboxes (stale records are reported and removed)")
+    ps.add_argument("--json", action="store_true", help="machine-readable list")
+
+    e = sub.add_parser("exec", help="run CMD in a detached sandbox, print its output, exit with its code")
+    e.add_argument("sandbox_id", metavar="ID")
+    e.add_argument("--timeout", type=float, default=None, help="kill CMD in the guest after this many seconds")
+    e.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    st = sub.add_parser("stop", help="stop a detached sandbox (guest power-off, then QEMU quit / kill)")
+    st.add_argument("sandbox_id", metavar="ID")
+    st.add_argument("--force", action="store_true", help="kill QEMU at once instead of powering the guest off")
 
     f = sub.add_parser("fleet", help="boot a fleet from a TOML spec, run its commands in each, report")
     f.add_argument("spec", type=Path, help="fleet spec (see examples/fleet.toml)")
@@ -80,20 +95,36 @@ async def _doctor(args: argparse.Namespace) -> int:
     return 0 if report.qemu_binary else 1
 
 
-async def _run(args: argparse.Namespace) -> int:
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not cmd:
-        print("vmctl run: give a command after --, e.g. vmctl run -- uname -a", file=sys.stderr)
-        return 2
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vcpus", type=int, default=None, help="vCPUs (default 1, or the config file's)")
+    parser.add_argument("--memory", type=int, default=None, metavar="MiB",
+                        help="memory (default 256, or the config file's)")  # fmt: skip
+    parser.add_argument("--config", type=Path, help="TOML file with a [sandbox] table (flags override it)")
+
+
+async def _config_from(args: argparse.Namespace) -> SandboxConfig:
     overrides: dict[str, Any] = {k: v for k, v in (("vcpus", args.vcpus), ("memory_mib", args.memory)) if v is not None}
     if args.config is not None:
         config = SandboxConfig.from_toml(args.config)
-        config = config.replace(**overrides) if overrides else config
-    else:
-        assets = await ensure_default_assets()
-        config = SandboxConfig(
-            kernel=assets.kernel, initrd=assets.initrd, **{"vcpus": 1, "memory_mib": 256, **overrides}
-        )
+        return config.replace(**overrides) if overrides else config
+    assets = await ensure_default_assets()
+    return SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, **{"vcpus": 1, "memory_mib": 256, **overrides})
+
+
+def _command(args: argparse.Namespace) -> list[str] | None:
+    cmd: list[str] = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print(f"vmctl {args.command}: give a command after --, e.g. vmctl {args.command} "
+              f"{'ID ' if args.command == 'exec' else ''}-- uname -a", file=sys.stderr)  # fmt: skip
+        return None
+    return cmd
+
+
+async def _run(args: argparse.Namespace) -> int:
+    cmd = _command(args)
+    if cmd is None:
+        return 2
+    config = await _config_from(args)
     async with Sandbox(config) as sb:
         result = await sb.exec(cmd, timeout=args.timeout)
     sys.stdout.buffer.write(result.stdout)
@@ -106,6 +137,25 @@ async def _run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+async def _start(args: argparse.Namespace) -> int:
+    return await detachedcli.start(await _config_from(args), args.sandbox_id, args.json)
+
+
+async def _ps(args: argparse.Namespace) -> int:
+    return await detachedcli.ps(args.json)
+
+
+async def _exec(args: argparse.Namespace) -> int:
+    cmd = _command(args)
+    if cmd is None:
+        return 2
+    return await detachedcli.exec_in(args.sandbox_id, cmd, args.timeout)
+
+
+async def _stop(args: argparse.Namespace) -> int:
+    return await detachedcli.stop(args.sandbox_id, args.force)
+
+
 async def _fleet(args: argparse.Namespace) -> int:
     from vmctl.fleetcli import run_fleet_command
 
@@ -115,7 +165,8 @@ async def _fleet(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure(json=args.log_json, level=args.log_level)
-    handlers = {"guest": _guest_build, "doctor": _doctor, "run": _run, "fleet": _fleet}
+    handlers = {"guest": _guest_build, "doctor": _doctor, "run": _run, "fleet": _fleet,
+                "start": _start, "ps": _ps, "exec": _exec, "stop": _stop}  # fmt: skip
     if args.command == "state-diagram":
         print(state_diagram())
         return 0

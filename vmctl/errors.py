@@ -7,6 +7,8 @@
      +-- HostError              the host lacks something (a package, /dev/kvm, hugepages); says how to fix it
      +-- IllegalTransition      a call or event not allowed in the current state; nothing changed
      +-- SandboxFailed          the sandbox is in FAILED (QEMU died, guest panicked, lost QMP)
+     +-- SandboxNotFound        no detached sandbox by that id (or its QEMU is gone: the record was removed)
+     +-- SandboxBusy            another controller is attached to that detached sandbox
      +-- QMPError               QMP trouble
      |    +-- QMPCommandError   QEMU answered a command with an error
      |    +-- QMPDisconnected   the QMP connection is gone
@@ -73,6 +75,14 @@ class SandboxFailed(VmctlError):
         self.stderr_tail = stderr_tail
         detail = f"\nQEMU stderr (last lines):\n{stderr_tail}" if stderr_tail else ""
         super().__init__(f"sandbox failed: {reason}{detail}")
+
+
+class SandboxNotFound(VmctlError, LookupError):
+    """No detached sandbox has this id, or its QEMU is gone (its stale record was removed)."""
+
+
+class SandboxBusy(VmctlError):
+    """Another controller is attached to this detached sandbox; QEMU serves one at a time."""
 
 
 class QMPError(VmctlError):

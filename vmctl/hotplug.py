@@ -3,7 +3,7 @@
 Theory of operation. Requests from any number of tasks take one FIFO lock to *submit* their QMP
 commands, so QEMU sees them in arrival order; the *wait* for QEMU's acknowledgement happens
 outside the lock, so slow acknowledgements do not serialise the queue. Every request that waits
-registers a one-slot waiter, keyed by device id, before it sends the command that will trigger
+registers its own one-slot waiter, keyed by device id, before it sends the command that will trigger
 the event (the qemu.qmp listener pattern):
 
 * unplug: ``DEVICE_DELETED`` for its id completes it; ``DEVICE_UNPLUG_GUEST_ERROR`` fails it;
@@ -79,6 +79,41 @@ class _Waiter:
             self.done.set()
 
 
+class _WaiterTable:
+    """Waiters by device id. Each caller has its own waiter, so one caller giving up (timeout,
+    cancellation, error) never removes another caller's waiter for the same id."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, list[_Waiter]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(waiters) for waiters in self._by_id.values())
+
+    def add(self, dev_id: str) -> _Waiter:
+        waiter = _Waiter()
+        self._by_id.setdefault(dev_id, []).append(waiter)
+        return waiter
+
+    def remove(self, dev_id: str, waiter: _Waiter) -> None:
+        waiters = self._by_id.get(dev_id, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            self._by_id.pop(dev_id, None)
+
+    def resolve(self, dev_id: str, value: Any = None, error: BaseException | None = None) -> bool:
+        """Resolve every waiter for ``dev_id``; whether there was one."""
+        waiters = self._by_id.get(dev_id, [])
+        for waiter in waiters:
+            waiter.resolve(value, error)
+        return bool(waiters)
+
+    def resolve_all(self, error: BaseException) -> None:
+        for waiters in self._by_id.values():
+            for waiter in waiters:
+                waiter.resolve(error=error)
+
+
 class SlotAllocator:
     """PCIe root ports (q35), bridge slots (pc) and SCSI targets, allocated on plug, freed on unplug."""
 
@@ -130,8 +165,8 @@ class HotplugQueue:
         self.ack_timeout = ack_timeout
         self.devices: dict[str, PluggedDevice] = {}
         self._submit = anyio.Lock()
-        self._deleted: dict[str, _Waiter] = {}
-        self._ost: dict[str, _Waiter] = {}
+        self._deleted = _WaiterTable()
+        self._ost = _WaiterTable()
         self._late_cleanup: list[QmpCommand] = []
         self._failure: BaseException | None = None
         self._counter = 0
@@ -156,27 +191,19 @@ class HotplugQueue:
                 self._device_gone(str(dev_id))
         elif event.name == "DEVICE_UNPLUG_GUEST_ERROR":
             dev_id = event.data.get("device") or _peripheral_id(str(event.data.get("path", "")))
-            waiter = self._deleted.get(str(dev_id))
-            if waiter is not None:
-                waiter.resolve(error=HotplugError(f"the guest refused to release {dev_id}"))
+            self._deleted.resolve(str(dev_id), error=HotplugError(f"the guest refused to release {dev_id}"))
         elif event.name == "ACPI_DEVICE_OST":
             info = event.data.get("info", {})
             dev_id = str(info.get("device", ""))
-            waiter = self._ost.get(dev_id)
-            if waiter is not None:
-                waiter.resolve(dict(info))
-            eject = self._deleted.get(dev_id)
-            if eject is not None and info.get("source") == ACPI_EJECT and info.get("status") in ACPI_EJECT_REFUSED:
+            self._ost.resolve(dev_id, dict(info))
+            if info.get("source") == ACPI_EJECT and info.get("status") in ACPI_EJECT_REFUSED:
                 # the guest will not let go (e.g. memory onlined unmovable): no DEVICE_DELETED will come
-                eject.resolve(
-                    error=HotplugError(f"the guest refused to release {dev_id} (ACPI status {info.get('status')})")
-                )
+                error = HotplugError(f"the guest refused to release {dev_id} (ACPI status {info.get('status')})")
+                self._deleted.resolve(dev_id, error=error)
 
     def _device_gone(self, dev_id: str) -> None:
         record = self.devices.get(dev_id)
-        waiter = self._deleted.get(dev_id)
-        if waiter is not None:
-            waiter.resolve(True)
+        self._deleted.resolve(dev_id, True)
         if record is not None and record.state is not DeviceState.REMOVED:
             record.state = DeviceState.REMOVED
             self.slots.release(dev_id)
@@ -186,8 +213,8 @@ class HotplugQueue:
 
     def fail_all(self, error: BaseException) -> None:
         self._failure = error
-        for waiter in [*self._deleted.values(), *self._ost.values()]:
-            waiter.resolve(error=error)
+        self._deleted.resolve_all(error)
+        self._ost.resolve_all(error)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -206,10 +233,20 @@ class HotplugQueue:
     def record_cold(self, dev_id: str, device: Device, placement: Placement) -> PluggedDevice:
         """Enter a device that was on QEMU's command line, holding its SCSI target if it has one
         (cold PCI devices sit on the root bus, outside the hotplug slots)."""
-        record = PluggedDevice(dev_id, device, placement, hotplugged=False,
+        return self._record(dev_id, device, placement, hotplugged=False)
+
+    def record_restored(self, dev_id: str, device: Device, placement: Placement,
+                        guest_path: str | None) -> PluggedDevice:  # fmt: skip
+        """Enter a device another controller hot-plugged (attaching to a detached sandbox)."""
+        return self._record(dev_id, device, placement, hotplugged=True, guest_path=guest_path)
+
+    def _record(self, dev_id: str, device: Device, placement: Placement, *, hotplugged: bool,
+                guest_path: str | None = None) -> PluggedDevice:  # fmt: skip
+        record = PluggedDevice(dev_id, device, placement, hotplugged=hotplugged, guest_path=guest_path,
                                cleanup=device.cleanup_commands(dev_id, self.ctx))  # fmt: skip
-        if device.needs_slot(self.ctx) == "scsi":
-            self.slots.claim("scsi", dev_id, placement)
+        kind = device.needs_slot(self.ctx)
+        if kind == "scsi" or (kind and hotplugged):
+            self.slots.claim(kind, dev_id, placement)
         self.devices[dev_id] = record
         return record
 
@@ -289,7 +326,7 @@ class HotplugQueue:
             raise HotplugError(f"no device {dev_id!r} in this sandbox")
         if not record.hotplugged and self.ctx.pci and record.placement.bus is None and record.placement.scsi_id is None:
             raise HotplugError(f"{dev_id} was cold-plugged on the root bus, which cannot hot-unplug")
-        waiter = self._deleted.setdefault(dev_id, _Waiter())
+        waiter = self._deleted.add(dev_id)
         try:
             async with self._submit:
                 await self._flush_late_cleanup()
@@ -312,7 +349,7 @@ class HotplugQueue:
                     record.state = DeviceState.PLUGGED
                 raise waiter.error
         finally:
-            self._deleted.pop(dev_id, None)
+            self._deleted.remove(dev_id, waiter)
         with anyio.CancelScope(shield=True):  # the backends go even if the caller gives up now
             async with self._submit:
                 await self._flush_late_cleanup()
@@ -322,7 +359,7 @@ class HotplugQueue:
         if self._failure is not None:
             raise self._failure
         dev_id = str(driver_props["id"])
-        waiter = self._ost.setdefault(dev_id, _Waiter())
+        waiter = self._ost.add(dev_id)
         try:
             async with self._submit:
                 await self._execute("device_add", driver_props)
@@ -338,7 +375,7 @@ class HotplugQueue:
                 raise HotplugError(f"the guest's ACPI refused {dev_id} (status {info.get('status')})")
             return info
         finally:
-            self._ost.pop(dev_id, None)
+            self._ost.remove(dev_id, waiter)
 
     async def submit(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one plain command in queue order (object-add and friends)."""

@@ -55,7 +55,7 @@ def runtime_dir() -> Path:
 OWNER_FILE = "owner"
 
 
-def _process_identity(pid: int) -> str | None:
+def process_identity(pid: int) -> str | None:
     """``pid:starttime``: survives pid reuse, unlike the pid alone. None if the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -76,28 +76,42 @@ def make_run_dir() -> Path:
     base = runtime_dir()
     sweep_stale_run_dirs(base)
     path = Path(tempfile.mkdtemp(prefix="sb-", dir=base))
-    partial = path / f".{OWNER_FILE}"
-    partial.write_text(_process_identity(os.getpid()) or "")
-    partial.replace(path / OWNER_FILE)  # a sweeper never reads a half-written owner
+    write_owner(path)
     return path
+
+
+def write_owner(path: Path) -> None:
+    """Mark ``path`` as this process's: a sweeper removes it once the process is gone."""
+    partial = path / f".{OWNER_FILE}"
+    partial.write_text(process_identity(os.getpid()) or "")
+    partial.replace(path / OWNER_FILE)  # a sweeper never reads a half-written owner
+
+
+def owner_alive(path: Path) -> bool:
+    """Whether the process that wrote ``path``'s owner file still runs (True while it is being written)."""
+    try:
+        owner = (path / OWNER_FILE).read_text().strip()
+    except OSError:
+        return True
+    pid = owner.split(":")[0]
+    return bool(owner) and pid.isdigit() and process_identity(int(pid)) == owner
+
+
+def kill_qemu_in(path: Path) -> None:
+    for qemu_pid in _qemu_processes_in(path):
+        try:
+            os.kill(qemu_pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def sweep_stale_run_dirs(base: Path) -> list[Path]:
     """Remove run directories whose owning process is gone; kill QEMU processes still in them."""
     removed = []
     for path in base.glob("sb-*"):
-        try:
-            owner = (path / OWNER_FILE).read_text().strip()
-        except OSError:
-            continue  # being created right now, or not ours
-        pid = int(owner.split(":")[0]) if owner.split(":")[0].isdigit() else -1
-        if owner and _process_identity(pid) == owner:
-            continue
-        for qemu_pid in _qemu_processes_in(path):
-            try:
-                os.kill(qemu_pid, signal.SIGKILL)
-            except OSError:
-                pass
+        if owner_alive(path):
+            continue  # its controller runs, or it is being created right now
+        kill_qemu_in(path)
         remove_tree(path)
         removed.append(path)
     return removed

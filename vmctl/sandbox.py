@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import tempfile
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
@@ -24,6 +25,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from vmctl import detached as registry
 from vmctl import resize
 from vmctl.agent import (
     ExecResult,
@@ -35,7 +37,17 @@ from vmctl.agent import (
     parse_memory,
 )
 from vmctl.config import SandboxConfig
-from vmctl.devices import BlockDevice, Device, NetworkDevice, SerialPort, id_prefix, stable_mac
+from vmctl.devices import (
+    BlockDevice,
+    Device,
+    NetworkDevice,
+    Placement,
+    SerialPort,
+    device_from_mapping,
+    device_to_mapping,
+    id_prefix,
+    stable_mac,
+)
 from vmctl.errors import (
     ConfigError,
     GuestError,
@@ -52,7 +64,7 @@ from vmctl.hypervisors.cmdline import ROOT_DISK_ID, cold_devices
 from vmctl.hypervisors.microvm import MicrovmHypervisor
 from vmctl.hypervisors.qemu import QemuHypervisor
 from vmctl.log import get_logger
-from vmctl.paths import make_run_dir, remove_tree
+from vmctl.paths import make_run_dir, process_identity, remove_tree
 from vmctl.qmp import QmpEvent
 from vmctl.state import SandboxState, StateMachine, Transition, Trigger
 
@@ -66,6 +78,8 @@ SNAPSHOT_CONFIG = "sandbox.json"
 
 _QMP_TRIGGERS = {"STOP": Trigger.QMP_STOP, "RESUME": Trigger.QMP_RESUME, "GUEST_PANICKED": Trigger.GUEST_PANICKED}
 _FAILED_SHUTDOWN_REASONS = {"guest-reset", "guest-panic", "host-signal", "host-error"}
+# query-status answers that mean "vCPUs stopped, guest intact" (an attach finds it PAUSED)
+_PAUSED_STATUSES = {"paused", "suspended", "postmigrate", "finish-migrate", "prelaunch", "debug", "save-vm"}
 
 
 async def _iterate(receive: MemoryObjectReceiveStream[str]) -> AsyncIterator[str]:
@@ -147,6 +161,7 @@ class Sandbox:
         log_dir: str | Path | None = None,
         start_timeout: float = DEFAULT_START_TIMEOUT,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        detached: bool = False,
     ) -> None:
         if id is not None and not ID_PATTERN.match(id):
             raise InvalidArgument(
@@ -175,6 +190,12 @@ class Sandbox:
         self._stderr_tail = ""
         self._console_tail: deque[str] = deque(maxlen=CONSOLE_TAIL_LINES)
         self._console_subscribers: list[MemoryObjectSendStream[str]] = []
+        #: QEMU outlives the controller: leaving the block detaches instead of stopping
+        self.detached = detached
+        self._attach_to: registry.Record | None = None
+        self._lock: registry.AttachLock | None = None
+        self._created = 0.0
+        self._process_identity = ""
 
     # -- context manager ---------------------------------------------------------------------
 
@@ -209,7 +230,13 @@ class Sandbox:
     async def _teardown(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.stop_timeout + 30):
             try:
-                await self._stop(graceful=self._graceful_exit, timeout=self.stop_timeout)
+                # A detached sandbox this block started is detached only if the block ended
+                # normally (a failure leaves nothing behind); one it attached to is always let go.
+                keep = self._graceful_exit or self._attach_to is not None
+                if self.detached and keep and self.state in (SandboxState.RUNNING, SandboxState.PAUSED):
+                    await self.detach()
+                else:
+                    await self._stop(graceful=self._graceful_exit, timeout=self.stop_timeout)
             except Exception as err:  # teardown must finish; the cause is logged
                 self.log.warning("stop on exit failed", error=repr(err))
         with anyio.CancelScope(shield=True):
@@ -282,7 +309,7 @@ class Sandbox:
         limit = self.start_timeout if timeout is None else timeout
         try:
             with anyio.fail_after(limit):
-                run_dir = make_run_dir()
+                run_dir = self._claim_run_dir()
                 self._paths = RunPaths(run_dir, run_dir)
                 if self._log_dir is not None:
                     self._log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -291,6 +318,10 @@ class Sandbox:
                     _check_template_matches(self._config)
                 self._hv = self._backend(self._config, self._paths, self.id, self, self.log)
                 self._hv.incoming = self._incoming
+                self._hv.detached = self.detached
+                if self._attach_to is not None:
+                    self._hv.attach_pid = self._attach_to.pid
+                    self._hv.keep_running = True  # a failed attach must not take the sandbox down
                 await self._hv.create()
                 self._run_done = anyio.Event()
                 self._tg.start_soon(self._run_hypervisor, self._hv)
@@ -298,11 +329,18 @@ class Sandbox:
                 if self._launch_error is not None:
                     raise self._launch_error
                 self._queue = self._make_queue(self._hv)
-                await self._wait_guest_ready()
-                await self._confirm_cold_devices()
-            self._machine.fire(Trigger.GUEST_READY, "agent ready")
+                if self._attach_to is not None:
+                    confirmation, how = await self._adopt(self._attach_to)
+                else:
+                    await self._wait_guest_ready()
+                    await self._confirm_cold_devices()
+                    confirmation, how = Trigger.GUEST_READY, "agent ready"
+            self._machine.fire(confirmation, how)
             if self._config.boot_to_be_template:
                 await self._become_template()
+            if self.detached:
+                self._hv.keep_running = True  # from here on it outlives us
+                self._save_record()
         except BaseException as exc:
             timed_out = isinstance(exc, TimeoutError) and not isinstance(exc, VmctlError)
             with anyio.CancelScope(shield=True):
@@ -312,6 +350,84 @@ class Sandbox:
             if timed_out:
                 raise self._ready_timeout(limit) from None
             raise
+
+    def _claim_run_dir(self) -> Path:
+        """A fresh run dir; for a detached sandbox its named, locked directory in the state dir."""
+        if self._attach_to is not None:
+            self._lock = registry.AttachLock(self._attach_to.directory, self.id)
+            if self._attach_to.log_dir is not None:
+                self._log_dir = Path(self._attach_to.log_dir)
+            return self._attach_to.directory
+        if self.detached:
+            path, self._lock = registry.claim(self.id)
+            self._created = time.time()
+            return path
+        return make_run_dir()
+
+    async def _adopt(self, record: registry.Record) -> tuple[Trigger, str]:
+        """Rebuild an attached sandbox's state from QEMU: its run state and its devices."""
+        hv = self._hypervisor()
+        self._created, self._process_identity = record.created, record.process
+        status = str((await hv.execute("query-status")).get("status", "unknown"))
+        present = {child["name"] for child in await hv.execute("qom-list", {"path": "/machine/peripheral"})}
+        queue = self._require_queue()
+        for row in record.devices:
+            if row["id"] not in present:
+                self.log.warning("recorded device is gone from QEMU; dropped", device=row["id"])
+                continue
+            where = Placement(bus=row.get("bus"), addr=row.get("addr"), scsi_id=row.get("scsi_id"))
+            queue.record_restored(row["id"], device_from_mapping(row["device"]), where, row.get("guest_path"))
+        if status == "running":
+            await hv.wait_ready()  # the agent answers a ping
+            return Trigger.GUEST_READY, "attached: QEMU reports running"
+        if status in _PAUSED_STATUSES:
+            hv.agent.mark_ready()  # a paused guest cannot answer; it will once resumed
+            return Trigger.FOUND_PAUSED, f"attached: QEMU reports {status}"
+        hv.keep_running = False  # a guest QEMU calls dead is of no use to anyone
+        raise SandboxFailed(f"attached, but QEMU reports the guest as {status!r}")
+
+    def _save_record(self) -> None:
+        """Write down what another process needs to attach (a detached sandbox only)."""
+        hv = self._hypervisor()
+        assert self._paths is not None and hv.pid is not None
+        if not self._process_identity:
+            self._process_identity = process_identity(hv.pid) or ""
+        rows = [{"id": r.id, "device": device_to_mapping(r.device), "bus": r.placement.bus,
+                 "addr": r.placement.addr, "scsi_id": r.placement.scsi_id, "guest_path": r.guest_path}
+                for r in self.devices if r.hotplugged and r.device is not None]  # fmt: skip
+        registry.write_record(registry.Record(
+            id=self.id, pid=hv.pid, process=self._process_identity, config=self.config.to_mapping(),
+            created=self._created, devices=rows, last_state=str(self.state), directory=self._paths.run_dir,
+            log_dir=str(self._paths.log_dir) if self._paths.log_dir != self._paths.run_dir else None,
+        ))  # fmt: skip
+
+    @classmethod
+    def attach(cls, sandbox_id: str, *, start_timeout: float = DEFAULT_START_TIMEOUT,
+               stop_timeout: float = DEFAULT_STOP_TIMEOUT) -> Sandbox:  # fmt: skip
+        """The detached sandbox ``sandbox_id``, to use with ``async with``, from any process.
+
+        Entering the block reconnects to its QEMU (QMP, console, agent) and rebuilds its state
+        from QEMU (``query-status``, the devices it still has); leaving it detaches again, unless
+        :meth:`stop` was called. A sandbox whose QEMU is gone raises :class:`SandboxNotFound`
+        (and its record is removed); one attached elsewhere raises :class:`SandboxBusy`.
+        """
+        record = registry.find(sandbox_id)
+        sandbox = cls(SandboxConfig.from_mapping(record.config), id=sandbox_id, detached=True,
+                      start_timeout=start_timeout, stop_timeout=stop_timeout)  # fmt: skip
+        sandbox._attach_to = record
+        return sandbox
+
+    async def detach(self) -> None:
+        """Let go of a detached sandbox: its QEMU runs on, :meth:`attach` takes it up again."""
+        if not self.detached:
+            raise NotSupported("only a sandbox started with Sandbox(config, detached=True) can be detached: "
+                               "the others die with their controller")  # fmt: skip
+        self._machine.fire(Trigger.DETACH, "detached: QEMU runs on")
+        self._hypervisor().keep_running = True
+        if self._queue is not None:
+            self._queue.fail_all(VmctlError("the sandbox was detached"))
+        with anyio.CancelScope(shield=True):
+            await self._release()
 
     def _make_queue(self, hv: Hypervisor) -> HotplugQueue:
         config = hv.effective_config()
@@ -438,6 +554,8 @@ class Sandbox:
             if state is not SandboxState.FAILED:
                 self._machine.fire(Trigger.STOP, "stop requested")
                 if self._hv is not None:
+                    self._hv.keep_running = False  # stop means stop, detached or not
+                if self._hv is not None:
                     await self._hv.stop(graceful=graceful and state is SandboxState.RUNNING, timeout=timeout)
                 with anyio.move_on_after(5):
                     await self._machine.wait_for(SandboxState.STOPPED, SandboxState.FAILED)
@@ -461,7 +579,15 @@ class Sandbox:
             stream.close()
         self._console_subscribers.clear()
         if self._paths is not None:
-            remove_tree(self._paths.run_dir)
+            hv = self._hv
+            if hv is not None and hv.keep_running and hv.pid is not None and process_identity(hv.pid):
+                if self.state is SandboxState.DETACHED:
+                    self._save_record()  # the last state and devices, for the next attach
+            else:
+                remove_tree(self._paths.run_dir)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def pause(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> None:
         """Pause the vCPUs; returns once QEMU confirms with a STOP event (state PAUSED)."""

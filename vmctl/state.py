@@ -8,12 +8,15 @@ does is :data:`TRANSITIONS`. A missing entry means "not allowed": ``fire`` raise
 Triggers come in two kinds:
 
 * *Confirmations* from QEMU or the guest (``QMP_STOP``, ``QMP_RESUME``, ``QMP_SHUTDOWN``,
-  ``PROCESS_EXIT``, ``GUEST_PANICKED``, ``GUEST_READY``, ``FAULT``). Only these move a sandbox
-  between running, paused and stopped.
-* *Requests* made by a caller (``PAUSE``, ``RESUME``, ``EXEC``, ``HOTPLUG``, ``START``, ``STOP``).
+  ``PROCESS_EXIT``, ``GUEST_PANICKED``, ``GUEST_READY``, ``FOUND_PAUSED``, ``FAULT``). Only these
+  move a sandbox between running, paused and stopped. ``FOUND_PAUSED`` is what attaching to a
+  detached sandbox learns from QEMU's ``query-status``.
+* *Requests* made by a caller (``PAUSE``, ``RESUME``, ``EXEC``, ``HOTPLUG``, ``START``, ``STOP``,
+  ``DETACH``).
   ``PAUSE``, ``RESUME``, ``EXEC`` and ``HOTPLUG`` map a state to itself: they only ask "is this call legal now?"; the state changes when QEMU's
   event arrives. ``START`` and ``STOP`` record the controller's intent (``STARTING``,
-  ``STOPPING``) so that a process exit can be told apart from a crash.
+  ``STOPPING``) so that a process exit can be told apart from a crash. ``DETACH`` ends this
+  controller's hold on a sandbox whose QEMU runs on (``DETACHED``).
 
 This module does no I/O, so it is tested without QEMU.
 """
@@ -39,6 +42,7 @@ class SandboxState(enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    DETACHED = "detached"
 
     def __str__(self) -> str:
         return self.value
@@ -56,8 +60,10 @@ class Trigger(enum.Enum):
     EXEC = "exec"
     HOTPLUG = "hotplug"
     STOP = "stop"
+    DETACH = "detach"
     # confirmations from QEMU, the guest or the process
     GUEST_READY = "guest-ready"
+    FOUND_PAUSED = "found-paused"
     QMP_STOP = "qmp-stop"
     QMP_RESUME = "qmp-resume"
     QMP_SHUTDOWN = "qmp-shutdown"
@@ -80,6 +86,7 @@ TRANSITIONS: dict[SandboxState, dict[Trigger, SandboxState]] = {
     },
     S.STARTING: {
         T.GUEST_READY: S.RUNNING,
+        T.FOUND_PAUSED: S.PAUSED,  # attaching to a detached sandbox that QEMU reports paused
         T.QMP_RESUME: S.STARTING,  # the `cont` that releases the -S boot pause
         T.QMP_STOP: S.STARTING,
         T.STOP: S.STOPPING,
@@ -95,6 +102,7 @@ TRANSITIONS: dict[SandboxState, dict[Trigger, SandboxState]] = {
         T.QMP_STOP: S.PAUSED,
         T.QMP_RESUME: S.RUNNING,
         T.STOP: S.STOPPING,
+        T.DETACH: S.DETACHED,
         T.QMP_SHUTDOWN: S.STOPPING,
         T.GUEST_PANICKED: S.FAILED,
         T.PROCESS_EXIT: S.FAILED,
@@ -105,6 +113,7 @@ TRANSITIONS: dict[SandboxState, dict[Trigger, SandboxState]] = {
         T.QMP_RESUME: S.RUNNING,
         T.QMP_STOP: S.PAUSED,
         T.STOP: S.STOPPING,
+        T.DETACH: S.DETACHED,
         T.QMP_SHUTDOWN: S.STOPPING,
         T.GUEST_PANICKED: S.FAILED,
         T.PROCESS_EXIT: S.FAILED,
@@ -120,6 +129,8 @@ TRANSITIONS: dict[SandboxState, dict[Trigger, SandboxState]] = {
         T.PROCESS_EXIT: S.STOPPED,
     },
     S.STOPPED: {},
+    # a detached sandbox runs on without this controller; Sandbox.attach gives a new one
+    S.DETACHED: {},
     S.FAILED: {
         T.PROCESS_EXIT: S.FAILED,
         T.FAULT: S.FAILED,

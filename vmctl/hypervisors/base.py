@@ -88,6 +88,12 @@ class Hypervisor(ABC):
         self.agent = AgentClient(paths.agent_socket)
         #: a snapshot's device state to load instead of booting (set before ``create``)
         self.incoming: Path | None = None
+        #: start QEMU so that it can outlive this process (no parent-death signal, stderr to its log)
+        self.detached = False
+        #: adopt this running QEMU instead of starting one (attaching to a detached sandbox)
+        self.attach_pid: int | None = None
+        #: leave the process running when ``run`` ends (a detached sandbox being let go)
+        self.keep_running = False
 
     @abstractmethod
     async def create(self) -> None:

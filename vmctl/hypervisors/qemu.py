@@ -8,7 +8,9 @@ and the QMP session closed whatever happened.
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
 from collections import deque
@@ -77,6 +79,61 @@ class _OsProcess:
         await self._process.aclose()
 
 
+class _PidProcess:
+    """A QEMU we do not reap through asyncio: a detached one we started, or one we attach to.
+
+    asyncio kills a child whose transport is closed, so a QEMU meant to outlive us is started
+    with :class:`subprocess.Popen` instead, and watched (like an adopted one) through a pidfd,
+    which also makes signals immune to pid reuse. Its stderr goes to ``qemu.log`` directly.
+    """
+
+    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None = None) -> None:
+        self._pid = pid
+        self._popen = popen
+        self._pidfd: int | None = os.pidfd_open(pid)
+        self._rc: int | None = None
+        self._lock = anyio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        if self._rc is None and self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:
+            self._rc = self._collect()
+        return self._rc
+
+    def _collect(self) -> int:
+        if self._popen is not None:
+            return self._popen.wait()
+        return -1  # not our child: its exit code is not ours to read
+
+    async def wait(self) -> int:
+        async with self._lock:
+            if self._rc is None:
+                assert self._pidfd is not None
+                await anyio.wait_readable(self._pidfd)
+                self._rc = self._collect()
+        return self._rc
+
+    def kill(self) -> None:
+        if self._pidfd is not None and self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def stderr_lines(self) -> AsyncIterator[str]:
+        return
+        yield  # pragma: no cover
+
+    async def aclose(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
 def listen_unix(path: Path) -> socket.socket:
     """A listening unix socket at ``path``, readable only by this user."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -112,6 +169,7 @@ async def resolve_accel(config: SandboxConfig, qemu: Path, log: Any) -> str:
 
 
 _WARNED: set[str] = set()
+_DETACHED_CHILDREN: set[subprocess.Popen[bytes]] = set()
 
 
 class QemuHypervisor(Hypervisor):
@@ -175,6 +233,8 @@ class QemuHypervisor(Hypervisor):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def create(self) -> None:
+        if self.attach_pid is not None:  # already running: the recorded config is the effective one
+            return
         qemu = host.find_qemu(self.config.qemu_binary)
         machines = await host.qemu_machines(qemu)
         if self.config.machine not in machines:
@@ -187,6 +247,8 @@ class QemuHypervisor(Hypervisor):
 
     async def _spawn(self, argv: list[str], listeners: Mapping[str, socket.socket]) -> VmProcess:
         """Start QEMU; it inherits the listening sockets and dies with this process (PDEATHSIG)."""
+        if self.detached:
+            return self._spawn_detached(argv, listeners)
         setpriv = shutil.which("setpriv")
         prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
         if not setpriv:
@@ -198,6 +260,28 @@ class QemuHypervisor(Hypervisor):
         )  # fmt: skip
         return _OsProcess(process)
 
+    def _spawn_detached(self, argv: list[str], listeners: Mapping[str, socket.socket]) -> VmProcess:
+        fd = os.open(self.paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            popen = subprocess.Popen(  # noqa: ASYNC220 - fork+exec only; asyncio would kill it on exit
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd,
+                pass_fds=[s.fileno() for s in listeners.values()], start_new_session=True,
+            )  # fmt: skip
+        finally:
+            os.close(fd)
+        # Held (not dropped) so Python neither warns about a running child nor forgets to reap
+        # it: finished ones are collected on the next detached start.
+        _DETACHED_CHILDREN.difference_update([p for p in _DETACHED_CHILDREN if p.poll() is not None])
+        _DETACHED_CHILDREN.add(popen)
+        return _PidProcess(popen.pid, popen)
+
+    def _read_log_tail(self) -> None:
+        try:
+            lines = self.paths.qemu_log.read_text(errors="replace").splitlines()
+        except OSError:
+            return
+        self._stderr_tail.extend(lines[-STDERR_TAIL_LINES:])
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         listeners: dict[str, socket.socket] = {}
         failure: Exception | None = None
@@ -205,13 +289,18 @@ class QemuHypervisor(Hypervisor):
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
                 try:
-                    for name in CHANNELS:
-                        listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
-                    fds = {name: s.fileno() for name, s in listeners.items()}
-                    self._argv = build_command(self._effective, self.paths, self.sandbox_id, fds,
-                                               incoming=self.incoming is not None)  # fmt: skip
-                    self.log.debug("launching qemu", argv=self._argv)
-                    self._process = await self._spawn(self._argv, listeners)
+                    if self.attach_pid is not None:
+                        self._process = _PidProcess(self.attach_pid)
+                    else:
+                        for log in (self.paths.console_log, self.paths.qemu_log):  # QEMU would make them 0644
+                            os.close(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+                        for name in CHANNELS:
+                            listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
+                        fds = {name: s.fileno() for name, s in listeners.items()}
+                        self._argv = build_command(self._effective, self.paths, self.sandbox_id, fds,
+                                                   incoming=self.incoming is not None)  # fmt: skip
+                        self.log.debug("launching qemu", argv=self._argv)
+                        self._process = await self._spawn(self._argv, listeners)
                     self.log = self.log.bind(pid=self._process.pid)
                     for sock in listeners.values():
                         sock.close()
@@ -240,6 +329,8 @@ class QemuHypervisor(Hypervisor):
         tg.start_soon(self._watch_qmp)
         await tg.start(self.agent.run)
         tg.start_soon(self._pump_console)
+        if self.attach_pid is not None:
+            return  # a running guest: nothing to load, nothing to release
         if self.incoming is not None:
             await load_device_state(self._qmp, self._migration, self.incoming, skip_shared=False)
         elif self._effective.boot_from_template:
@@ -260,11 +351,14 @@ class QemuHypervisor(Hypervisor):
         """Make sure the process is gone (SIGKILL if needed) and collected."""
         if self._process is None:
             return
-        if self._process.returncode is None:
-            self._closing = True
-            self._process.kill()
-        with anyio.move_on_after(10):
-            self._note_exit(await self._process.wait())
+        if self.keep_running and self._process.returncode is None:
+            self.log.info("left running (detached)")
+        else:
+            if self._process.returncode is None:
+                self._closing = True
+                self._process.kill()
+            with anyio.move_on_after(10):
+                self._note_exit(await self._process.wait())
         closer = getattr(self._process, "aclose", None)
         if closer is not None:
             with anyio.move_on_after(2):
@@ -285,6 +379,8 @@ class QemuHypervisor(Hypervisor):
     async def _watch_process(self) -> None:
         assert self._process is not None
         rc = await self._process.wait()
+        if isinstance(self._process, _PidProcess):
+            self._read_log_tail()
         with anyio.move_on_after(1):
             await self._stderr_done.wait()
         await self._qmp.drain()
@@ -323,12 +419,17 @@ class QemuHypervisor(Hypervisor):
                 self.events.on_console_line(line.decode(errors="replace").rstrip("\r"))
 
     async def wait_ready(self) -> None:
-        if self._effective.boot_from_template or self.incoming is not None:
+        if self._effective.boot_from_template or self.incoming is not None or self.attach_pid is not None:
             # A clone or a restored snapshot resumes a guest whose agent announced itself long
             # ago: ask it instead.
             await self.agent.ping()
             self.agent.mark_ready()
         await self.agent.wait_ready()
+
+    async def query_status(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``shutdown``, ...), from ``query-status``."""
+        reply = await self._qmp.execute("query-status")
+        return str(reply.get("status", "unknown"))
 
     async def save_device_state(self, path: Path, *, skip_shared: bool) -> None:
         """Save the (paused) VM's state; with ``skip_shared`` (templates) RAM in the shared

@@ -1,0 +1,150 @@
+"""Detached sandboxes: QEMU outlives the controller; other processes attach, list, exec and stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from vmctl import (
+    BlockDevice,
+    Sandbox,
+    SandboxBusy,
+    SandboxConfig,
+    SandboxNotFound,
+    SandboxState,
+    guest,
+)
+from vmctl.state import Trigger
+
+from .conftest import assert_no_stray_tasks, qemu_processes
+
+pytestmark = pytest.mark.qemu
+
+STARTER = """
+import sys, anyio
+from vmctl import Sandbox, SandboxConfig
+async def main():
+    config = SandboxConfig(kernel=sys.argv[1], initrd=sys.argv[2], memory_mib=256)
+    async with Sandbox(config, id="keeper", detached=True) as sb:
+        await sb.exec(["sh", "-c", "echo written-by-the-first-controller > /tmp/mark"], check=True)
+    print(sb.pid)
+anyio.run(main)
+"""
+
+
+def vmctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vmctl.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+async def test_a_detached_sandbox_outlives_its_controller_and_is_attached_from_this_process(
+    assets: guest.GuestAssets, runtime_dir: Path
+) -> None:
+    starter = await anyio.run_process([sys.executable, "-c", STARTER, str(assets.kernel), str(assets.initrd)],
+                                      stderr=subprocess.PIPE)  # fmt: skip
+    pid = int(starter.stdout.decode().split()[-1])
+    assert alive(pid), "QEMU died with the controller that started it"
+
+    async with Sandbox.attach("keeper") as sb:
+        assert sb.state is SandboxState.RUNNING
+        assert sb.pid == pid
+        assert (await sb.exec(["cat", "/tmp/mark"], check=True)).text == "written-by-the-first-controller\n"
+        await sb.pause()
+    assert sb.state is SandboxState.DETACHED
+    assert alive(pid)
+
+    async with Sandbox.attach("keeper") as sb:
+        # the state is rebuilt from QEMU: it was left paused
+        assert sb.state is SandboxState.PAUSED
+        assert sb.history[-1].trigger is Trigger.FOUND_PAUSED
+        await sb.resume()
+        assert (await sb.exec(["cat", "/tmp/mark"])).exit_code == 0
+        with pytest.raises(SandboxBusy, match="attached by another controller"):
+            async with Sandbox.attach("keeper"):
+                pass
+        await sb.stop()
+    assert sb.state is SandboxState.STOPPED
+    assert not alive(pid)
+    assert not (runtime_dir / "detached" / "keeper").exists()
+    with pytest.raises(SandboxNotFound):
+        Sandbox.attach("keeper")
+    await assert_no_stray_tasks()
+
+
+async def test_hotplugged_devices_are_known_after_attach(
+    make_config: Callable[..., SandboxConfig], tmp_path: Path
+) -> None:
+    disk = tmp_path / "data.img"
+    disk.write_bytes(b"\0" * (8 << 20))
+    async with Sandbox(make_config(pci_bridges=2), id="plugged", detached=True) as sb:
+        plugged = await sb.hotplug(BlockDevice(path=disk, id="data"))
+    async with Sandbox.attach("plugged") as sb:
+        known = {d.id: d for d in sb.devices}
+        assert known["data"].guest_path == plugged.guest_path
+        names = {d.name for d in await sb.guest_block_devices()}
+        assert plugged.guest_path is not None and plugged.guest_path.removeprefix("/dev/") in names
+        await sb.unplug("data")
+        assert "data" not in {d.id for d in sb.devices}
+        await sb.stop()
+
+
+async def test_a_record_whose_qemu_is_gone_is_reported_and_cleaned(
+    make_config: Callable[..., SandboxConfig], runtime_dir: Path
+) -> None:
+    async with Sandbox(make_config(), id="doomed", detached=True) as sb:
+        pid = sb.pid
+    assert pid is not None
+    pidfd = os.pidfd_open(pid)
+    os.kill(pid, signal.SIGKILL)
+    with anyio.fail_after(10):
+        await anyio.wait_readable(pidfd)  # readable once the process is gone
+    os.close(pidfd)
+    listed = json.loads(vmctl("ps", "--json").stdout)
+    assert [(row["id"], row["status"]) for row in listed] == [("doomed", "stale")]
+    assert not (runtime_dir / "detached" / "doomed").exists()
+    with pytest.raises(SandboxNotFound):
+        Sandbox.attach("doomed")
+
+
+async def test_cli_start_ps_exec_stop(assets: guest.GuestAssets, runtime_dir: Path) -> None:
+    started = vmctl("start", "--id", "cli-one", "--memory", "256")
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == "cli-one"
+    again = vmctl("start", "--id", "cli-one")
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    listed = json.loads(vmctl("ps", "--json").stdout)
+    assert [(r["id"], r["state"], r["memory_mib"]) for r in listed] == [("cli-one", "running", 256)]
+    assert "cli-one" in vmctl("ps").stdout
+
+    ran = vmctl("exec", "cli-one", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (ran.returncode, ran.stdout, ran.stderr.splitlines()[-1]) == (7, "out\n", "err")
+
+    stopped = vmctl("stop", "cli-one")
+    assert stopped.returncode == 0, stopped.stderr
+    assert qemu_processes(str(runtime_dir)) == []
+    missing = vmctl("exec", "cli-one", "--", "true")
+    assert missing.returncode == 1 and "no detached sandbox named 'cli-one'" in missing.stderr
+
+
+async def test_detach_is_refused_for_an_ordinary_sandbox(make_config: Callable[..., SandboxConfig]) -> None:
+    from vmctl import NotSupported
+
+    async with Sandbox(make_config()) as sb:
+        with pytest.raises(NotSupported, match="detached=True"):
+            await sb.detach()
+        assert sb.state is SandboxState.RUNNING

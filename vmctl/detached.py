@@ -1,0 +1,236 @@
+"""Records of detached sandboxes: sandboxes whose QEMU outlives the controller that started it.
+
+Each detached sandbox owns a private (0700) directory under :func:`state_dir`, named after its
+id, holding QEMU's sockets and logs, ``record.json`` (what another process needs to attach:
+QEMU's pid and start time, the effective config, hot-plugged devices) and ``lock``. A controller
+attached to the sandbox holds an exclusive ``flock`` on ``lock``: QEMU serves one QMP client at
+a time, and the kernel drops the lock when the controller dies, so a crash never wedges it.
+
+A directory is *stale* when its QEMU is gone (the record's pid and start time no longer match a
+live process), or when it has no record and the controller that was starting it died. Listing
+reports stale sandboxes once and removes them, killing a QEMU left by a half-finished start.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmctl.errors import SandboxBusy, SandboxNotFound
+from vmctl.paths import (
+    OWNER_FILE,
+    _private_dir,
+    kill_qemu_in,
+    owner_alive,
+    process_identity,
+    remove_tree,
+    runtime_dir,
+    write_owner,
+)
+
+RECORD = "record.json"
+LOCK = "lock"
+
+
+def state_dir() -> Path:
+    """``$VMCTL_STATE_DIR``, else ``detached/`` in the runtime dir (short, for socket paths)."""
+    env = os.environ.get("VMCTL_STATE_DIR")
+    return _private_dir(Path(env).expanduser() if env else runtime_dir() / "detached")
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a new controller needs to find and rebuild a detached sandbox."""
+
+    id: str
+    pid: int
+    process: str  # "pid:starttime", so a reused pid is never mistaken for our QEMU
+    config: dict[str, Any]
+    created: float
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    last_state: str = "running"
+    directory: Path = Path()
+    log_dir: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return process_identity(self.pid) == self.process
+
+    def to_json(self) -> str:
+        data = {"vmctl_detached": 1, "id": self.id, "pid": self.pid, "process": self.process,
+                "config": self.config, "created": self.created, "devices": self.devices,
+                "last_state": self.last_state, "log_dir": self.log_dir}  # fmt: skip
+        return json.dumps(data, indent=2)
+
+
+class Status(enum.Enum):
+    LIVE = "live"  # QEMU runs; nobody attached
+    ATTACHED = "attached"  # QEMU runs; a controller holds the lock
+    STARTING = "starting"  # being started right now (no record yet)
+    STALE = "stale"  # QEMU is gone: reported once, then removed
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    status: Status
+    record: Record | None
+
+
+def sandbox_dir(sandbox_id: str) -> Path:
+    return state_dir() / sandbox_id
+
+
+def claim(sandbox_id: str) -> tuple[Path, AttachLock]:
+    """Create the directory for a new detached sandbox, marked as being started by us, and lock it.
+
+    An id whose QEMU still runs is refused; a stale directory of that id is cleaned first.
+    """
+    path = sandbox_dir(sandbox_id)
+    for _ in range(2):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            entry = inspect(path)
+            if entry.status is not Status.STALE:
+                raise SandboxBusy(
+                    f"id: a detached sandbox named {sandbox_id!r} already exists ({entry.status.value}); "
+                    f"pick another id or stop it with 'vmctl stop {sandbox_id}'"
+                ) from None
+            continue
+        lock = AttachLock(path, sandbox_id)
+        write_owner(path)
+        return path, lock
+    raise SandboxBusy(f"id: could not claim {path}")
+
+
+def write_record(record: Record) -> None:
+    """Atomically (a reader never sees half a record), readable only by us."""
+    partial = record.directory / f".{RECORD}.partial"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(record.to_json())
+    partial.replace(record.directory / RECORD)
+    (record.directory / OWNER_FILE).unlink(missing_ok=True)  # the record, not a controller, owns it now
+
+
+def read_record(path: Path) -> Record | None:
+    try:
+        data = json.loads((path / RECORD).read_text())
+        if data.get("vmctl_detached") != 1:
+            return None
+        return Record(id=str(data["id"]), pid=int(data["pid"]), process=str(data["process"]),
+                      config=dict(data["config"]), created=float(data["created"]),
+                      devices=list(data.get("devices", [])), last_state=str(data.get("last_state", "running")),
+                      directory=path, log_dir=data.get("log_dir"))  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def inspect(path: Path) -> Entry:
+    """The status of one directory (without cleaning it)."""
+    record = read_record(path)
+    if record is None:
+        if (path / OWNER_FILE).exists():
+            starting = owner_alive(path)
+        else:  # just created, owner not written yet (or a leftover nobody will finish)
+            try:
+                starting = time.time() - path.stat().st_mtime < 30 or AttachLock.held_elsewhere(path)
+            except OSError:
+                starting = False
+        return Entry(path.name, Status.STARTING if starting else Status.STALE, None)
+    if not record.alive:
+        return Entry(path.name, Status.STALE, record)
+    return Entry(path.name, Status.ATTACHED if AttachLock.held_elsewhere(path) else Status.LIVE, record)
+
+
+def remove(path: Path) -> None:
+    """Remove a sandbox's directory, killing any QEMU still serving from it."""
+    record = read_record(path)
+    if record is not None:
+        try:
+            pidfd = os.pidfd_open(record.pid)
+        except OSError:
+            pidfd = -1
+        if pidfd >= 0:
+            try:
+                if record.alive:  # checked after the pidfd pins the process: no pid-reuse race
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            finally:
+                os.close(pidfd)
+    kill_qemu_in(path)  # a QEMU whose start never got as far as a record
+    remove_tree(path)
+
+
+def entries() -> list[Entry]:
+    """Every detached sandbox, stale ones included (and removed as they are reported)."""
+    out = []
+    for path in sorted(state_dir().iterdir()):
+        if not path.is_dir():
+            continue
+        entry = inspect(path)
+        if entry.status is Status.STALE:
+            remove(path)
+        out.append(entry)
+    return out
+
+
+def find(sandbox_id: str) -> Record:
+    """The live record of ``sandbox_id``; a stale one is removed and reported as not found."""
+    path = sandbox_dir(sandbox_id)
+    if not path.is_dir():
+        raise SandboxNotFound(f"no detached sandbox named {sandbox_id!r} (see 'vmctl ps')")
+    entry = inspect(path)
+    if entry.status is Status.STALE:
+        remove(path)
+        pid = f" (pid {entry.record.pid})" if entry.record else ""
+        raise SandboxNotFound(f"the QEMU of detached sandbox {sandbox_id!r} is gone{pid}; its record was removed")
+    if entry.record is None:
+        raise SandboxBusy(f"detached sandbox {sandbox_id!r} is still being started")
+    return entry.record
+
+
+def uptime(record: Record) -> float:
+    return max(0.0, time.time() - record.created)
+
+
+class AttachLock:
+    """An exclusive, non-blocking ``flock`` on the sandbox's lock file, held while attached."""
+
+    def __init__(self, path: Path, sandbox_id: str) -> None:
+        self._fd: int | None = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise SandboxBusy(
+                f"detached sandbox {sandbox_id!r} is attached by another controller; "
+                "QEMU serves one at a time: wait for it to detach"
+            ) from None
+
+    @staticmethod
+    def held_elsewhere(path: Path) -> bool:
+        try:
+            fd = os.open(path / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing our own fd drops a lock we just took
+        return False
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
