@@ -294,3 +294,19 @@ def test_toml_device_paths_are_relative_to_the_file(files: dict[str, Path], tmp_
     spec.write_text('[sandbox]\nkernel = "kernel"\ninitrd = "initrd"\nmemory_mib = 256\n'
                     'devices = [{type = "block", path = "data.img", read_only = true}]\n')  # fmt: skip
     assert SandboxConfig.from_toml(spec).devices[0].path == tmp_path / "data.img"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("kernel_params", ["quiet=1\n"]),
+        ("kernel_params", ["init\n=/bin/sh"]),
+        ("hypervisor_params", {"rtc": "base=utc\n"}),
+        ("hypervisor_params", {"rtc\n": "base=utc"}),
+    ],
+)
+def test_a_trailing_newline_never_slips_through_validation(files: dict[str, Path], field: str, value: object) -> None:
+    # "$" in a Python regex also matches before a final newline; the patterns must not.
+    with pytest.raises(ConfigError) as err:
+        SandboxConfig(kernel=files["kernel"], initrd=files["initrd"], **{field: value})  # type: ignore[arg-type]
+    assert err.value.fields == (f"{field}[0]",)

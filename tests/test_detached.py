@@ -148,3 +148,12 @@ async def test_detach_is_refused_for_an_ordinary_sandbox(make_config: Callable[.
         with pytest.raises(NotSupported, match="detached=True"):
             await sb.detach()
         assert sb.state is SandboxState.RUNNING
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/b", "", "-x", "x" * 64, "web\n"])
+def test_ids_that_could_escape_the_state_dir_are_refused(bad: str, runtime_dir: Path) -> None:
+    from vmctl import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="id: "):
+        Sandbox.attach(bad)
+    assert list(runtime_dir.iterdir()) == []  # nothing was created on the way to the refusal

@@ -12,13 +12,13 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from vmctl import host
-from vmctl.devices import Device, DeviceContext, device_from_mapping, device_to_mapping
+from vmctl.devices import Device, DeviceContext, device_from_mapping, device_to_mapping, expand_path
 from vmctl.errors import ConfigError, Problem
 from vmctl.params import Param, normalize_params, serialize_params
 
@@ -33,10 +33,10 @@ MAX_PCI_BRIDGES = 16
 MAX_MEMORY_SLOTS = 256
 KERNEL_CMDLINE_MAX = 2048
 
-_KERNEL_KEY = re.compile(r"^[A-Za-z0-9_.\-/]+$")
-_KERNEL_VALUE = re.compile(r"^[^\s\"'\\\x00-\x1f\x7f]*$")
-_QEMU_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
-_QEMU_VALUE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+_KERNEL_KEY = re.compile(r"^[A-Za-z0-9_.\-/]+\Z")
+_KERNEL_VALUE = re.compile(r"^[^\s\"'\\\x00-\x1f\x7f]*\Z")
+_QEMU_KEY = re.compile(r"^[a-z][a-z0-9-]*\Z")
+_QEMU_VALUE = re.compile(r"^[^\x00-\x1f\x7f]*\Z")
 
 #: QEMU options hypervisor_params may add. An allowlist, because many QEMU options open host
 #: files (-parallel file:, -trace file=, -drive, -readconfig), expose the host filesystem
@@ -50,7 +50,7 @@ def _path(value: object) -> Path | None:
     if value is None or value == "":
         return None
     if isinstance(value, str | os.PathLike):
-        return Path(value).expanduser().absolute()
+        return expand_path(value).absolute()
     return value  # type: ignore[return-value]  # reported by validation as a wrong type
 
 
@@ -105,11 +105,9 @@ class SandboxConfig:
         problems: list[Problem] = []
         for name in (*_ASSETS, "entropy_source", "memory_path", "devices_state_path"):
             object.__setattr__(self, name, _path(getattr(self, name)))
-        try:
-            object.__setattr__(self, "devices", _normalize_devices(self.devices))
-        except TypeError as exc:
-            problems.append(Problem("devices", str(exc)))
-            object.__setattr__(self, "devices", ())
+        devices, device_problems = _normalize_devices(self.devices)
+        object.__setattr__(self, "devices", () if device_problems else devices)
+        problems.extend(device_problems)
         for name in ("kernel_params", "hypervisor_params"):
             try:
                 object.__setattr__(self, name, normalize_params(getattr(self, name)))
@@ -162,15 +160,15 @@ class SandboxConfig:
     def from_mapping(cls, data: Mapping[str, Any], *, base_dir: Path | None = None) -> SandboxConfig:
         """Build from a TOML-like table; relative paths are taken from ``base_dir``."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted((k for k in data if k not in known), key=str)
         if unknown:
-            raise ConfigError([Problem(k, f"unknown field; known fields: {', '.join(sorted(known))}")
+            raise ConfigError([Problem(str(k), f"unknown field; known fields: {', '.join(sorted(known))}")
                                for k in unknown])  # fmt: skip
         values = dict(data)
         if base_dir is not None:
             for name in (*_ASSETS, "entropy_source", "memory_path", "devices_state_path"):
                 raw = values.get(name)
-                if isinstance(raw, str) and raw and not Path(raw).expanduser().is_absolute():
+                if isinstance(raw, str) and raw and not expand_path(raw).is_absolute():
                     values[name] = base_dir / raw
             if isinstance(values.get("devices"), list):
                 values["devices"] = [
@@ -204,10 +202,9 @@ class SandboxConfig:
     def from_toml(cls, source: str | os.PathLike[str], *, table: str | None = "sandbox") -> SandboxConfig:
         """Load from a TOML file (or TOML text): the ``[sandbox]`` table, or the top level."""
         path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+        text = read_toml_text(path) if path else str(source)
         try:
-            data = tomllib.loads(path.read_text() if path else str(source))
-        except OSError as exc:
-            raise ConfigError([Problem(str(path), f"cannot read the file: {exc.strerror}")]) from None
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([Problem(str(path or "<toml>"), f"not valid TOML: {exc}")]) from None
         if table is not None:
@@ -256,7 +253,7 @@ def _validate(c: SandboxConfig) -> list[Problem]:
             bad(name, f"{path} does not exist or is not a file")
     if c.initrd is None and c.image is None:
         bad("initrd", "set initrd or image: the guest needs a root filesystem")
-    if c.initrd is not None and c.image is not None and not initrd_switches_root(c.initrd):
+    if isinstance(c.initrd, Path) and c.image is not None and not initrd_switches_root(c.initrd):
         bad("image", "set initrd or image, not both (only vmctl's default initramfs may come with an image: "
                      "it loads the disk drivers and switches to the image)")  # fmt: skip
     if c.image is not None and c.disable_block_devices:
@@ -285,11 +282,23 @@ def _validate(c: SandboxConfig) -> list[Problem]:
     return problems
 
 
+def read_toml_text(path: Path) -> str:
+    """A TOML file's text; :class:`ConfigError` naming the file if it cannot be read as UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), f"cannot read the file: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(path), f"not UTF-8 text: {exc.reason} at byte {exc.start}")]) from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise ConfigError([Problem(repr(str(path)), f"cannot read the file: {exc}")]) from None
+
+
 def relative_to(device: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
     """A device table with its relative ``path``/``socket`` taken from ``base_dir`` (the TOML file's)."""
     out = dict(device)
     for key in ("path", "socket"):
-        if isinstance(out.get(key), str) and out[key] and not Path(out[key]).expanduser().is_absolute():
+        if isinstance(out.get(key), str) and out[key] and not expand_path(out[key]).is_absolute():
             out[key] = str(base_dir / out[key])
     return out
 
@@ -303,15 +312,19 @@ def initrd_switches_root(initrd: Path) -> bool:
     return initrd.name == "initrd.img" and manifest.get("initrd_switches_root") is True
 
 
-def _normalize_devices(value: Any) -> tuple[Device, ...]:
+def _normalize_devices(value: Any) -> tuple[tuple[Device, ...], list[Problem]]:
     if value is None:
-        return ()
-    if isinstance(value, Device | Mapping | str):
-        raise TypeError("devices must be a list of devices (or of tables with a 'type')")
-    out = []
-    for item in value:
-        out.append(item if isinstance(item, Device) else device_from_mapping(item))
-    return tuple(out)
+        return (), []
+    if isinstance(value, Device | Mapping | str | bytes) or not isinstance(value, Iterable):
+        return (), [Problem("devices", "must be a list of devices (or of tables with a 'type')")]
+    out: list[Device] = []
+    problems = []
+    for i, item in enumerate(value):
+        try:
+            out.append(item if isinstance(item, Device) else device_from_mapping(item))
+        except TypeError as exc:
+            problems.append(Problem(f"devices[{i}]", str(exc)))
+    return tuple(out), problems
 
 
 def _check_devices(c: SandboxConfig, problems: list[Problem]) -> None:
@@ -333,14 +346,16 @@ def _check_types(c: SandboxConfig, bad: Any) -> bool:
     for f in dataclasses.fields(c):
         value = getattr(c, f.name)
         if f.type in ("bool",) and not isinstance(value, bool):
-            bad(f.name, f"must be true or false, not {value!r}")
+            bad(f.name, f"must be true or false, not {value!r:.200}")
         elif f.type in ("int", "int | None") and not (
             (isinstance(value, int) and not isinstance(value, bool)) or (value is None and "None" in str(f.type))
         ):
-            bad(f.name, f"must be an integer, not {value!r}")
+            bad(f.name, f"must be an integer, not {value!r:.200}")
             ok = False
         elif f.type in ("Path | None", "Path") and value is not None and not isinstance(value, Path):
-            bad(f.name, f"must be a path, not {value!r}")
+            bad(f.name, f"must be a path, not {value!r:.200}")
+        elif isinstance(value, Path) and "\0" in str(value):
+            bad(f.name, "a path may not contain NUL bytes")
     return ok
 
 
@@ -391,7 +406,7 @@ def _check_params(c: SandboxConfig, bad: Any) -> None:
 
 
 def _check_host_features(c: SandboxConfig, bad: Any) -> None:
-    if not c.entropy_source.exists():
+    if isinstance(c.entropy_source, Path) and not c.entropy_source.exists():
         bad("entropy_source", f"{c.entropy_source} does not exist")
     if c.huge_pages:
         if host.hugepages_total() == 0 or not Path("/dev/hugepages").is_dir():
@@ -408,12 +423,12 @@ def _check_templates(c: SandboxConfig, bad: Any) -> None:
     if c.boot_from_template:
         if c.devices_state_path is None:
             bad("devices_state_path", "required with boot_from_template: the saved device state")
-        elif not c.devices_state_path.is_file():
+        elif isinstance(c.devices_state_path, Path) and not c.devices_state_path.is_file():
             bad("devices_state_path", f"{c.devices_state_path} does not exist")
-        if c.memory_path is not None and not c.memory_path.is_file():
+        if isinstance(c.memory_path, Path) and not c.memory_path.is_file():
             bad("memory_path", f"{c.memory_path} does not exist")
     if c.boot_to_be_template:
-        if c.memory_path is not None and not c.memory_path.parent.is_dir():
+        if isinstance(c.memory_path, Path) and not c.memory_path.parent.is_dir():
             bad("memory_path", f"directory {c.memory_path.parent} does not exist")
         if c.devices_state_path is None:
             bad("devices_state_path", "required with boot_to_be_template: where the device state is saved")

@@ -17,12 +17,14 @@ import enum
 import fcntl
 import json
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmctl.agent import InvalidArgument
 from vmctl.errors import SandboxBusy, SandboxNotFound
 from vmctl.paths import (
     OWNER_FILE,
@@ -35,14 +37,19 @@ from vmctl.paths import (
     write_owner,
 )
 
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 RECORD = "record.json"
 LOCK = "lock"
 
 
-def state_dir() -> Path:
-    """``$VMCTL_STATE_DIR``, else ``detached/`` in the runtime dir (short, for socket paths)."""
+def state_dir(*, create: bool = True) -> Path:
+    """``$VMCTL_STATE_DIR``, else ``detached/`` in the runtime dir (short, for socket paths).
+
+    Created on demand, checked (ours, private, no symlink) whenever it exists, and removed again
+    when its last sandbox goes."""
     env = os.environ.get("VMCTL_STATE_DIR")
-    return _private_dir(Path(env).expanduser() if env else runtime_dir() / "detached")
+    path = Path(env).expanduser() if env else runtime_dir() / "detached"
+    return _private_dir(path) if create or path.exists() else path
 
 
 @dataclass(frozen=True)
@@ -84,8 +91,17 @@ class Entry:
     record: Record | None
 
 
-def sandbox_dir(sandbox_id: str) -> Path:
-    return state_dir() / sandbox_id
+def check_id(sandbox_id: str) -> None:
+    """Ids name directories and reach QEMU's ``-name``: a strict pattern, checked before any use."""
+    if not isinstance(sandbox_id, str) or not ID_PATTERN.fullmatch(sandbox_id):
+        raise InvalidArgument(
+            f"id: {sandbox_id!r} must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+
+
+def sandbox_dir(sandbox_id: str, *, create: bool = True) -> Path:
+    check_id(sandbox_id)
+    return state_dir(create=create) / sandbox_id
 
 
 def claim(sandbox_id: str) -> tuple[Path, AttachLock]:
@@ -93,10 +109,12 @@ def claim(sandbox_id: str) -> tuple[Path, AttachLock]:
 
     An id whose QEMU still runs is refused; a stale directory of that id is cleaned first.
     """
-    path = sandbox_dir(sandbox_id)
-    for _ in range(2):
+    for _ in range(3):
+        path = sandbox_dir(sandbox_id)
         try:
             path.mkdir(mode=0o700)
+        except FileNotFoundError:
+            continue  # the empty state dir was just pruned by another process: make it again
         except FileExistsError:
             entry = inspect(path)
             if entry.status is not Status.STALE:
@@ -108,7 +126,7 @@ def claim(sandbox_id: str) -> tuple[Path, AttachLock]:
         lock = AttachLock(path, sandbox_id)
         write_owner(path)
         return path, lock
-    raise SandboxBusy(f"id: could not claim {path}")
+    raise SandboxBusy(f"id: could not claim a directory for {sandbox_id!r} in {state_dir()}")
 
 
 def write_record(record: Record) -> None:
@@ -167,12 +185,24 @@ def remove(path: Path) -> None:
                 os.close(pidfd)
     kill_qemu_in(path)  # a QEMU whose start never got as far as a record
     remove_tree(path)
+    prune(path.parent)
+
+
+def prune(base: Path) -> None:
+    """Remove the state dir once its last sandbox is gone (nothing of ours lingers)."""
+    try:
+        base.rmdir()
+    except OSError:
+        pass  # not empty, or already gone
 
 
 def entries() -> list[Entry]:
     """Every detached sandbox, stale ones included (and removed as they are reported)."""
+    base = state_dir(create=False)
+    if not base.is_dir():
+        return []
     out = []
-    for path in sorted(state_dir().iterdir()):
+    for path in sorted(base.iterdir()):
         if not path.is_dir():
             continue
         entry = inspect(path)
@@ -184,7 +214,7 @@ def entries() -> list[Entry]:
 
 def find(sandbox_id: str) -> Record:
     """The live record of ``sandbox_id``; a stale one is removed and reported as not found."""
-    path = sandbox_dir(sandbox_id)
+    path = sandbox_dir(sandbox_id, create=False)
     if not path.is_dir():
         raise SandboxNotFound(f"no detached sandbox named {sandbox_id!r} (see 'vmctl ps')")
     entry = inspect(path)

@@ -9,23 +9,37 @@ character devices need two spellings (``-chardev`` has no JSON form).
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
+import types
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from vmctl.errors import Problem
 
-ID_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,19}$")
-HOSTFWD_PATTERN = re.compile(r"^(tcp|udp):(\d{1,3}(\.\d{1,3}){3})?:\d{1,5}-(\d{1,3}(\.\d{1,3}){3})?:\d{1,5}$")
-PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-MAC_PATTERN = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
-TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+ID_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,19}\Z")
+HOSTFWD_PATTERN = re.compile(r"^(tcp|udp):(\d{1,3}(\.\d{1,3}){3})?:\d{1,5}-(\d{1,3}(\.\d{1,3}){3})?:\d{1,5}\Z")
+PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]\Z")
+MAC_PATTERN = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}\Z")
+TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 
 BlockDriver = Literal["virtio-blk", "virtio-scsi", "virtio-mmio"]
+ImageFormat = Literal["raw", "qcow2"]
+
+
+def expand_path(value: str | os.PathLike[str]) -> Path:
+    """``Path(value)`` with ``~`` expanded; a ``~user`` that does not exist stays as written
+    (and is then reported as a missing file) instead of raising ``RuntimeError``."""
+    path = Path(value)
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        return path
 
 
 @dataclass(frozen=True)
@@ -110,7 +124,7 @@ class Device(ABC):
 
     def problems(self, ctx: DeviceContext) -> list[Problem]:
         out = []
-        if self.id is not None and not ID_PATTERN.match(self.id):
+        if self.id is not None and not ID_PATTERN.fullmatch(self.id):
             out.append(
                 Problem(f"{self.kind}.id", f"{self.id!r}: 1-20 letters, digits, '_' or '-', starting with a letter")
             )
@@ -160,16 +174,21 @@ class BlockDevice(Device):
     read_only: bool = False
     id: str | None = None
     driver: BlockDriver | None = None
-    format: Literal["raw", "qcow2"] | None = None
+    format: ImageFormat | None = None
     io_thread: bool | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path).expanduser().absolute())
+        object.__setattr__(self, "path", expand_path(self.path).absolute())
 
     def problems(self, ctx: DeviceContext) -> list[Problem]:
         out = super().problems(ctx)
         if not self.path.is_file():
             out.append(Problem("block.path", f"{self.path} does not exist or is not a file"))
+        if self.driver is not None and self.driver not in get_args(BlockDriver):
+            out.append(Problem("block.driver", f"{self.driver!r}: use one of {', '.join(get_args(BlockDriver))}"))
+            return out
+        if self.format is not None and self.format not in get_args(ImageFormat):
+            out.append(Problem("block.format", f"{self.format!r}: use one of {', '.join(get_args(ImageFormat))}"))
         driver = self.driver or ctx.block_driver
         if driver == "virtio-mmio" and ctx.pci:
             out.append(Problem("block.driver", "virtio-mmio needs machine='microvm'"))
@@ -311,7 +330,7 @@ def _socket_problems(field_name: str, path: Path) -> list[Problem]:
         if stat.S_ISSOCK(path.stat().st_mode):
             return []
         return [Problem(field_name, f"{path} is not a unix socket")]
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return [Problem(field_name, f"{path} does not exist: start the vhost-user backend first")]
 
 
@@ -409,18 +428,61 @@ DEVICE_TYPES: dict[str, type[Device]] = {
 
 
 def device_from_mapping(data: Mapping[str, Any]) -> Device:
-    """``{"type": "block", "path": "data.img"}`` -> :class:`BlockDevice` (for TOML configs)."""
+    """``{"type": "block", "path": "data.img"}`` -> :class:`BlockDevice` (for TOML configs).
+
+    Raises ``TypeError`` naming the field when a value has the wrong type."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a device is a table with a 'type', not {data!r:.100}")
     values = dict(data)
     kind = values.pop("type", None)
     cls = DEVICE_TYPES.get(str(kind))
     if cls is None:
-        raise TypeError(f"device type {kind!r}: use one of {', '.join(DEVICE_TYPES)}")
-    if "hostfwd" in values and isinstance(values["hostfwd"], Sequence):
+        raise TypeError(f"device type {kind!r:.100}: use one of {', '.join(DEVICE_TYPES)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if name != "kind" and hint is not None and not _type_ok(hint, value):
+            raise TypeError(f"device type {kind!r}: {name} must be {_describe(hint)}, not {value!r:.100}")
+    if isinstance(values.get("hostfwd"), list):
         values["hostfwd"] = tuple(values["hostfwd"])
     try:
         return cls(**values)
     except TypeError as exc:
         raise TypeError(f"device type {kind!r}: {exc}") from None
+
+
+def _type_ok(hint: Any, value: Any) -> bool:
+    """Whether ``value`` (from TOML or JSON) fits a device field annotated ``hint``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(arg, value) for arg in get_args(hint))
+    if origin is Literal:
+        return isinstance(value, str) and value in get_args(hint)
+    if origin is tuple:
+        return isinstance(value, list | tuple) and all(_type_ok(get_args(hint)[0], item) for item in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is Path:
+        return isinstance(value, str | os.PathLike)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if origin is tuple:
+        return f"a list of {_describe(get_args(hint)[0])}s"
+    names = {type(None): "absent", bool: "true or false", int: "an integer", str: "a string", Path: "a path"}
+    return names.get(hint, str(hint))
 
 
 def stable_mac(sandbox_id: str, dev_id: str) -> str:

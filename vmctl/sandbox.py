@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import secrets
 import tempfile
 import time
@@ -68,7 +67,6 @@ from vmctl.paths import make_run_dir, process_identity, remove_tree
 from vmctl.qmp import QmpEvent
 from vmctl.state import SandboxState, StateMachine, Transition, Trigger
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 DEFAULT_START_TIMEOUT = 120.0
 DEFAULT_STOP_TIMEOUT = 10.0
 DEFAULT_CALL_TIMEOUT = 30.0
@@ -163,10 +161,8 @@ class Sandbox:
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         detached: bool = False,
     ) -> None:
-        if id is not None and not ID_PATTERN.match(id):
-            raise InvalidArgument(
-                f"id: {id!r} must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
-            )
+        if id is not None:
+            registry.check_id(id)
         self.id = id or f"sb-{secrets.token_hex(4)}"
         self._config = config
         self._backend: Backend = backend or (MicrovmHypervisor if config.machine == "microvm" else QemuHypervisor)
@@ -411,6 +407,7 @@ class Sandbox:
         :meth:`stop` was called. A sandbox whose QEMU is gone raises :class:`SandboxNotFound`
         (and its record is removed); one attached elsewhere raises :class:`SandboxBusy`.
         """
+        registry.check_id(sandbox_id)
         record = registry.find(sandbox_id)
         sandbox = cls(SandboxConfig.from_mapping(record.config), id=sandbox_id, detached=True,
                       start_timeout=start_timeout, stop_timeout=stop_timeout)  # fmt: skip
@@ -585,6 +582,8 @@ class Sandbox:
                     self._save_record()  # the last state and devices, for the next attach
             else:
                 remove_tree(self._paths.run_dir)
+                if self.detached:
+                    registry.prune(self._paths.run_dir.parent)
         if self._lock is not None:
             self._lock.release()
             self._lock = None
