@@ -43,6 +43,48 @@ _QEMU_VALUE = re.compile(r"^[^\x00-\x1f\x7f]*\Z")
 #: (-virtfs) or listen on the network (-gdb, -vnc): none of those can be passed this way.
 ALLOWED_QEMU_OPTIONS = frozenset({"rtc", "smbios", "icount", "global", "boot", "k", "uuid"})
 
+#: The sub-options each allowed option may carry (None: checked by a pattern instead). Left out
+#: on purpose because they open host files: smbios file= / path=, icount rr= / rrfile= /
+#: rrsnapshot=, boot splash=.
+_QEMU_SUBOPTIONS: dict[str, frozenset[str] | None] = {
+    "rtc": frozenset({"base", "clock", "driftfix"}),
+    "smbios": frozenset(
+        {
+            "type",
+            "vendor",
+            "version",
+            "date",
+            "release",
+            "uefi",
+            "manufacturer",
+            "product",
+            "serial",
+            "uuid",
+            "sku",
+            "family",
+            "asset",
+            "location",
+            "part",
+            "speed",
+            "sock_pfx",
+            "max-speed",
+            "current-speed",
+            "processor-id",
+            "value",
+        }
+    ),  # fmt: skip
+    "icount": frozenset({"shift", "align", "sleep"}),
+    "boot": frozenset({"order", "once", "menu", "strict", "reboot-timeout", "splash-time"}),
+    "global": None,
+    "k": None,
+    "uuid": None,
+}
+_IMPLIED_SUBOPTION = {"icount": "shift", "boot": "order"}
+_KEYMAP = re.compile(r"[a-z]{2}(-[a-z]{2,3})?\Z")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+_GLOBAL = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+=[^/]*\Z")
+_GLOBAL_DENIED = frozenset({"romfile", "file", "filename", "path", "logfile", "chardev", "drive", "netdev", "fd"})
+
 _ASSETS = ("kernel", "initrd", "image", "firmware", "qemu_binary")
 
 
@@ -191,8 +233,9 @@ class SandboxConfig:
                 value = str(value)
             elif f.name == "kernel_params":
                 value = serialize_params(value, "=")
-            elif f.name == "hypervisor_params":
-                value = {k: v for k, v in value}
+            elif f.name == "hypervisor_params":  # a table, unless an option repeats (-global often does)
+                keys = [k for k, _ in value]
+                value = dict(value) if len(set(keys)) == len(keys) else serialize_params(value, "=")
             elif f.name == "devices":
                 value = [device_to_mapping(d) for d in value]
             out[f.name] = value
@@ -363,8 +406,11 @@ def _check_sizes(c: SandboxConfig, bad: Any) -> None:
     max_vcpus = c.max_vcpus or 1
     if c.vcpus < 1:
         bad("vcpus", "must be at least 1")
-    if max_vcpus > MAX_VCPUS_LIMIT:
-        bad("max_vcpus", f"must be at most {MAX_VCPUS_LIMIT}")
+    if max_vcpus > MAX_VCPUS_LIMIT:  # named after what the user set: max_vcpus defaults to vcpus or more
+        bad(
+            "vcpus" if "max_vcpus" in getattr(c, "_defaulted", ()) else "max_vcpus",
+            f"must be at most {MAX_VCPUS_LIMIT}",
+        )
     if c.vcpus > max_vcpus:
         bad("vcpus", f"{c.vcpus} is more than max_vcpus={max_vcpus}; raise max_vcpus or lower vcpus")
     host_mib = host.total_memory_mib()
@@ -401,8 +447,53 @@ def _check_params(c: SandboxConfig, bad: Any) -> None:
                       "(vmctl manages the others through config fields and devices)")  # fmt: skip
         if not _QEMU_VALUE.match(value):
             bad(name, f"value of {key!r} may not hold control characters")
-        if value.startswith("-"):
+        elif value.startswith("-"):
             bad(name, f"value of {key!r} may not start with '-'")
+        elif key in ALLOWED_QEMU_OPTIONS:
+            problem = _qemu_value_problem(key, value)
+            if problem:
+                bad(name, problem)
+
+
+def qemu_suboptions(value: str) -> list[str]:
+    """Split a QEMU option value at single commas (QEMU reads ",," as a literal comma)."""
+    parts, current, i = [], "", 0
+    while i < len(value):
+        if value[i] == ",":
+            if value[i + 1 : i + 2] == ",":
+                current += ","
+                i += 2
+                continue
+            parts.append(current)
+            current = ""
+        else:
+            current += value[i]
+        i += 1
+    parts.append(current)
+    return parts
+
+
+def _qemu_value_problem(key: str, value: str) -> str | None:
+    """Why an allowed option's value may not reach QEMU (it could make QEMU open a host file)."""
+    if key == "k":
+        return None if _KEYMAP.match(value) else f"-k takes a keyboard layout like 'en-us', not {value!r}"
+    if key == "uuid":
+        return None if _UUID.match(value) else f"-uuid takes a UUID, not {value!r}"
+    if key == "global":
+        prop = value.partition("=")[0].rpartition(".")[2]
+        if not _GLOBAL.match(value) or prop in _GLOBAL_DENIED:
+            return (f"-global takes 'driver.property=value' without '/' and not a file, chardev or backend "
+                    f"property ({', '.join(sorted(_GLOBAL_DENIED))}); {value!r} is refused")  # fmt: skip
+        return None
+    allowed = _QEMU_SUBOPTIONS[key] or frozenset()
+    for n, part in enumerate(qemu_suboptions(value)):
+        name, has_value, _ = part.partition("=")
+        if not has_value and n == 0 and key in _IMPLIED_SUBOPTION:
+            continue
+        if name not in allowed:
+            return (f"-{key} sub-option {name!r} is not allowed (some open host files); "
+                    f"allowed: {', '.join(sorted(allowed))}")  # fmt: skip
+    return None
 
 
 def _check_host_features(c: SandboxConfig, bad: Any) -> None:

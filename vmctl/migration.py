@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 
-from vmctl.errors import QMPError
+from vmctl.errors import QMPDisconnected, QMPError, VmctlError
 from vmctl.qmp import QmpEvent, QmpSession
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
@@ -28,6 +28,7 @@ class MigrationTracker:
 
     def __init__(self) -> None:
         self.status = "none"
+        self.error = ""
         self._changed = anyio.Event()
 
     def on_event(self, event: QmpEvent) -> None:
@@ -37,12 +38,29 @@ class MigrationTracker:
             self._changed = anyio.Event()
 
     async def wait_final(self, qmp: QmpSession) -> str:
+        """The migration's final status; :class:`QMPDisconnected` at once if QEMU goes away."""
         # Ask once as well: the final event may have come before we started waiting.
         info = await qmp.execute("query-migrate")
         if info.get("status") in FINAL:
             self.status = info["status"]
-        while self.status not in FINAL:
-            await self._changed.wait()
+        async with anyio.create_task_group() as tg:
+
+            async def watch_connection() -> None:
+                await qmp.wait_disconnected()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_connection)
+            while self.status not in FINAL:
+                await self._changed.wait()
+            tg.cancel_scope.cancel()
+        if self.status not in FINAL:
+            raise QMPDisconnected("QMP connection lost while QEMU was migrating (QEMU exited?)")
+        if self.status == "failed":
+            with anyio.move_on_after(5):
+                try:
+                    self.error = str((await qmp.execute("query-migrate")).get("error-desc", ""))
+                except VmctlError:
+                    pass
         return self.status
 
 
@@ -66,11 +84,15 @@ async def save_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Pa
             status = await tracker.wait_final(qmp)
         except BaseException:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await qmp.execute("migrate_cancel")  # QEMU holds its own copy of the fd
-                await tracker.wait_final(qmp)
+                try:  # QEMU holds its own copy of the fd: stop it writing
+                    await qmp.execute("migrate_cancel")
+                    await tracker.wait_final(qmp)
+                except VmctlError:
+                    pass  # QEMU is gone or refused: the original error (or cancellation) goes on
             raise
         if status != "completed":
-            raise QMPError(f"saving device state to {path} ended {status}")
+            why = f": {tracker.error}" if tracker.error else ""
+            raise QMPError(f"saving device state ended {status}{why}")
         os.fsync(fd)
         os.replace(partial, path)
     finally:
@@ -87,6 +109,7 @@ async def load_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Pa
         await qmp.execute("migrate-incoming", {"uri": "fd:vmctl-load"})
         status = await tracker.wait_final(qmp)
         if status != "completed":
-            raise QMPError(f"loading device state from {path} ended {status}")
+            why = f": {tracker.error}" if tracker.error else ""
+            raise QMPError(f"loading device state from {path} ended {status}{why}")
     finally:
         os.close(fd)

@@ -21,7 +21,10 @@ def _private_dir(path: Path) -> Path:
     A shared /tmp lets anyone create /tmp/vmctl-UID first; using such a directory would let its
     owner swap our sockets or plant symlinks for QEMU to write through.
     """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:  # a plain file or a dangling symlink: refused just below
+        pass
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         raise HostError(f"{path} is a symlink or not a directory: refusing to use it")

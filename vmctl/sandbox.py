@@ -53,6 +53,7 @@ from vmctl.errors import (
     NotSupported,
     Problem,
     QMPDisconnected,
+    QMPError,
     SandboxFailed,
     VmctlError,
     VmctlTimeout,
@@ -618,21 +619,39 @@ class Sandbox:
         self._machine.check(Trigger.PAUSE)  # a running sandbox only
         partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
-            await self.pause()
             try:
+                await self.pause()
                 with deadline(timeout, "snapshot"):
-                    await save(partial / SNAPSHOT_STATE, skip_shared=False)
+                    await self._guest_call(save(partial / SNAPSHOT_STATE, skip_shared=False))
                     record = {"vmctl_snapshot": 1, "sandbox_id": self.id, "config": self.config.to_mapping()}
                     (partial / SNAPSHOT_CONFIG).write_text(json.dumps(record, indent=2))
                     partial.rename(target)
+            except QMPError as exc:
+                if type(exc) is not QMPError:  # a command error or a lost connection says enough
+                    raise
+                raise QMPError(f"snapshot to {target} failed: {exc}") from exc
             finally:
-                if self.state is SandboxState.PAUSED:
-                    with anyio.CancelScope(shield=True):
-                        await self.resume()
+                with anyio.CancelScope(shield=True):
+                    await self._undo_pause()
         finally:
             remove_tree(partial)
         self.log.info("snapshot saved", directory=str(target))
         return target
+
+    async def _undo_pause(self) -> None:
+        """Resume after a save, including one cancelled while ``stop`` was on its way to QEMU."""
+        if self.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
+            return
+        with anyio.move_on_after(10):
+            try:
+                if self.state is SandboxState.RUNNING:
+                    status = (await self._hypervisor().execute("query-status")).get("status")
+                    if status == "running":
+                        return  # the stop never reached QEMU
+                    await self._machine.wait_for(SandboxState.PAUSED)  # its STOP event is on the way
+                await self.resume()
+            except VmctlError as exc:
+                self.log.warning("could not resume after the snapshot", error=str(exc))
 
     @classmethod
     def restore(cls, directory: str | Path, **options: Any) -> Sandbox:

@@ -257,6 +257,7 @@ class QemuHypervisor(Hypervisor):
             prefix + argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             pass_fds=[s.fileno() for s in listeners.values()],
             start_new_session=True,  # a Ctrl-C aimed at the controller must not kill the VMs behind its back
+            umask=0o077,  # what QEMU creates (a template's memory file: guest RAM) is ours alone
         )  # fmt: skip
         return _OsProcess(process)
 
@@ -265,7 +266,7 @@ class QemuHypervisor(Hypervisor):
         try:
             popen = subprocess.Popen(  # noqa: ASYNC220 - fork+exec only; asyncio would kill it on exit
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd,
-                pass_fds=[s.fileno() for s in listeners.values()], start_new_session=True,
+                pass_fds=[s.fileno() for s in listeners.values()], start_new_session=True, umask=0o077,
             )  # fmt: skip
         finally:
             os.close(fd)
