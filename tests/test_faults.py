@@ -339,13 +339,6 @@ async def test_qemu_dying_while_the_save_waits_for_its_end_fails_the_snapshot_at
         assert not list(tmp_path.glob(".snap.partial-*"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vmctl/hotplug.py HotplugQueue.unplug sends device_del only while the row is PLUGGED: after a "
-    "HotplugTimeout the device is UNPLUG_PENDING and a retried unplug() only waits, so a guest that "
-    "missed or ignored the first eject request can never be asked again (real QEMU 7.2 accepts a repeated "
-    "device_del and re-raises the ACPI eject)",
-)
 async def test_retrying_an_unacknowledged_unplug_asks_qemu_again(tmp_path: Path) -> None:
     disk = tmp_path / "data.img"
     disk.write_bytes(b"\0" * 4096)

@@ -20,7 +20,7 @@ When the sandbox fails, every waiter is woken with the failure.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -168,6 +168,8 @@ class HotplugQueue:
         self._deleted = _WaiterTable()
         self._ost = _WaiterTable()
         self._late_cleanup: list[QmpCommand] = []
+        #: called when a device goes with nobody waiting, so its backends can go at once
+        self.on_late_cleanup: Callable[[], None] | None = None
         self._failure: BaseException | None = None
         self._counter = 0
 
@@ -193,7 +195,9 @@ class HotplugQueue:
             dev_id = event.data.get("device") or _peripheral_id(str(event.data.get("path", "")))
             self._deleted.resolve(str(dev_id), error=HotplugError(f"the guest refused to release {dev_id}"))
         elif event.name == "ACPI_DEVICE_OST":
-            info = event.data.get("info", {})
+            info = event.data.get("info")
+            if not isinstance(info, Mapping):
+                return  # malformed: nobody can be waiting for it
             dev_id = str(info.get("device", ""))
             self._ost.resolve(dev_id, dict(info))
             if info.get("source") == ACPI_EJECT and info.get("status") in ACPI_EJECT_REFUSED:
@@ -203,13 +207,21 @@ class HotplugQueue:
 
     def _device_gone(self, dev_id: str) -> None:
         record = self.devices.get(dev_id)
-        self._deleted.resolve(dev_id, True)
+        waited_for = self._deleted.resolve(dev_id, True)
         if record is not None and record.state is not DeviceState.REMOVED:
             record.state = DeviceState.REMOVED
             self.slots.release(dev_id)
             del self.devices[dev_id]
-            # the backends are deleted by the waiting unplug, or else before the next request
+            # the backends are deleted by the waiting unplug; with nobody waiting (a late event),
+            # by whoever owns the queue (on_late_cleanup), or at the latest before the next request
             self._late_cleanup.extend(record.cleanup)
+            if not waited_for and record.cleanup and self.on_late_cleanup is not None:
+                self.on_late_cleanup()
+
+    async def flush_late_cleanup(self) -> None:
+        """Delete the backends of devices QEMU removed while nobody waited (they hold files open)."""
+        async with self._submit:
+            await self._flush_late_cleanup()
 
     def fail_all(self, error: BaseException) -> None:
         self._failure = error
@@ -338,6 +350,11 @@ class HotplugQueue:
                         if record.state is DeviceState.UNPLUG_PENDING:
                             record.state = DeviceState.PLUGGED
                         raise
+                elif record.state is DeviceState.UNPLUG_PENDING:
+                    try:  # a retry: ask again, the guest may have missed or ignored the first eject
+                        await self._execute("device_del", {"id": dev_id})
+                    except QMPCommandError:
+                        pass  # QEMU still has the first request in progress: keep waiting for it
             limit = self.ack_timeout if timeout is None else timeout
             with anyio.move_on_after(limit) as scope:
                 await waiter.done.wait()
@@ -350,9 +367,10 @@ class HotplugQueue:
                 raise waiter.error
         finally:
             self._deleted.remove(dev_id, waiter)
-        with anyio.CancelScope(shield=True):  # the backends go even if the caller gives up now
-            async with self._submit:
-                await self._flush_late_cleanup()
+            if waiter.done.is_set() and waiter.error is None:
+                with anyio.CancelScope(shield=True):  # the backends go even if the caller gives up now
+                    async with self._submit:
+                        await self._flush_late_cleanup()
 
     async def add_and_wait_ost(self, driver_props: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """``device_add`` a CPU or DIMM and wait for its ``ACPI_DEVICE_OST``; raise unless status 0."""

@@ -433,7 +433,18 @@ class Sandbox:
         assert self._paths is not None
         for dev_id, device, where in cold_devices(config, self._paths, self.id):
             queue.record_cold(dev_id, device, where)
+        queue.on_late_cleanup = self._schedule_late_cleanup
         return queue
+
+    def _schedule_late_cleanup(self) -> None:
+        if self._tg is not None and not self._released:
+            self._tg.start_soon(self._late_cleanup)
+
+    async def _late_cleanup(self) -> None:
+        try:
+            await self._require_queue().flush_late_cleanup()
+        except VmctlError as exc:  # QEMU went away meanwhile: its backends went with it
+            self.log.debug("late backend cleanup skipped", error=str(exc))
 
     async def _confirm_cold_devices(self) -> None:
         """Ask the guest what it calls each cold-plugged disk and NIC.
