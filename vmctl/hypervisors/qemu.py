@@ -107,7 +107,11 @@ class _PidProcess:
     def _collect(self) -> int:
         if self._popen is not None:
             return self._popen.wait()
-        return -1  # not our child: its exit code is not ours to read
+        try:  # our own child after all (a detached QEMU attached to by the process that started it)
+            pid, status = os.waitpid(self._pid, os.WNOHANG)
+            return os.waitstatus_to_exitcode(status) if pid else -1
+        except ChildProcessError:
+            return -1  # not our child: its exit code is not ours to read
 
     async def wait(self) -> int:
         async with self._lock:
