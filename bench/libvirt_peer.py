@@ -70,7 +70,7 @@ RESULTS = Path(__file__).parent / "results"
 LIBVIRTD = "/usr/sbin/libvirtd"
 AGENT_PORT_NAME = "org.vmctl.agent"
 # vmctl's -append for this config (vmctl.hypervisors.cmdline.kernel_cmdline without memory hotplug)
-APPEND = "console=ttyS0 panic=1 reboot=t quiet"
+APPEND = "console=ttyS0 panic=1 reboot=t no_timer_check quiet"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Where a privileged libvirtd keeps its things (fixed at build time for root: only libvirtd.conf

@@ -44,29 +44,59 @@ async def plain_vm(config: SandboxConfig) -> AsyncIterator[PlainVm]:
             for a in argv]  # fmt: skip
     started = time.perf_counter()
     # the baseline is deliberately the plain way: Popen, then poll for QEMU's sockets
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
+    with open(run_dir / "qemu.log", "wb") as stderr:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)  # noqa: ASYNC220
     qmp = QMPClient("plain")
     writer = None
+    ready = False
     try:
         while not (paths.qmp_socket.exists() and paths.agent_socket.exists()):  # noqa: ASYNC110
+            if proc.poll() is not None:
+                raise RuntimeError("QEMU exited before creating its sockets")
             await asyncio.sleep(0.005)
         await qmp.connect(str(paths.qmp_socket))
         reader, writer = await asyncio.open_unix_connection(str(paths.agent_socket))
         await qmp.execute("cont")
         line = await reader.readline()
-        assert line.startswith(b"READY"), line
+        if not line.startswith(b"READY"):
+            raise RuntimeError(f"expected the agent's READY line, got {line!r}")
+        ready = True
         yield PlainVm(qmp, reader, writer, time.perf_counter() - started, proc)
         writer.write(b"POWEROFF 0\n")
         await writer.drain()
         await asyncio.to_thread(proc.wait, 30)
+    except Exception as exc:
+        if ready:
+            raise
+        raise PlainVmError(f"plain VM failed to start: {exc}; {diagnose(proc, paths)}") from exc
     finally:
+        if proc.poll() is None:  # first, before any await: a cancelled cleanup must still kill it
+            proc.kill()
+            proc.wait()  # noqa: ASYNC221
         if writer is not None:
             writer.close()
         try:
             await qmp.disconnect()
         except EOFError:
             pass  # QEMU is gone: the reader saw it first
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()  # noqa: ASYNC221
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class PlainVmError(RuntimeError):
+    """A plain VM did not get to ready; the message has QEMU's exit status and log tails."""
+
+
+def diagnose(proc: subprocess.Popen[bytes], paths: RunPaths) -> str:
+    """QEMU's exit status, stderr tail and console tail, for a start that failed."""
+    try:
+        rc: int | None = proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        rc = None
+    tails = []
+    for name, path in (("stderr", paths.run_dir / "qemu.log"), ("console", paths.console_log)):
+        try:
+            lines = path.read_text(errors="replace").splitlines()[-8:]
+        except OSError:
+            lines = []
+        tails.append(f"{name}: " + (" | ".join(lines) if lines else "(empty)"))
+    return f"QEMU {'still running' if rc is None else f'exited with {rc}'}; " + "; ".join(tails)

@@ -243,6 +243,7 @@ def test_kernel_cmdline_user_params_last_and_debug(files: dict[str, Path]) -> No
     line = kernel_cmdline(cfg(files, debug=True, kernel_params={"console": "hvc0"}))
     assert line.endswith("console=hvc0") and " debug " in f" {line} " and "quiet" not in line
     assert "quiet" in kernel_cmdline(cfg(files))
+    assert "no_timer_check" in kernel_cmdline(cfg(files)).split()  # a loaded host must not panic the boot
 
 
 def test_templates_on_the_command_line(files: dict[str, Path], tmp_path: Path) -> None:

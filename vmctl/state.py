@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -77,6 +78,7 @@ class Trigger(enum.Enum):
 
 S = SandboxState
 T = Trigger
+HISTORY_LENGTH = 1000
 
 #: state -> trigger -> next state. Everything not listed is illegal.
 TRANSITIONS: dict[SandboxState, dict[Trigger, SandboxState]] = {
@@ -176,7 +178,8 @@ class StateMachine:
         self._subscribers: list[MemoryObjectSendStream[Transition]] = []
         self._on_transition = on_transition
         self.failure: str = ""
-        self.history: list[Transition] = []
+        #: the latest transitions (a long-lived sandbox pausing often must not grow without bound)
+        self.history: deque[Transition] = deque(maxlen=HISTORY_LENGTH)
 
     @property
     def state(self) -> SandboxState:

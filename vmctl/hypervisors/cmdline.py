@@ -22,7 +22,9 @@ SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 
 def kernel_cmdline(config: SandboxConfig) -> str:
     """Our base parameters first, the user's after them (so the user's win)."""
-    base = ["console=ttyS0", "panic=1", "reboot=t"]
+    # no_timer_check: on a loaded host (many TCG guests at once) the kernel's IO-APIC timer test
+    # can fail and panic the boot; a virtual timer needs no check (Kata passes it too)
+    base = ["console=ttyS0", "panic=1", "reboot=t", "no_timer_check"]
     base += ["debug", "vmctl.debug=1"] if config.debug else ["quiet"]
     if config.memory_hotplug_possible:
         base.append("memhp_default_state=online_movable")  # hot-added memory stays removable
