@@ -100,19 +100,29 @@ def parse_block_devices(text: str) -> list[GuestBlockDevice]:
     for line in text.splitlines():
         name, _, rest = line.partition(" ")
         sectors, _, serial = rest.partition(" ")
-        if name and sectors.isdigit():
+        if name and sectors.isascii() and sectors.isdigit():
             out.append(GuestBlockDevice(name, int(sectors) * 512, serial.strip()))
     return out
 
 
+MAX_CPUS = 1 << 16
+
+
 def parse_cpu_list(text: str) -> list[int]:
-    """``0-2,4`` -> ``[0, 1, 2, 4]`` (the kernel's cpulist format)."""
+    """``0-2,4`` -> ``[0, 1, 2, 4]`` (the kernel's cpulist format); :class:`GuestError` if the
+    guest sent something else (or more CPUs than any kernel has)."""
     cpus: list[int] = []
     for part in text.strip().split(","):
         if not part:
             continue
         first, _, last = part.partition("-")
-        cpus.extend(range(int(first), int(last or first) + 1))
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise GuestError(f"guest sent a malformed CPU list: {text[:100]!r}") from None
+        if not 0 <= low <= high < MAX_CPUS or len(cpus) + high - low >= MAX_CPUS:
+            raise GuestError(f"guest sent an impossible CPU list: {text[:100]!r}")
+        cpus.extend(range(low, high + 1))
     return cpus
 
 
@@ -121,7 +131,7 @@ def parse_memory(text: str) -> GuestMemory:
     for line in text.splitlines():
         key, _, rest = line.partition(":")
         fields = rest.split()
-        if fields and fields[0].isdigit():
+        if fields and fields[0].isascii() and fields[0].isdigit():
             values[key.strip()] = int(fields[0])
     try:
         return GuestMemory(values["MemTotal"], values["MemFree"], values["MemAvailable"])
@@ -288,8 +298,8 @@ class AgentClient:
             raise InvalidArgument("argv: arguments may not contain NUL bytes")
         if len(stdin) > MAX_STDIN:
             raise InvalidArgument(f"stdin: at most {MAX_STDIN} bytes; copy larger data with a disk")
-        if timeout is not None and timeout <= 0:
-            raise InvalidArgument("timeout: must be positive (or None for no limit)")
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise InvalidArgument("timeout: must be a positive, finite number of seconds (or None for no limit)")
         guest_timeout = 0 if timeout is None else max(1, math.ceil(timeout))
         started = time.monotonic()
         fields = (str(guest_timeout), _b64(stdin), _b64(shell_words(args)))

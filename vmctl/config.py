@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from vmctl import host
-from vmctl.devices import Device, DeviceContext, device_from_mapping, device_to_mapping, expand_path
+from vmctl.devices import Device, DeviceContext, device_from_mapping, device_to_mapping, expand_path, probe
 from vmctl.errors import ConfigError, Problem
 from vmctl.params import Param, normalize_params, serialize_params
 
@@ -147,6 +147,8 @@ class SandboxConfig:
         problems: list[Problem] = []
         for name in (*_ASSETS, "entropy_source", "memory_path", "devices_state_path"):
             object.__setattr__(self, name, _path(getattr(self, name)))
+        if self.entropy_source is None:  # "" means the default, as for qemu_binary
+            object.__setattr__(self, "entropy_source", Path("/dev/urandom"))
         devices, device_problems = _normalize_devices(self.devices)
         object.__setattr__(self, "devices", () if device_problems else devices)
         problems.extend(device_problems)
@@ -188,7 +190,7 @@ class SandboxConfig:
                     for k in assets if k not in _ASSETS]  # fmt: skip
         chosen = {k: _path(v) for k, v in assets.items() if k in _ASSETS and v is not None}
         for name, path in chosen.items():
-            if path is not None and not path.exists():
+            if path is not None and not probe(path):
                 problems.append(Problem(f"custom_assets.{name}", f"{path} does not exist"))
         if problems:
             raise ConfigError(problems)
@@ -292,7 +294,7 @@ def _validate(c: SandboxConfig) -> list[Problem]:
         bad("kernel", "required: path to the guest kernel (vmctl guest build makes one)")
     for name in _ASSETS:
         path = getattr(c, name)
-        if isinstance(path, Path) and not path.is_file():
+        if isinstance(path, Path) and not probe(path, "file"):
             bad(name, f"{path} does not exist or is not a file")
     if c.initrd is None and c.image is None:
         bad("initrd", "set initrd or image: the guest needs a root filesystem")
@@ -497,7 +499,7 @@ def _qemu_value_problem(key: str, value: str) -> str | None:
 
 
 def _check_host_features(c: SandboxConfig, bad: Any) -> None:
-    if isinstance(c.entropy_source, Path) and not c.entropy_source.exists():
+    if isinstance(c.entropy_source, Path) and not probe(c.entropy_source):
         bad("entropy_source", f"{c.entropy_source} does not exist")
     if c.huge_pages:
         if host.hugepages_total() == 0 or not Path("/dev/hugepages").is_dir():
@@ -514,12 +516,12 @@ def _check_templates(c: SandboxConfig, bad: Any) -> None:
     if c.boot_from_template:
         if c.devices_state_path is None:
             bad("devices_state_path", "required with boot_from_template: the saved device state")
-        elif isinstance(c.devices_state_path, Path) and not c.devices_state_path.is_file():
+        elif isinstance(c.devices_state_path, Path) and not probe(c.devices_state_path, "file"):
             bad("devices_state_path", f"{c.devices_state_path} does not exist")
-        if isinstance(c.memory_path, Path) and not c.memory_path.is_file():
+        if isinstance(c.memory_path, Path) and not probe(c.memory_path, "file"):
             bad("memory_path", f"{c.memory_path} does not exist")
     if c.boot_to_be_template:
-        if isinstance(c.memory_path, Path) and not c.memory_path.parent.is_dir():
+        if isinstance(c.memory_path, Path) and not probe(c.memory_path.parent, "dir"):
             bad("memory_path", f"directory {c.memory_path.parent} does not exist")
         if c.devices_state_path is None:
             bad("devices_state_path", "required with boot_to_be_template: where the device state is saved")

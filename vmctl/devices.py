@@ -32,6 +32,17 @@ BlockDriver = Literal["virtio-blk", "virtio-scsi", "virtio-mmio"]
 ImageFormat = Literal["raw", "qcow2"]
 
 
+def probe(path: Path, kind: Literal["exists", "file", "dir"] = "exists") -> bool:
+    """``path.exists()`` / ``is_file()`` / ``is_dir()``, but False for a name the OS refuses (too
+    long, a NUL byte) instead of raising: validation reports such a path as missing."""
+    if not isinstance(path, Path):
+        return False
+    try:
+        return {"exists": path.exists, "file": path.is_file, "dir": path.is_dir}[kind]()
+    except (OSError, ValueError):
+        return False
+
+
 def expand_path(value: str | os.PathLike[str]) -> Path:
     """``Path(value)`` with ``~`` expanded; a ``~user`` that does not exist stays as written
     (and is then reported as a missing file) instead of raising ``RuntimeError``."""
@@ -182,7 +193,7 @@ class BlockDevice(Device):
 
     def problems(self, ctx: DeviceContext) -> list[Problem]:
         out = super().problems(ctx)
-        if not self.path.is_file():
+        if not probe(self.path, "file"):
             out.append(Problem("block.path", f"{self.path} does not exist or is not a file"))
         if self.driver is not None and self.driver not in get_args(BlockDriver):
             out.append(Problem("block.driver", f"{self.driver!r}: use one of {', '.join(get_args(BlockDriver))}"))

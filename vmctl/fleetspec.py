@@ -18,12 +18,13 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmctl.config import SandboxConfig, relative_to
+from vmctl.config import SandboxConfig, read_toml_text, relative_to
 from vmctl.devices import Device, device_from_mapping
 from vmctl.errors import ConfigError, Problem, VmctlError
 
@@ -45,10 +46,9 @@ def load_fleet_spec(path: str | Path, *, default_kernel: Path | None = None,
                     default_initrd: Path | None = None) -> FleetSpec:  # fmt: skip
     """Read and validate a fleet spec; every problem is reported at once, naming its field."""
     path = Path(path)
+    text = read_toml_text(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError([Problem(str(path), f"cannot read the file: {exc.strerror}")]) from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(str(path), f"not valid TOML: {exc}")]) from None
     problems: list[Problem] = []
@@ -64,7 +64,8 @@ def load_fleet_spec(path: str | Path, *, default_kernel: Path | None = None,
     template = _bool(fleet, "template", False, problems)
     fail_fast = _bool(fleet, "fail_fast", False, problems)
     timeout = fleet.get("command_timeout", 300.0)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or not 0 < timeout < math.inf):  # fmt: skip
         problems.append(Problem("fleet.command_timeout", "must be a positive number of seconds"))
         timeout = 300.0
     commands = _commands(fleet.get("commands", []), problems)
@@ -77,9 +78,10 @@ def load_fleet_spec(path: str | Path, *, default_kernel: Path | None = None,
         sandbox_data["kernel"] = str(default_kernel)
         if "initrd" not in sandbox_data and default_initrd is not None:
             sandbox_data["initrd"] = str(default_initrd)  # with an image too: it switches to the disk
-    own = len(sandbox_data.get("devices", []))
-    if devices:
-        sandbox_data["devices"] = [*sandbox_data.get("devices", []), *devices]
+    own_devices = sandbox_data.get("devices", [])
+    own = len(own_devices) if isinstance(own_devices, list) else 0
+    if devices and isinstance(own_devices, list):  # anything else is reported by SandboxConfig
+        sandbox_data["devices"] = [*own_devices, *devices]
     try:
         sandbox = SandboxConfig.from_mapping(sandbox_data, base_dir=path.parent.absolute())
     except ConfigError as exc:

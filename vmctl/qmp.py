@@ -7,6 +7,7 @@ missed. Cancellation is never wrapped.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -31,13 +32,42 @@ class QmpEvent:
     timestamp: float = 0.0
 
 
+def _timestamp(value: object) -> float:
+    try:
+        return float(value["seconds"]) + float(value["microseconds"]) / 1e6  # type: ignore[index]
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError):
+        return 0.0
+
+
+class _Client(QMPClient):
+    """``QMPClient`` whose per-message debug lines are formatted only when debug logging is on.
+
+    qemu.qmp's message hooks (documented for subclasses to override) do nothing but
+    ``logger.debug("--> %s", str(msg))``, so every message is pretty-printed as JSON even when
+    nobody logs it: about half the CPU a controller with many sessions spends per command."""
+
+    def _cb_outbound(self, msg: Any) -> Any:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", str(msg))
+        return msg
+
+    def _cb_inbound(self, msg: Any) -> Any:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", str(msg))
+        return msg
+
+
+CLOSE_TIMEOUT = 5.0
+
+
 class QmpSession:
     """One QMP connection to one QEMU."""
 
     def __init__(self, name: str, *, command_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
-        self._client = QMPClient(name)
-        self._listener = EventListener()
-        self._client.register_listener(self._listener)
+        self._client = _Client(name)
+        # QMPClient always keeps every event in its default all-events listener: that one is
+        # ours. (A second listener would leave the default one growing for the session's life.)
+        self._listener: EventListener = self._client.events
         self.command_timeout = command_timeout
         self.greeting: Mapping[str, Any] = {}
 
@@ -80,12 +110,15 @@ class QmpSession:
         await self.execute("getfd", {"fdname": name})
 
     async def events(self) -> AsyncIterator[QmpEvent]:
-        """Every event QEMU sends, in order, for as long as the session lives."""
+        """Every event QEMU sends, in order, for as long as the session lives.
+
+        An event's name is all that is trusted: malformed ``data`` reads as empty and a malformed
+        ``timestamp`` as 0, so one bad event cannot stop the stream."""
         async for raw in self._listener:
             message: dict[str, Any] = dict(raw)
-            ts = message.get("timestamp", {})
-            stamp = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
-            yield QmpEvent(str(message["event"]), dict(message.get("data", {})), stamp)
+            data = message.get("data")
+            yield QmpEvent(str(message["event"]), dict(data) if isinstance(data, Mapping) else {},
+                           _timestamp(message.get("timestamp")))  # fmt: skip
 
     async def wait_disconnected(self) -> None:
         """Return once the connection is gone (QEMU closed it or exited)."""
@@ -105,7 +138,9 @@ class QmpSession:
 
     async def close(self) -> None:
         """Disconnect; never raises (the error that broke the connection was already reported)."""
-        with anyio.CancelScope(shield=True):
+        # Bounded: a teardown must finish even if qemu.qmp's disconnect waits on a stuck peer
+        # (the socket goes with the QEMU process anyway).
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
             try:
                 await self._client.disconnect()
             except Exception:  # noqa: BLE001,S110 - the cause was reported where it happened

@@ -38,6 +38,11 @@ from vmctl.hypervisors.qemu import QemuHypervisor, VmProcess
 
 ExecHandler = Callable[[list[bytes], bytes], "ExecResult | Awaitable[ExecResult]"]
 CommandHandler = Callable[[Mapping[str, Any]], Any]
+#: How a scripted reply goes wrong: answered under an id nobody asked for, without its id, as a
+#: line that is not JSON, cut off halfway with the connection closed, or as one line longer than
+#: the QMP client reads (qemu.qmp's limit is 10 MiB).
+ReplyFault = Literal["wrong-id", "no-id", "garbage", "truncate", "huge"]
+HUGE_REPLY_BYTES = 11 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class FakeQemu:
         unplug: Literal["ack", "never", "guest-error"] = "ack",
         unplug_delay: float = 0.0,
         guest_names: Mapping[str, str] | None = None,
+        reply_faults: Mapping[str, ReplyFault] | None = None,
     ) -> None:
         self.ready_delay = ready_delay
         self.exec_handler = exec_handler
@@ -104,6 +110,7 @@ class FakeQemu:
         self.unplug = unplug
         self.unplug_delay = unplug_delay
         self.guest_names = dict(guest_names or {})
+        self.reply_faults = dict(reply_faults or {})
         self.received: list[dict[str, Any]] = []
         self.processes: list[FakeProcess] = []
 
@@ -331,11 +338,33 @@ class FakeProcess:
             reply = {"return": result}
         if msg_id is not None:
             reply["id"] = msg_id
-        await self._send(reply)
+        fault = self.fake.reply_faults.get(name)
+        if fault is not None:
+            await self._send_faulty(reply, fault)
+        else:
+            await self._send(reply)
         if after is not None:
             await after()
 
+    async def _send_faulty(self, reply: dict[str, Any], fault: ReplyFault) -> None:
+        if fault == "wrong-id":
+            await self._send({**reply, "id": "nobody-asked"})
+        elif fault == "no-id":
+            await self._send({k: v for k, v in reply.items() if k != "id"})
+        elif fault == "garbage":
+            await self.send_qmp_raw(b"\x00}{ this is not JSON\n")
+        elif fault == "truncate":
+            data = json.dumps(reply).encode()
+            await self.send_qmp_raw(data[: len(data) // 2])
+            await self.close_qmp()
+        elif fault == "huge":
+            await self._send({**reply, "return": "x" * HUGE_REPLY_BYTES})
+        else:
+            raise ValueError(f"unknown reply fault {fault!r}")
+
     def _unplug_later(self, dev_id: str) -> Callable[[], Awaitable[None]]:
+        props = self.devices[dev_id]
+
         async def unplug() -> None:
             if self.fake.unplug == "never":
                 return
@@ -349,7 +378,9 @@ class FakeProcess:
                         "DEVICE_UNPLUG_GUEST_ERROR", {"device": dev_id, "path": f"/machine/peripheral/{dev_id}"}
                     )
                     return
-                self.devices.pop(dev_id, None)
+                if self.devices.get(dev_id) is not props:
+                    return  # already gone (or gone and plugged again): QEMU reports a removal once
+                del self.devices[dev_id]
                 await self.emit("DEVICE_DELETED", {"device": dev_id, "path": f"/machine/peripheral/{dev_id}"})
 
             self._tg.start_soon(acknowledge)

@@ -1,0 +1,622 @@
+"""Control-plane scale without guests: 1000 QMP sessions in one controller process.
+
+Fake QMP peers (a lean asyncio server speaking the QMP wire protocol, in separate processes so
+the controller measures only itself) answer like QEMU: ``STOP`` / ``RESUME`` before the reply to
+``stop`` / ``cont``, ``DEVICE_DELETED`` shortly after ``device_del``, ``SHUTDOWN`` on ``quit``,
+and ``RTC_CHANGE`` noise on every connection. Each event carries the peer's CLOCK_MONOTONIC
+timestamp, so the controller measures event-to-waiter latency on receipt.
+
+Two controllers drive the same load, each in a fresh process:
+
+* vmctl: one process, one event loop, one :class:`vmctl.qmp.QmpSession` per VM with an event
+  pump feeding a :class:`vmctl.state.StateMachine`, exactly how ``Sandbox.pause()`` works
+  (check the table, send ``stop``, wait for the state QEMU's ``STOP`` event produces);
+* baseline: ``qemu.qmp.legacy.QEMUMonitorProtocol``, one blocking connection and one thread per
+  VM (how QEMU's own ``QEMUMachine`` drives a VM): ``cmd("stop")``, then ``get_events`` until
+  ``STOP`` is among them (batch reads: ``pull_event`` one event at a time, as
+  ``QEMUMachine.event_wait`` does, collapses under the noise an idle connection piles up).
+
+Two phases: *flat out* (every session does ``--rounds`` round trips back to back, all at once:
+throughput, and latency under saturation) and *paced* (``--paced-rate`` transitions/s offered by
+all sessions together for ``--paced-seconds``: latency and CPU at a load both can carry).
+
+Metrics: transitions per second (a pause or a resume confirmed by its event), event-to-waiter
+latency p50/p99, memory per session (RSS delta / N, thread stacks included as touched), CPU per
+transition, and the longest stall of the controller (a ticker sleeping 1 ms: a task in vmctl's
+loop, a thread in the baseline). Prints a table with ratios, writes JSON to
+bench/results/control-plane-<time>.json.
+
+    python bench/control_plane.py [--sandboxes 1000] [--rounds 20] [--peers 2] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "control-plane-peer"},
+                    "capabilities": ["oob"]}}  # fmt: skip
+
+
+def now_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # one clock for every process on the host
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def vm_size_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def socket_path(directory: Path, index: int) -> Path:
+    return directory / f"vm{index}.sock"
+
+
+# -- the fake QMP peer ---------------------------------------------------------------------------
+
+
+class PeerConnection(asyncio.Protocol):
+    """One QEMU's QMP monitor: greeting, negotiation, commands with ids, events."""
+
+    decoder = json.JSONDecoder()
+
+    def __init__(self, connections: set[PeerConnection]) -> None:
+        self.connections = connections
+        self.transport: asyncio.Transport | None = None
+        self.buffer = ""
+        self.running = True
+        self.negotiated = False  # QEMU sends no event before qmp_capabilities is answered
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.connections.add(self)
+        self.write(GREETING)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        self.transport = None
+
+    def write(self, message: dict[str, Any]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(json.dumps(message).encode() + b"\n")
+
+    def event(self, name: str, data: dict[str, Any] | None = None) -> None:
+        wall = time.time()
+        self.write({"event": name, "data": {**(data or {}), "peer_emit_ns": now_ns()},
+                    "timestamp": {"seconds": int(wall), "microseconds": int(wall % 1 * 1e6)}})  # fmt: skip
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data.decode()
+        while True:  # QMP is a JSON stream: commands need no newline between them
+            text = self.buffer.lstrip()
+            if not text:
+                self.buffer = ""
+                return
+            try:
+                command, end = self.decoder.raw_decode(text)
+            except ValueError:
+                self.buffer = text
+                return
+            self.buffer = text[end:]
+            self.command(command)
+
+    def command(self, command: dict[str, Any]) -> None:
+        name, args = command.get("execute"), command.get("arguments") or {}
+        result: Any = {}
+        after = None
+        if name == "stop":  # QEMU emits the event before it answers
+            self.running = False
+            self.event("STOP")
+        elif name == "cont":
+            self.running = True
+            self.event("RESUME")
+        elif name == "query-status":
+            result = {"status": "running" if self.running else "paused", "running": self.running}
+        elif name == "device_del":
+            dev_id = str(args.get("id"))
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.002, self.event, "DEVICE_DELETED",
+                            {"device": dev_id, "path": f"/machine/peripheral/{dev_id}"})  # fmt: skip
+        elif name == "quit":
+            self.event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+            after = self.transport.close if self.transport else None
+        elif name == "qmp_capabilities":
+            self.negotiated = True
+        else:
+            reply_error = {"class": "CommandNotFound", "desc": f"The command {name} has not been found"}
+            self.write({"error": reply_error, **({"id": command["id"]} if "id" in command else {})})
+            return
+        self.write({"return": result, **({"id": command["id"]} if "id" in command else {})})
+        if after is not None:
+            after()
+
+
+async def run_peer(directory: Path, first: int, count: int, noise_interval: float) -> None:
+    connections: set[PeerConnection] = set()
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_unix_server(lambda: PeerConnection(connections), str(socket_path(directory, i)),
+                                             backlog=64) for i in range(first, first + count)]  # fmt: skip
+    print("ready", flush=True)
+
+    async def noise() -> None:  # RTC_CHANGE on every connection about once per noise_interval
+        tick, turn = 0.01, 0
+        while True:
+            await asyncio.sleep(tick)
+            live = [conn for conn in connections if conn.negotiated]
+            if not live:
+                continue
+            share = max(1, round(len(live) * tick / noise_interval))
+            for k in range(share):
+                live[(turn + k) % len(live)].event("RTC_CHANGE", {"offset": 0})
+            turn += share
+
+    noise_task = asyncio.create_task(noise())
+    stop = asyncio.Event()
+    loop.add_reader(sys.stdin.fileno(), stop.set)  # the parent closes our stdin to end us
+    await stop.wait()
+    noise_task.cancel()
+    for server in servers:
+        server.close()
+
+
+# -- controller A: vmctl -------------------------------------------------------------------------
+
+
+class Phases:
+    """Latencies and the longest stall per phase (flat-out, paced), CPU and time per phase."""
+
+    def __init__(self) -> None:
+        self.current = "setup"
+        self.latencies: dict[str, list[float]] = {"flat-out": [], "paced": []}
+        self.stall: dict[str, float] = {"setup": 0.0, "flat-out": 0.0, "paced": 0.0}
+        self.elapsed: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.transitions: dict[str, int] = {}
+        self.failures: dict[str, list[str]] = {"flat-out": [], "paced": []}  # round trips that timed out
+        self._started = (0.0, 0.0)
+
+    def begin(self, name: str) -> None:
+        self.current = name
+        self._started = (time.perf_counter(), cpu_seconds())
+
+    def end(self) -> None:
+        wall, cpu = self._started
+        self.elapsed[self.current] = time.perf_counter() - wall
+        self.cpu[self.current] = cpu_seconds() - cpu
+        self.transitions[self.current] = len(self.latencies[self.current])
+        self.current = "setup"
+
+    def tick(self, lateness: float) -> None:
+        self.stall[self.current] = max(self.stall[self.current], lateness)
+
+
+def paced_period(n: int, rate: float) -> float:
+    """Seconds between one session's round trips so that n sessions offer ``rate`` transitions/s."""
+    return 2 * n / rate
+
+
+async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, seconds: float) -> dict[str, Any]:
+    import random
+
+    import anyio
+
+    from vmctl.qmp import QmpSession
+    from vmctl.state import SandboxState, StateMachine, Trigger
+
+    rss_start, vsz_start = rss_kib(), vm_size_kib()
+    sessions = [QmpSession(f"cp{i}") for i in range(n)]
+    machines = [StateMachine() for _ in range(n)]
+    emitted = [0] * n
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i, session in enumerate(sessions):
+            tg.start_soon(session.connect, socket_path(directory, i))
+    connect_s = time.perf_counter() - started
+    triggers = {"STOP": Trigger.QMP_STOP, "RESUME": Trigger.QMP_RESUME}
+    phases = Phases()
+
+    async def pump(i: int) -> None:  # what the hypervisor's event pump does for a Sandbox
+        async for event in sessions[i].events():
+            trigger = triggers.get(event.name)
+            if trigger is not None:
+                emitted[i] = int(event.data.get("peer_emit_ns", 0))
+                machines[i].fire_if_allowed(trigger, event.name.lower())
+
+    async def round_trip(i: int) -> None:  # what Sandbox.pause() then Sandbox.resume() do
+        session, machine = sessions[i], machines[i]
+        for trigger, command, target in ((Trigger.PAUSE, "stop", SandboxState.PAUSED),
+                                         (Trigger.RESUME, "cont", SandboxState.RUNNING)):  # fmt: skip
+            machine.check(trigger)
+            with anyio.fail_after(60):
+                await session.execute(command)
+                await machine.wait_for(target)
+            phases.latencies[phases.current].append((now_ns() - emitted[i]) / 1e6)
+
+    async def flat_out(i: int) -> None:
+        try:
+            for _ in range(rounds):
+                await round_trip(i)
+        except TimeoutError as exc:  # counted, and this session sits the phase out
+            phases.failures["flat-out"].append(repr(exc))
+
+    async def paced(i: int, until: float) -> None:
+        period = paced_period(n, rate)
+        due = time.perf_counter() + random.uniform(0, period)
+        while True:
+            await anyio.sleep(max(0.0, due - time.perf_counter()))
+            if time.perf_counter() >= until:
+                return
+            try:
+                await round_trip(i)
+            except TimeoutError as exc:
+                phases.failures["paced"].append(repr(exc))
+                return
+            due += period
+
+    async def ticker() -> None:
+        while True:
+            before = time.perf_counter()
+            await anyio.sleep(0.001)
+            phases.tick(time.perf_counter() - before - 0.001)
+
+    for machine in machines:
+        machine.fire(Trigger.START)
+        machine.fire(Trigger.GUEST_READY)
+    rss_connected = rss_kib()
+    async with anyio.create_task_group() as background:
+        for i in range(n):
+            background.start_soon(pump, i)
+        background.start_soon(ticker)
+        await anyio.sleep(0.2)  # let the pumps start
+        phases.begin("flat-out")
+        async with anyio.create_task_group() as drivers:
+            for i in range(n):
+                drivers.start_soon(flat_out, i)
+        phases.end()
+        rss_after = rss_kib()
+        phases.begin("paced")
+        until = time.perf_counter() + seconds
+        async with anyio.create_task_group() as drivers:
+            for i in range(n):
+                drivers.start_soon(paced, i, until)
+        phases.end()
+        background.cancel_scope.cancel()
+    threads = threading.active_count()
+    for session in sessions:
+        await session.close()
+    return result_record("vmctl (1 loop, QmpSession)", n, connect_s, phases, rss_start, rss_connected, rss_after,
+                         vsz_start, vm_size_kib(), threads)  # fmt: skip
+
+
+# -- controller B: qemu.qmp.legacy, a thread per VM ----------------------------------------------
+
+
+def legacy_controller(directory: Path, n: int, rounds: int, rate: float, seconds: float) -> dict[str, Any]:
+    import random
+
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    rss_start, vsz_start = rss_kib(), vm_size_kib()
+    gate = threading.Barrier(n + 1)  # all connected / flat-out done / paced done
+    phases = Phases()
+    paced_until = [0.0]
+    errors: list[BaseException] = []
+
+    def round_trip(monitor: QEMUMonitorProtocol, out: list[float]) -> None:
+        for command, wanted in (("stop", "STOP"), ("cont", "RESUME")):
+            monitor.cmd(command)
+            found = None
+            while found is None:  # take every queued event at once (pull_event, one _sync per event, as
+                # QEMUMachine.event_wait does, drowns in the noise an idle connection piles up)
+                found = next((e for e in monitor.get_events(wait=60.0) if e["event"] == wanted), None)
+            out.append((now_ns() - int(found["data"]["peer_emit_ns"])) / 1e6)
+
+    def worker(i: int) -> None:
+        monitor = None
+        try:
+            monitor = QEMUMonitorProtocol(str(socket_path(directory, i)), nickname=f"legacy{i}")
+            monitor.connect()
+            monitor.settimeout(60)
+        except Exception as exc:
+            errors.append(exc)
+            gate.abort()
+            return
+        try:
+            gate.wait()
+            flat: list[float] = []
+            try:
+                for _ in range(rounds):
+                    round_trip(monitor, flat)
+            except TimeoutError as exc:  # counted; this session sits the phase out
+                phases.failures["flat-out"].append(repr(exc))
+            phases.latencies["flat-out"].extend(flat)  # list.extend is atomic under the GIL
+            gate.wait()
+            gate.wait()  # the paced phase's deadline is set
+            paced: list[float] = []
+            period = paced_period(n, rate)
+            due = time.perf_counter() + random.uniform(0, period)
+            try:
+                while True:
+                    time.sleep(max(0.0, due - time.perf_counter()))
+                    if time.perf_counter() >= paced_until[0]:
+                        break
+                    round_trip(monitor, paced)
+                    due += period
+            except TimeoutError as exc:
+                phases.failures["paced"].append(repr(exc))
+            phases.latencies["paced"].extend(paced)
+            gate.wait()
+        except Exception as exc:
+            errors.append(exc)
+            gate.abort()
+        finally:
+            monitor.close()
+
+    stop_ticker = threading.Event()
+
+    def ticker() -> None:
+        while not stop_ticker.is_set():
+            before = time.perf_counter()
+            time.sleep(0.001)
+            phases.tick(time.perf_counter() - before - 0.001)
+
+    def wait_gate() -> None:
+        try:
+            gate.wait()
+        except threading.BrokenBarrierError:
+            raise RuntimeError(f"{len(errors)} baseline sessions failed, first: {errors[0]!r}") from None
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
+    for thread in workers:
+        thread.start()
+    wait_gate()  # all connected
+    connect_s = time.perf_counter() - started
+    rss_connected = rss_kib()
+    ticking = threading.Thread(target=ticker, daemon=True)
+    ticking.start()
+    phases.begin("flat-out")
+    wait_gate()  # flat-out done: the workers start it as soon as they pass the first gate
+    phases.end()
+    rss_after, vsz_after = rss_kib(), vm_size_kib()
+    threads = threading.active_count()
+    phases.begin("paced")
+    paced_until[0] = time.perf_counter() + seconds
+    wait_gate()
+    wait_gate()
+    phases.end()
+    stop_ticker.set()
+    for thread in workers:
+        thread.join(30)
+    ticking.join()
+    return result_record("qemu.qmp.legacy (thread per VM)", n, connect_s, phases, rss_start, rss_connected,
+                         rss_after, vsz_start, vsz_after, threads)  # fmt: skip
+
+
+def result_record(name: str, n: int, connect_s: float, phases: Phases, rss_start: int, rss_connected: int,
+                  rss_after: int, vsz_start: int, vsz_after: int, threads: int) -> dict[str, Any]:  # fmt: skip
+    def latency(values: list[float]) -> dict[str, float]:
+        return {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99), "max": max(values, default=0.0),
+                "n": len(values)}  # fmt: skip
+
+    flat, paced = phases.latencies["flat-out"], phases.latencies["paced"]
+    return {
+        "controller": name,
+        "sessions": n,
+        "connect_all_s": connect_s,
+        "flat_out": {
+            "transitions": len(flat),
+            "elapsed_s": phases.elapsed["flat-out"],
+            "transitions_per_s": len(flat) / phases.elapsed["flat-out"],
+            "cpu_us_per_transition": phases.cpu["flat-out"] / max(1, len(flat)) * 1e6,
+            "latency_ms": latency(flat),
+            "max_stall_ms": phases.stall["flat-out"] * 1e3,
+            "timed_out": len(phases.failures["flat-out"]),
+        },
+        "paced": {
+            "transitions": len(paced),
+            "elapsed_s": phases.elapsed["paced"],
+            "transitions_per_s": len(paced) / phases.elapsed["paced"],
+            "cpu_us_per_transition": phases.cpu["paced"] / max(1, len(paced)) * 1e6,
+            "cpu_share": phases.cpu["paced"] / phases.elapsed["paced"],
+            "latency_ms": latency(paced),
+            "max_stall_ms": phases.stall["paced"] * 1e3,
+            "timed_out": len(phases.failures["paced"]),
+        },
+        "rss_kib": {"start": rss_start, "connected": rss_connected, "after_flat_out": rss_after},
+        "rss_per_session_kib": (rss_connected - rss_start) / n,
+        "rss_per_session_after_load_kib": (rss_after - rss_start) / n,
+        "virtual_per_session_kib": (vsz_after - vsz_start) / n,
+        "threads": threads,
+        "loadavg": os.getloadavg(),
+    }
+
+
+# -- orchestration -------------------------------------------------------------------------------
+
+
+def controller_main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.CRITICAL)
+    options = (args.dir, args.sandboxes, args.rounds, args.paced_rate, args.paced_seconds)
+    if args.role == "vmctl":
+        import anyio
+
+        record = anyio.run(vmctl_controller, *options)
+    else:
+        record = legacy_controller(*options)
+    print(json.dumps(record), flush=True)
+
+
+def start_peers(directory: Path, n: int, processes: int, noise_interval: float) -> list[subprocess.Popen[str]]:
+    peers = []
+    per = -(-n // processes)
+    for first in range(0, n, per):
+        peers.append(subprocess.Popen(
+            [sys.executable, __file__, "--role", "peer", "--dir", str(directory), "--first", str(first),
+             "--count", str(min(per, n - first)), "--noise-interval", str(noise_interval)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))  # fmt: skip
+    for peer in peers:
+        assert peer.stdout is not None
+        if peer.stdout.readline().strip() != "ready":
+            raise RuntimeError("a peer process did not start")
+    return peers
+
+
+def run_controller(role: str, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "--role", role, "--dir", str(directory),
+                          "--sandboxes", str(args.sandboxes), "--rounds", str(args.rounds),
+                          "--paced-rate", str(args.paced_rate), "--paced-seconds", str(args.paced_seconds)],
+                         capture_output=True, text=True, timeout=3600)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"the {role} controller failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def table(a: dict[str, Any], b: dict[str, Any]) -> str:
+    fa, fb, pa, pb = a["flat_out"], b["flat_out"], a["paced"], b["paced"]
+    rows = [
+        ("flat out: transitions/s", fa["transitions_per_s"], fb["transitions_per_s"], "{:,.0f}", "higher"),
+        ("flat out: CPU per transition (us)", fa["cpu_us_per_transition"], fb["cpu_us_per_transition"], "{:.0f}",
+         "lower"),
+        ("flat out: event-to-waiter p50 (ms)", fa["latency_ms"]["p50"], fb["latency_ms"]["p50"], "{:.1f}", "lower"),
+        ("flat out: event-to-waiter p99 (ms)", fa["latency_ms"]["p99"], fb["latency_ms"]["p99"], "{:.1f}", "lower"),
+        ("flat out: longest stall (ms)", fa["max_stall_ms"], fb["max_stall_ms"], "{:.1f}", "lower"),
+        ("flat out: sessions timed out (60 s)", fa["timed_out"], fb["timed_out"], "{:.0f}", "lower"),
+        ("paced: transitions/s achieved", pa["transitions_per_s"], pb["transitions_per_s"], "{:,.0f}", "higher"),
+        ("paced: event-to-waiter p50 (ms)", pa["latency_ms"]["p50"], pb["latency_ms"]["p50"], "{:.2f}", "lower"),
+        ("paced: event-to-waiter p99 (ms)", pa["latency_ms"]["p99"], pb["latency_ms"]["p99"], "{:.2f}", "lower"),
+        ("paced: longest stall (ms)", pa["max_stall_ms"], pb["max_stall_ms"], "{:.1f}", "lower"),
+        ("paced: sessions timed out (60 s)", pa["timed_out"], pb["timed_out"], "{:.0f}", "lower"),
+        ("paced: controller CPU (cores)", pa["cpu_share"], pb["cpu_share"], "{:.2f}", "lower"),
+        ("memory per session, RSS connected (KiB)", a["rss_per_session_kib"], b["rss_per_session_kib"], "{:.1f}",
+         "lower"),
+        ("memory per session, RSS after flat out (KiB)", a["rss_per_session_after_load_kib"],
+         b["rss_per_session_after_load_kib"], "{:.1f}", "lower"),
+        ("virtual memory per session (KiB)", a["virtual_per_session_kib"], b["virtual_per_session_kib"], "{:,.0f}",
+         "lower"),
+        ("connect all sessions (s)", a["connect_all_s"], b["connect_all_s"], "{:.2f}", "lower"),
+        ("threads in the controller", a["threads"], b["threads"], "{:.0f}", "lower"),
+    ]  # fmt: skip
+    out = [f"| metric | {a['controller']} | {b['controller']} | baseline / vmctl |", "| --- | --- | --- | --- |"]
+    for label, x, y, fmt, better in rows:
+        ratio = f"{y / x:.2f}" if x else "-"
+        out.append(f"| {label} ({better} is better) | {fmt.format(x)} | {fmt.format(y)} | {ratio} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sandboxes", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=20, help="flat out: pause+resume round trips per session")
+    parser.add_argument("--paced-rate", type=float, default=200.0, help="paced: transitions/s offered by all sessions")
+    parser.add_argument("--paced-seconds", type=float, default=15.0, help="paced: how long")
+    parser.add_argument("--peers", type=int, default=2, help="peer processes hosting the fake QMP servers")
+    parser.add_argument("--noise-interval", type=float, default=1.0, help="seconds between RTC_CHANGE per VM")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--role", choices=["main", "peer", "vmctl", "legacy"], default="main", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    limit = raise_fd_limit()
+    if args.role == "peer":
+        asyncio.run(run_peer(args.dir, args.first, args.count, args.noise_interval))
+        return
+    if args.role in ("vmctl", "legacy"):
+        controller_main(args)
+        return
+    needed = args.sandboxes * 5 + 100  # the baseline's threads each hold an event loop (epoll + self-pipe)
+    if limit < needed:
+        sys.exit(f"the open-file limit is {limit}; {needed} are needed (raise the hard limit: ulimit -Hn)")
+    directory = Path(tempfile.mkdtemp(prefix="vmctl-cp-", dir="/tmp"))
+    peers = start_peers(directory, args.sandboxes, args.peers, args.noise_interval)
+    try:
+        print(f"{args.sandboxes} fake QMP peers in {len(peers)} processes, RTC_CHANGE every {args.noise_interval}s "
+              f"per VM. Flat out: {args.rounds} pause/resume round trips per session, all at once. Paced: "
+              f"{args.paced_rate:g} transitions/s offered for {args.paced_seconds:g}s.", flush=True)  # fmt: skip
+        vmctl = run_controller("vmctl", args, directory)
+        print(f"vmctl done (load average {vmctl['loadavg'][0]:.1f})", flush=True)
+        baseline = run_controller("legacy", args, directory)
+        print(f"baseline done (load average {baseline['loadavg'][0]:.1f})", flush=True)
+    finally:
+        for peer in peers:
+            assert peer.stdin is not None
+            peer.stdin.close()
+        for peer in peers:
+            try:
+                peer.wait(10)
+            except subprocess.TimeoutExpired:
+                peer.kill()
+                peer.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+    print()
+    print(table(vmctl, baseline))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"control-plane-{stamp}.json"
+    record = {
+        "benchmark": "control-plane",
+        "date": stamp,
+        "host": {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+        },
+        "args": {
+            "sandboxes": args.sandboxes,
+            "rounds": args.rounds,
+            "peer_processes": len(peers),
+            "noise_interval_s": args.noise_interval,
+            "paced_rate": args.paced_rate,
+            "paced_seconds": args.paced_seconds,
+        },
+        "vmctl": vmctl,
+        "baseline": baseline,
+    }
+    path.write_text(json.dumps(record, indent=2))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
