@@ -127,14 +127,7 @@ async def _run(args: argparse.Namespace) -> int:
     config = await _config_from(args)
     async with Sandbox(config) as sb:
         result = await sb.exec(cmd, timeout=args.timeout)
-    sys.stdout.buffer.write(result.stdout)
-    sys.stdout.flush()
-    sys.stderr.buffer.write(result.stderr)
-    sys.stderr.flush()
-    if result.timed_out:
-        print(f"vmctl run: command timed out after {args.timeout}s", file=sys.stderr)
-        return 124
-    return result.exit_code
+    return detachedcli.relay(result, "run", args.timeout)
 
 
 async def _start(args: argparse.Namespace) -> int:

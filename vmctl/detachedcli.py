@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 
 from vmctl import detached
+from vmctl.agent import ExecResult
 from vmctl.config import SandboxConfig
 from vmctl.errors import SandboxBusy, SandboxNotFound, VmctlError
 from vmctl.qmp import QmpSession
@@ -85,12 +86,17 @@ async def ps(as_json: bool) -> int:
 async def exec_in(sandbox_id: str, argv: list[str], timeout: float | None) -> int:
     async with Sandbox.attach(sandbox_id) as sb:
         result = await sb.exec(argv, timeout=timeout)
+    return relay(result, "exec", timeout)
+
+
+def relay(result: ExecResult, command: str, timeout: float | None) -> int:
+    """Pass a guest command's output through; its exit code becomes ours (124 on a timeout)."""
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(result.stderr)
     sys.stderr.flush()
     if result.timed_out:
-        print(f"vmctl exec: command timed out after {timeout}s", file=sys.stderr)
+        print(f"vmctl {command}: command timed out after {timeout}s", file=sys.stderr)
         return 124
     return result.exit_code
 
