@@ -52,6 +52,7 @@ from vmctl.errors import (
     GuestError,
     NotSupported,
     Problem,
+    QMPCommandError,
     QMPDisconnected,
     QMPError,
     SandboxFailed,
@@ -366,7 +367,10 @@ class Sandbox:
         hv = self._hypervisor()
         self._created, self._process_identity = record.created, record.process
         status = str((await hv.execute("query-status")).get("status", "unknown"))
-        present = {child["name"] for child in await hv.execute("qom-list", {"path": "/machine/peripheral"})}
+        try:
+            present = {child["name"] for child in await hv.execute("qom-list", {"path": "/machine/peripheral"})}
+        except QMPCommandError:  # no user-created devices at all
+            present = set()
         queue = self._require_queue()
         for row in record.devices:
             if row["id"] not in present:
@@ -408,8 +412,7 @@ class Sandbox:
         :meth:`stop` was called. A sandbox whose QEMU is gone raises :class:`SandboxNotFound`
         (and its record is removed); one attached elsewhere raises :class:`SandboxBusy`.
         """
-        registry.check_id(sandbox_id)
-        record = registry.find(sandbox_id)
+        record = registry.find(sandbox_id)  # checks the id before it names anything
         sandbox = cls(SandboxConfig.from_mapping(record.config), id=sandbox_id, detached=True,
                       start_timeout=start_timeout, stop_timeout=stop_timeout)  # fmt: skip
         sandbox._attach_to = record
