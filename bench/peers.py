@@ -14,7 +14,6 @@ against vmctl and writes JSON to bench/results/peers-<time>.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -22,8 +21,8 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,34 +102,18 @@ async def vmctl_peer(config: SandboxConfig, disk: Path, rounds: int, sizes: list
             await sb.unplug(plugged)
             add("hotplug_remove", time.perf_counter() - started)
 
-    async def concurrent(n: int) -> None:
-        started = time.perf_counter()
-        ready = anyio.Event()
-        count = 0
-        stopped_at: list[float] = []
-
-        async def one() -> None:
-            nonlocal count
-            t0 = time.perf_counter()
-            async with Sandbox(config):
-                add(f"concurrent_{n}_each_ready", time.perf_counter() - t0)
-                count += 1
-                if count == n:
-                    add(f"concurrent_{n}_all_ready", time.perf_counter() - started)
-                    stopped_at.append(time.perf_counter())
-                    ready.set()
-                await ready.wait()
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(n):
-                tg.start_soon(one)
-        add(f"concurrent_{n}_all_stopped", time.perf_counter() - stopped_at[0])
-
     await meter.run("boot+stop", boots)
     await pause_and_plug()
     for n in sizes:
-        await meter.run(f"concurrent {n}", lambda n=n: concurrent(n))  # type: ignore[misc]
+        await meter.run(f"concurrent {n}", lambda n=n: start_at_once(n, lambda: vmctl_ready(config), add))  # type: ignore[misc]
     return {"samples": s, "cpu_seconds": meter.cpu}
+
+
+@asynccontextmanager
+async def vmctl_ready(config: SandboxConfig) -> AsyncIterator[float]:
+    started = time.perf_counter()
+    async with Sandbox(config):
+        yield time.perf_counter() - started
 
 
 # -- plain qemu.qmp ------------------------------------------------------------------------------
@@ -188,33 +171,42 @@ async def plain_peer(config: SandboxConfig, disk: Path, rounds: int, sizes: list
             await vm.qmp.execute("blockdev-del", {"node-name": f"{dev}-f"})
             add("hotplug_remove", time.perf_counter() - started)
 
-    async def concurrent(n: int) -> None:
-        started = time.perf_counter()
-        all_up = asyncio.Event()
-        count = 0
-        stopped_at: list[float] = []
-
-        async def one() -> None:
-            nonlocal count
-            async with plain_vm(config) as vm:
-                add(f"concurrent_{n}_each_ready", vm.ready_seconds)
-                count += 1
-                if count == n:
-                    add(f"concurrent_{n}_all_ready", time.perf_counter() - started)
-                    stopped_at.append(time.perf_counter())
-                    all_up.set()
-                await all_up.wait()
-
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(n):
-                tg.create_task(one())
-        add(f"concurrent_{n}_all_stopped", time.perf_counter() - stopped_at[0])
-
     await meter.run("boot+stop", boots)
     await pause_and_plug()
     for n in sizes:
-        await meter.run(f"concurrent {n}", lambda n=n: concurrent(n))  # type: ignore[misc]
+        await meter.run(f"concurrent {n}", lambda n=n: start_at_once(n, lambda: plain_ready(config), add))  # type: ignore[misc]
     return {"samples": s, "cpu_seconds": meter.cpu}
+
+
+@asynccontextmanager
+async def plain_ready(config: SandboxConfig) -> AsyncIterator[float]:
+    async with plain_vm(config) as vm:
+        yield vm.ready_seconds
+
+
+async def start_at_once(n: int, open_ready: Callable[[], AbstractAsyncContextManager[float]],
+                        add: Callable[[str, float], None]) -> None:  # fmt: skip
+    """N started together and kept until all are ready, then torn down together (any peer)."""
+    started = time.perf_counter()
+    all_up = anyio.Event()
+    count = 0
+    stopped_at: list[float] = []
+
+    async def one() -> None:
+        nonlocal count
+        async with open_ready() as ready_seconds:
+            add(f"concurrent_{n}_each_ready", ready_seconds)
+            count += 1
+            if count == n:
+                add(f"concurrent_{n}_all_ready", time.perf_counter() - started)
+                stopped_at.append(time.perf_counter())
+                all_up.set()
+            await all_up.wait()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+    add(f"concurrent_{n}_all_stopped", time.perf_counter() - stopped_at[0])
 
 
 # -- libvirt -------------------------------------------------------------------------------------
