@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import anyio
-from plain import plain_vm  # noqa: E402  (bench/ is run as scripts)
+from plain import plain_disk_add, plain_disk_remove, plain_vm  # noqa: E402  (bench/ is run as scripts)
 from qemu.qmp import EventListener
 
 from vmctl import Sandbox, SandboxConfig, guest
@@ -63,21 +63,10 @@ async def plain_rounds(config: SandboxConfig, disk: Path, rounds: int) -> dict[s
         for i in range(rounds):
             dev = f"p{i}"
             started = time.perf_counter()
-            await vm.qmp.execute("blockdev-add", {"driver": "file", "filename": str(disk), "node-name": f"{dev}-file"})
-            await vm.qmp.execute("blockdev-add", {"driver": "raw", "file": f"{dev}-file", "node-name": f"{dev}-fmt"})
-            await vm.qmp.execute("device_add", {"driver": "virtio-blk-pci", "id": dev, "drive": f"{dev}-fmt",
-                                                "serial": dev, "bus": "rp0"})  # fmt: skip
-            vm.agent_writer.write(f"WAITDEV {i + 1} virtio {dev} 300\n".encode())
-            await vm.agent_writer.drain()
-            line = await vm.agent_reader.readline()
-            assert line.startswith(f"R {i + 1} 0 ".encode()), line
+            await plain_disk_add(vm, disk, dev, str(i + 1))
             add.append(time.perf_counter() - started)
             started = time.perf_counter()
-            await vm.qmp.execute("device_del", {"id": dev})
-            while (await deleted.get())["data"].get("device") != dev:
-                pass  # the virtio-backend child is deleted first, without a "device" field
-            await vm.qmp.execute("blockdev-del", {"node-name": f"{dev}-fmt"})
-            await vm.qmp.execute("blockdev-del", {"node-name": f"{dev}-file"})
+            await plain_disk_remove(vm, dev, deleted)
             remove.append(time.perf_counter() - started)
     return {"add": add, "remove": remove}
 

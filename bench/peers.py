@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from plain import plain_vm  # noqa: E402  (bench/ is run as scripts)
+from plain import plain_disk_add, plain_disk_remove, plain_vm  # noqa: E402  (bench/ is run as scripts)
 from qemu.qmp import EventListener
 
 from vmctl import BlockDevice, Sandbox, SandboxConfig, guest, host
@@ -154,21 +154,10 @@ async def plain_peer(config: SandboxConfig, disk: Path, rounds: int, sizes: list
         for i in range(rounds):
             dev = f"p{i}"
             started = time.perf_counter()
-            await vm.qmp.execute("blockdev-add", {"driver": "file", "filename": str(disk), "node-name": f"{dev}-f"})
-            await vm.qmp.execute("blockdev-add", {"driver": "raw", "file": f"{dev}-f", "node-name": f"{dev}-r"})
-            await vm.qmp.execute("device_add", {"driver": "virtio-blk-pci", "id": dev, "drive": f"{dev}-r",
-                                                "serial": dev, "bus": "rp0"})  # fmt: skip
-            vm.agent_writer.write(f"WAITDEV w{i} virtio {dev} 300\n".encode())
-            await vm.agent_writer.drain()
-            line = await vm.agent_reader.readline()
-            assert line.startswith(f"R w{i} 0 ".encode()), line
+            await plain_disk_add(vm, disk, dev, f"w{i}")
             add("hotplug_add", time.perf_counter() - started)
             started = time.perf_counter()
-            await vm.qmp.execute("device_del", {"id": dev})
-            while (await events.get())["data"].get("device") != dev:
-                pass
-            await vm.qmp.execute("blockdev-del", {"node-name": f"{dev}-r"})
-            await vm.qmp.execute("blockdev-del", {"node-name": f"{dev}-f"})
+            await plain_disk_remove(vm, dev, events)
             add("hotplug_remove", time.perf_counter() - started)
 
     await meter.run("boot+stop", boots)

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 from vmctl import SandboxConfig, host
 from vmctl.hypervisors.base import RunPaths
@@ -100,3 +100,26 @@ def diagnose(proc: subprocess.Popen[bytes], paths: RunPaths) -> str:
             lines = []
         tails.append(f"{name}: " + (" | ".join(lines) if lines else "(empty)"))
     return f"QEMU {'still running' if rc is None else f'exited with {rc}'}; " + "; ".join(tails)
+
+
+async def plain_disk_add(vm: PlainVm, disk: Path, dev: str, request_id: str) -> None:
+    """What a careful script does to hot-add a raw disk: two blockdev-add, device_add, then the
+    agent's WAITDEV until the guest shows it."""
+    await vm.qmp.execute("blockdev-add", {"driver": "file", "filename": str(disk), "node-name": f"{dev}-file"})
+    await vm.qmp.execute("blockdev-add", {"driver": "raw", "file": f"{dev}-file", "node-name": f"{dev}-fmt"})
+    await vm.qmp.execute("device_add", {"driver": "virtio-blk-pci", "id": dev, "drive": f"{dev}-fmt",
+                                        "serial": dev, "bus": "rp0"})  # fmt: skip
+    vm.agent_writer.write(f"WAITDEV {request_id} virtio {dev} 300\n".encode())
+    await vm.agent_writer.drain()
+    line = await vm.agent_reader.readline()
+    if not line.startswith(f"R {request_id} 0 ".encode()):
+        raise PlainVmError(f"the guest did not show disk {dev}: {line!r}")
+
+
+async def plain_disk_remove(vm: PlainVm, dev: str, deleted: EventListener) -> None:
+    """device_del until its DEVICE_DELETED (from ``deleted``), then delete the block nodes."""
+    await vm.qmp.execute("device_del", {"id": dev})
+    while (await deleted.get())["data"].get("device") != dev:
+        pass  # the virtio-backend child is deleted first, without a "device" field
+    await vm.qmp.execute("blockdev-del", {"node-name": f"{dev}-fmt"})
+    await vm.qmp.execute("blockdev-del", {"node-name": f"{dev}-file"})
