@@ -61,7 +61,7 @@ def assert_legal_history(sb: Sandbox) -> None:
 
 def assert_no_waiters(sb: Sandbox) -> None:
     assert sb.hypervisor.agent.pending == 0, "an agent waiter was left behind"
-    assert sb._require_queue().pending_waiters == 0, "a hotplug waiter was left behind"  # noqa: SLF001
+    assert sb.pending_waiters == 0, "a hotplug waiter was left behind"  # noqa: SLF001
 
 
 class Sweep:

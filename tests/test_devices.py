@@ -54,7 +54,7 @@ async def test_three_disks_hot_added_at_once_and_removed(make_config: MakeConfig
 
 async def assert_no_stray_tasks_in(sb: Sandbox) -> None:
     assert sb.hypervisor.agent.pending == 0
-    assert sb._require_queue().pending_waiters == 0  # noqa: SLF001
+    assert sb.pending_waiters == 0  # noqa: SLF001
 
 
 async def test_cold_plugged_disk_is_visible_at_boot(make_config: MakeConfig, tmp_path: Path) -> None:

@@ -200,7 +200,7 @@ async def test_setup_error_before_launch_leaves_nothing(tmp_path: Path, runtime_
 
 async def test_predicted_mmio_disk_names_are_confirmed_and_a_mismatch_fails(tmp_path: Path, runtime_dir: Path) -> None:
     from vmctl import BlockDevice, GuestError
-    from vmctl.sandbox import disk_name
+    from vmctl.devicemanager import disk_name
 
     assert [disk_name("vd", i) for i in (0, 1, 25, 26, 27, 52)] == ["vda", "vdb", "vdz", "vdaa", "vdab", "vdba"]
     disks = []

@@ -67,7 +67,7 @@ class Callers:
 
 def assert_nothing_pending(sb: Sandbox) -> None:
     assert sb.hypervisor.agent.pending == 0, "an agent request was left waiting"
-    assert sb._require_queue().pending_waiters == 0, "a hotplug waiter was left"  # noqa: SLF001
+    assert sb.pending_waiters == 0, "a hotplug waiter was left"  # noqa: SLF001
 
 
 def assert_killed(sb: Sandbox, error: BaseException) -> None:
@@ -270,7 +270,7 @@ async def test_hung_guest_agent_gives_a_timeout_and_stop_still_works(make_config
         assert sb.state is S.STOPPED
         assert [t.new for t in sb.history][-2:] == [S.STOPPING, S.STOPPED], "a clean stop, not a failure"
         error = callers.errors["exec"]
-        assert type(error) is GuestError and ("closed" in str(error) or "disconnected" in str(error)), error
+        assert isinstance(error, GuestError) and ("closed" in str(error) or "disconnected" in str(error)), error
         assert agent.pending == 0
     await assert_no_stray_tasks()
 

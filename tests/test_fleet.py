@@ -48,8 +48,8 @@ async def test_a_member_that_fails_to_boot_is_reported_and_the_rest_go_on(tmp_pa
     good, bad = FakeQemu(), FakeQemu(ready_delay=None)
     backends = iter([good, bad, good])
 
-    def backend(*args: object) -> object:
-        return next(backends)(*args)
+    def backend(*args: object, **kwargs: object) -> object:
+        return next(backends)(*args, **kwargs)
 
     async with Fleet(fake_config(tmp_path), size=3, backend=backend, start_timeout=0.5) as fleet:  # type: ignore[arg-type]
         results = await fleet.map(lambda sb: sb.exec(["echo", "ok"]))
@@ -142,8 +142,8 @@ async def test_fail_fast_does_not_wait_for_the_other_boots(tmp_path: Path) -> No
     slow, broken = FakeQemu(ready_delay=30), FakeQemu(ready_delay=None)
     backends = iter([broken, slow, slow, slow])
 
-    def backend(*args: object) -> object:
-        return next(backends)(*args)
+    def backend(*args: object, **kwargs: object) -> object:
+        return next(backends)(*args, **kwargs)
 
     with anyio.fail_after(10):  # not 30 s per slow member
         with pytest.raises(Exception, match="failed to boot"):

@@ -391,7 +391,7 @@ async def agent_peer(respond: Callable[[SocketStream, str], Awaitable[None]]) ->
         async with anyio.create_task_group() as tg:
             tg.start_soon(serve)
             client = AgentClient(path)
-            await tg.start(client.run)
+            await tg.start(client.serve)
             try:
                 yield client
             finally:

@@ -80,7 +80,7 @@ async def test_cancelled_unplug_leaves_no_waiter_and_a_consistent_table(tmp_path
         plugged = await sb.hotplug(BlockDevice(path=disk))
         with anyio.move_on_after(0.05):
             await sb.unplug(plugged)
-        queue = sb._require_queue()  # noqa: SLF001
+        queue = sb._live().devices.queue  # noqa: SLF001
         assert queue.pending_waiters == 0
         assert plugged.state is DeviceState.UNPLUG_PENDING
         with anyio.fail_after(5):
@@ -118,7 +118,7 @@ async def test_sandbox_failure_wakes_hotplug_waiters(tmp_path: Path, disk: Path)
             await anyio.wait_all_tasks_blocked()
             fake.crash(-9)
         assert len(errors) == 1
-        assert sb._require_queue().pending_waiters == 0  # noqa: SLF001
+        assert sb.pending_waiters == 0  # noqa: SLF001
 
 
 def test_path_only_events_name_the_device_not_its_children() -> None:
@@ -171,7 +171,7 @@ async def test_two_plugs_of_one_id_cannot_corrupt_the_slots(tmp_path: Path, disk
             tg.start_soon(plug)
             tg.start_soon(plug)
         assert len(errors) == 1 and "already in use" in str(errors[0])
-        queue = sb._require_queue()  # noqa: SLF001
+        queue = sb._live().devices.queue  # noqa: SLF001
         assert [d.id for d in sb.devices] == ["data"] and queue.slots.free("scsi") == 255
         other = await sb.hotplug(BlockDevice(path=disk, id="other"))
         assert other.placement.scsi_id == 1, "the first disk's target is still taken"

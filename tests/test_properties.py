@@ -24,6 +24,7 @@ from vmctl.errors import QMPError, VmctlError
 from vmctl.hotplug import DeviceState, HotplugQueue, HotplugTimeout
 from vmctl.state import TERMINAL_STATES, TRANSITIONS, StateMachine, Transition, reachable_from
 from vmctl.testing import FakeQemu, fake_config
+from vmctl.watcher import StateWatcher
 
 S, T = SandboxState, Trigger
 ALL_TARGETS = [frozenset(c) for n in (1, 2) for c in itertools.combinations(SandboxState, n)]
@@ -52,7 +53,8 @@ def trigger_steps(draw: st.DrawFn) -> list[tuple[Trigger, bool, str]]:
 @given(trigger_steps())
 def test_random_trigger_sequences_follow_the_table(steps: list[tuple[Trigger, bool, str]]) -> None:
     seen: list[Transition] = []
-    m = StateMachine(on_transition=seen.append)
+    m = StateMachine()
+    m.listen(seen.append)
     first_failure_reason: str | None = None
     for trigger, strict, reason in steps:
         before, history, failure = m.state, list(m.history), m.failure
@@ -101,8 +103,9 @@ def test_waiting_for_an_unreachable_state_raises_at_once(steps: list[tuple[Trigg
     return, as it should."""
 
     async def check(m: StateMachine) -> None:
+        w = StateWatcher(m)
         for targets in ALL_TARGETS:
-            coro = m.wait_for(*targets)
+            coro = w.wait_for(*targets)
             try:
                 coro.send(None)  # one step: done without suspending, or suspended
             except StopIteration as done:
@@ -141,13 +144,14 @@ def test_waiters_started_anywhere_all_finish(
 
     async def run() -> None:
         m = StateMachine()
+        w = StateWatcher(m)
         outcomes: dict[int, object] = {}
         expected: dict[int, object] = {}
         watching: dict[int, frozenset[SandboxState]] = {}
 
         async def wait(i: int, targets: frozenset[SandboxState]) -> None:
             try:
-                outcomes[i] = await m.wait_for(*targets)
+                outcomes[i] = await w.wait_for(*targets)
             except (SandboxFailed, IllegalTransition) as exc:
                 outcomes[i] = type(exc)
 
@@ -276,7 +280,7 @@ async def _run_scenario(sc: Scenario, directory: Path) -> None:
     fake = FakeQemu(unplug=sc.unplug, unplug_delay=sc.unplug_delay)  # type: ignore[arg-type]
     config = fake_config(directory, block_driver=sc.driver, pci_bridges=2)
     async with Sandbox(config, backend=fake) as sb:
-        queue: HotplugQueue = sb._require_queue()  # noqa: SLF001
+        queue: HotplugQueue = sb._live().devices.queue  # noqa: SLF001
         baseline = await _peripheral_ids(sb)
         finished: list[int] = []
 
@@ -383,4 +387,4 @@ async def test_two_unplugs_of_one_device_both_see_the_removal(tmp_path: Path) ->
             fake.process.devices.pop("d0")
             await fake.emit("DEVICE_DELETED", {"device": "d0", "path": "/machine/peripheral/d0"})
         assert results["patient"] == "unplugged", "the removal QEMU confirmed was reported as a timeout"
-        assert sb.devices == [] and sb._require_queue().pending_waiters == 0  # noqa: SLF001
+        assert sb.devices == [] and sb.pending_waiters == 0  # noqa: SLF001

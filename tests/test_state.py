@@ -7,6 +7,7 @@ import pytest
 
 from vmctl import IllegalTransition, SandboxFailed, SandboxState, Trigger
 from vmctl.state import TERMINAL_STATES, TRANSITIONS, StateMachine, state_diagram
+from vmctl.watcher import StateWatcher
 
 S, T = SandboxState, Trigger
 
@@ -79,11 +80,12 @@ def test_guest_panic_fails_even_when_paused() -> None:
 
 async def test_waiters_wake_on_the_state_and_fail_fast_when_unreachable() -> None:
     m = machine_in(T.START, T.GUEST_READY)
+    w = StateWatcher(m)
     got: list[object] = []
 
     async def wait(*targets: SandboxState) -> None:
         try:
-            got.append(await m.wait_for(*targets))
+            got.append(await w.wait_for(*targets))
         except SandboxFailed as exc:
             got.append(exc)
 
@@ -100,10 +102,11 @@ async def test_waiters_wake_on_the_state_and_fail_fast_when_unreachable() -> Non
 
 async def test_transitions_iterator_sees_every_step_in_order() -> None:
     m = machine_in(T.START)
+    w = StateWatcher(m)
     seen: list[tuple[SandboxState, SandboxState]] = []
 
     async def follow() -> None:
-        async for step in m.transitions():
+        async for step in w.transitions():
             seen.append((step.old, step.new))
 
     async with anyio.create_task_group() as tg:

@@ -1,11 +1,13 @@
 """vmctl: asyncio-native control of sandbox virtual machines on QEMU."""
 
 from vmctl import guest
-from vmctl.agent import ExecResult, GuestBlockDevice, GuestCommandFailed, GuestMemory, InvalidArgument
+from vmctl.agent import ExecResult, GuestBlockDevice, GuestMemory
 from vmctl.config import SandboxConfig
 from vmctl.devices import (
     BlockDevice,
+    CpuDevice,
     Device,
+    DimmDevice,
     NetworkDevice,
     SerialPort,
     VfioDevice,
@@ -15,9 +17,15 @@ from vmctl.devices import (
 )
 from vmctl.errors import (
     ConfigError,
+    FleetError,
+    GuestCommandFailed,
+    GuestDisconnected,
     GuestError,
     HostError,
+    HotplugError,
+    HotplugTimeout,
     IllegalTransition,
+    InvalidArgument,
     NotSupported,
     Problem,
     QMPCommandError,
@@ -30,7 +38,8 @@ from vmctl.errors import (
     VmctlError,
     VmctlTimeout,
 )
-from vmctl.hotplug import DeviceState, HotplugError, HotplugTimeout, PluggedDevice
+from vmctl.fleet import Fleet, FleetEvent, FleetEventKind, Outcome
+from vmctl.hotplug import DeviceState, PluggedDevice
 from vmctl.hypervisors.base import Capabilities
 from vmctl.params import Param, deserialize_params, serialize_params
 from vmctl.sandbox import Sandbox
@@ -42,11 +51,18 @@ __all__ = [
     "BlockDevice",
     "Capabilities",
     "ConfigError",
+    "CpuDevice",
     "Device",
+    "DimmDevice",
     "DeviceState",
     "ExecResult",
+    "Fleet",
+    "FleetError",
+    "FleetEvent",
+    "FleetEventKind",
     "GuestBlockDevice",
     "GuestCommandFailed",
+    "GuestDisconnected",
     "GuestError",
     "GuestMemory",
     "HostError",
@@ -56,6 +72,7 @@ __all__ = [
     "InvalidArgument",
     "NetworkDevice",
     "NotSupported",
+    "Outcome",
     "Param",
     "PluggedDevice",
     "Problem",

@@ -21,15 +21,14 @@ import anyio
 from anyio.abc import SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from vmctl.errors import GuestError, VmctlError, VmctlTimeout
+from vmctl.errors import GuestCommandFailed, GuestDisconnected, GuestError, InvalidArgument, VmctlTimeout
+from vmctl.waiting import Failure, Waiter, deadline, make_error
+
+__all__ = ["AgentClient", "ExecResult", "GuestBlockDevice", "GuestCommandFailed", "GuestMemory", "InvalidArgument"]
 
 MAX_LINE = 64 * 1024 * 1024
 MAX_STDIN = 16 * 1024 * 1024
 TIMEOUT_GRACE = 5.0
-
-
-class InvalidArgument(VmctlError, ValueError):
-    """A call's argument is unusable (for example an empty argv or one holding NUL)."""
 
 
 @dataclass(frozen=True)
@@ -61,16 +60,6 @@ class ExecResult:
         if not self.ok:
             raise GuestCommandFailed(self)
         return self
-
-
-class GuestCommandFailed(GuestError):
-    """``exec(..., check=True)`` and the command failed or timed out."""
-
-    def __init__(self, result: ExecResult) -> None:
-        self.result = result
-        why = "timed out" if result.timed_out else f"exited with {result.exit_code}"
-        tail = result.stderr.decode(errors="replace").strip()[-500:]
-        super().__init__(f"guest command {why}" + (f": {tail}" if tail else ""))
 
 
 @dataclass(frozen=True)
@@ -152,21 +141,14 @@ def split_shell_words(words: bytes) -> list[bytes]:
     return [w.encode("utf-8", "surrogateescape") for w in shlex.split(text)]
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
+    """A binary protocol field ("-" for empty)."""
     return base64.b64encode(data).decode() if data else "-"
 
 
-def _unb64(field: str) -> bytes:
+def unb64(field: str) -> bytes:
+    """The inverse of :func:`b64`."""
     return base64.b64decode(field, validate=True) if field and field != "-" else b""
-
-
-class _Waiter:
-    __slots__ = ("done", "error", "reply")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.reply: list[str] = []
-        self.error: BaseException | None = None
 
 
 class AgentClient:
@@ -181,9 +163,9 @@ class AgentClient:
         # the same detached guest) can never complete one of ours.
         self._prefix = secrets.token_hex(3)
         self._ids = itertools.count(1)
-        self._waiters: dict[str, _Waiter] = {}
+        self._waiters: dict[str, Waiter[list[str]]] = {}
         self._send_lock = anyio.Lock()
-        self._closed_reason: BaseException | None = None
+        self._closed_reason: Failure | None = None
 
     @property
     def ready(self) -> bool:
@@ -194,14 +176,14 @@ class AgentClient:
         """Requests waiting for a reply (0 whenever nobody is waiting: checked by the leak tests)."""
         return len(self._waiters)
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connect, then read replies until the connection ends; fail every waiter at the end."""
         try:
             self._stream = await anyio.connect_unix(self.path)
         except OSError as exc:
-            raise GuestError(f"cannot connect to the agent socket {self.path}: {exc}") from exc
+            raise GuestDisconnected(f"cannot connect to the agent socket {self.path}: {exc}") from exc
         task_status.started()
-        reason: BaseException = GuestError("guest agent connection closed")
+        reason: Failure = lambda: GuestDisconnected("guest agent connection closed")  # noqa: E731
         try:
             reader = BufferedByteReceiveStream(self._stream)
             while True:
@@ -211,7 +193,7 @@ class AgentClient:
                         anyio.ClosedResourceError, OSError):  # fmt: skip
                     break
                 except anyio.DelimiterNotFound:
-                    reason = GuestError("guest agent sent a line longer than 64 MiB")
+                    reason = lambda: GuestDisconnected("guest agent sent a line longer than 64 MiB")  # noqa: E731
                     break
                 self._dispatch(line.decode(errors="replace"))
         finally:
@@ -225,30 +207,26 @@ class AgentClient:
         if kind == "READY" and len(fields) >= 2:
             if self._ready.is_set():  # the agent restarted: what it was running is gone
                 for stale in self._waiters.values():
-                    if not stale.done.is_set():
-                        stale.error = GuestError("the guest agent restarted while this request ran")
-                        stale.done.set()
+                    stale.fail(lambda: GuestError("the guest agent restarted while this request ran"))
             self.boot_id = fields[1]
             self._ready.set()
             return
         if len(fields) < 2:
             return
         waiter = self._waiters.get(fields[1])
-        if waiter is None or waiter.done.is_set():
+        if waiter is None:
             return
         if kind in ("R", "PONG", "OK"):
-            waiter.reply = fields
+            waiter.resolve(fields)
         else:
-            waiter.error = GuestError(f"guest agent refused the request: {line[:200]}")
-        waiter.done.set()
+            waiter.fail(GuestError(f"guest agent refused the request: {line[:200]}"))
 
-    def fail_all(self, error: BaseException) -> None:
-        """Wake every waiter with ``error`` (the connection or the sandbox is gone)."""
-        self._closed_reason = self._closed_reason or error
+    def fail_all(self, failure: Failure) -> None:
+        """Wake every waiter with ``failure`` (the connection or the sandbox is gone); a factory
+        gives each waiting task its own exception."""
+        self._closed_reason = self._closed_reason or failure
         for waiter in self._waiters.values():
-            if not waiter.done.is_set():
-                waiter.error = error
-                waiter.done.set()
+            waiter.fail(failure)
 
     def mark_ready(self, boot_id: str = "restored") -> None:
         """Ready without a READY line (a guest restored from a template already sent it)."""
@@ -263,11 +241,11 @@ class AgentClient:
 
     async def _request(self, op: str, *fields: str) -> list[str]:
         if self._closed_reason is not None:
-            raise self._closed_reason
+            raise make_error(self._closed_reason)
         if self._stream is None:
-            raise GuestError("guest agent not connected")
+            raise GuestDisconnected("guest agent not connected")
         request_id = f"{self._prefix}{next(self._ids)}"
-        waiter = _Waiter()
+        waiter: Waiter[list[str]] = Waiter()
         self._waiters[request_id] = waiter
         try:
             line = " ".join((op, request_id, *fields)) + "\n"
@@ -275,13 +253,10 @@ class AgentClient:
                 try:
                     await self._stream.send(line.encode())
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                    raise GuestError(f"cannot send to the guest agent: {exc}") from exc
-            await waiter.done.wait()
+                    raise GuestDisconnected(f"cannot send to the guest agent: {exc}") from exc
+            return await waiter.wait()
         finally:
             del self._waiters[request_id]
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.reply
 
     async def ping(self) -> None:
         await self._request("PING")
@@ -302,14 +277,12 @@ class AgentClient:
             raise InvalidArgument("timeout: must be a positive, finite number of seconds (or None for no limit)")
         guest_timeout = 0 if timeout is None else max(1, math.ceil(timeout))
         started = time.monotonic()
-        fields = (str(guest_timeout), _b64(stdin), _b64(shell_words(args)))
-        if timeout is None:
+        fields = (str(guest_timeout), b64(stdin), b64(shell_words(args)))
+        # the guest kills the command at ``timeout``; the host gives its answer a grace period
+        host_limit = None if timeout is None else guest_timeout + TIMEOUT_GRACE
+        with deadline(host_limit, "exec", lambda _: VmctlTimeout(
+                f"guest agent did not answer exec {args[0]!r} within {timeout}s")):  # fmt: skip
             reply = await self._request("EXEC", *fields)
-        else:
-            with anyio.move_on_after(guest_timeout + TIMEOUT_GRACE) as scope:
-                reply = await self._request("EXEC", *fields)
-            if scope.cancelled_caught:
-                raise VmctlTimeout(f"guest agent did not answer exec {args[0]!r} within {timeout}s")
         return self._result(reply, time.monotonic() - started)
 
     async def query(self, name: str) -> str:
@@ -318,6 +291,23 @@ class AgentClient:
         if result.exit_code != 0:
             raise GuestError(f"guest query {name!r} failed: {result.stderr.decode(errors='replace')}")
         return result.text
+
+    async def block_devices(self, timeout: float | None = None) -> list[GuestBlockDevice]:
+        with deadline(timeout, "the guest's block device query"):
+            return parse_block_devices(await self.query("block"))
+
+    async def online_cpus(self, timeout: float | None = None) -> list[int]:
+        with deadline(timeout, "the guest's CPU query"):
+            return parse_cpu_list(await self.query("cpus"))
+
+    async def memory(self, timeout: float | None = None) -> GuestMemory:
+        with deadline(timeout, "the guest's memory query"):
+            return parse_memory(await self.query("memory"))
+
+    async def check_exec(self, argv: Sequence[str | bytes]) -> ExecResult:
+        """``exec`` that raises :class:`GuestCommandFailed` unless the command exits 0 (vmctl's own
+        guest-side steps)."""
+        return (await self.exec(argv)).check()
 
     async def wait_block_device(self, bus: str, key: str, timeout: float) -> str | None:
         """Wait in the guest for a disk (virtio: by serial; scsi: by target); its /dev path or None."""
@@ -334,17 +324,17 @@ class AgentClient:
     async def poweroff(self) -> None:
         """Ask the guest to power off; the reply may be lost as the guest goes down."""
         if self._stream is None or self._closed_reason is not None:
-            raise GuestError("guest agent not connected")
+            raise GuestDisconnected("guest agent not connected")
         async with self._send_lock:
             try:
                 await self._stream.send(f"POWEROFF {next(self._ids)}\n".encode())
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                raise GuestError(f"cannot send to the guest agent: {exc}") from exc
+                raise GuestDisconnected(f"cannot send to the guest agent: {exc}") from exc
 
     @staticmethod
     def _result(reply: list[str], duration: float) -> ExecResult:
         try:
             _, _, code, timed_out, out, err = reply
-            return ExecResult(int(code), _unb64(out), _unb64(err), timed_out == "1", duration)
+            return ExecResult(int(code), unb64(out), unb64(err), timed_out == "1", duration)
         except (ValueError, TypeError) as exc:
             raise GuestError(f"guest agent sent a malformed reply: {' '.join(reply)[:200]!r}") from exc

@@ -104,10 +104,10 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
 
 async def _config_from(args: argparse.Namespace) -> SandboxConfig:
     overrides: dict[str, Any] = {k: v for k, v in (("vcpus", args.vcpus), ("memory_mib", args.memory)) if v is not None}
+    assets = await ensure_default_assets()  # cached: what a table without a kernel means, as in fleet specs
     if args.config is not None:
-        config = SandboxConfig.from_toml(args.config)
+        config = SandboxConfig.from_toml(args.config, defaults={"kernel": assets.kernel, "initrd": assets.initrd})
         return config.replace(**overrides) if overrides else config
-    assets = await ensure_default_assets()
     return SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, **{"vcpus": 1, "memory_mib": 256, **overrides})
 
 

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from vmctl import host
-from vmctl.devices import Device, DeviceContext, device_from_mapping, device_to_mapping, expand_path, probe
+from vmctl.devices import BlockDriver, Device, DeviceContext, device_from_mapping, device_to_mapping, expand_path, probe
 from vmctl.errors import ConfigError, Problem
 from vmctl.params import Param, normalize_params, serialize_params
 
 Accel = Literal["auto", "kvm", "tcg"]
 Machine = Literal["q35", "pc", "microvm"]
-BlockDriver = Literal["virtio-scsi", "virtio-blk", "virtio-mmio"]
 
 ACCEL_ENV = "VMCTL_ACCEL"
 MAX_VCPUS_LIMIT = 240
@@ -244,8 +243,12 @@ class SandboxConfig:
         return out
 
     @classmethod
-    def from_toml(cls, source: str | os.PathLike[str], *, table: str | None = "sandbox") -> SandboxConfig:
-        """Load from a TOML file (or TOML text): the ``[sandbox]`` table, or the top level."""
+    def from_toml(cls, source: str | os.PathLike[str], *, table: str | None = "sandbox",
+                  defaults: Mapping[str, Any] | None = None) -> SandboxConfig:  # fmt: skip
+        """Load from a TOML file (or TOML text): the ``[sandbox]`` table, or the top level.
+
+        ``defaults`` fill fields the table leaves out (see :func:`fill_defaults`): the CLI and
+        fleet specs pass the default guest's kernel and initrd, so one table means one thing."""
         path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
         text = read_toml_text(path) if path else str(source)
         try:
@@ -256,7 +259,7 @@ class SandboxConfig:
             if table not in data or not isinstance(data[table], dict):
                 raise ConfigError([Problem(table, f"missing [{table}] table")])
             data = data[table]
-        return cls.from_mapping(data, base_dir=path.parent.absolute() if path else None)
+        return cls.from_mapping(fill_defaults(data, defaults or {}), base_dir=path.parent.absolute() if path else None)
 
     # -- derived values ---------------------------------------------------------------------
 
@@ -288,7 +291,7 @@ def _validate(c: SandboxConfig) -> list[Problem]:
     def bad(name: str, message: str) -> None:
         problems.append(Problem(name, message))
 
-    typed = _check_types(c, bad)
+    mistyped = _check_types(c, bad)
     # assets
     if c.kernel is None:
         bad("kernel", "required: path to the guest kernel (vmctl guest build makes one)")
@@ -318,13 +321,24 @@ def _validate(c: SandboxConfig) -> list[Problem]:
         bad(
             "block_driver", "microvm has no PCI: use block_driver='virtio-mmio' with machine='microvm' (and only there)"
         )
-    if typed:
-        _check_sizes(c, bad)
+    _check_sizes(c, bad, mistyped)
     _check_params(c, bad)
     _check_host_features(c, bad)
     _check_templates(c, bad)
     _check_devices(c, problems)
     return problems
+
+
+def fill_defaults(table: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``table`` with the default guest (``defaults``: its ``kernel`` and ``initrd``) when it names
+    no kernel. The default initrd comes only with the default kernel (vmctl's initramfs goes with
+    its kernel, an image or not)."""
+    out = dict(table)
+    if "kernel" in defaults and "kernel" not in out:
+        out["kernel"] = str(defaults["kernel"])
+        if "initrd" in defaults and "initrd" not in out:
+            out["initrd"] = str(defaults["initrd"])
+    return out
 
 
 def read_toml_text(path: Path) -> str:
@@ -386,8 +400,9 @@ def _check_devices(c: SandboxConfig, problems: list[Problem]) -> None:
             problems.append(Problem(f"devices[{i}]", "block devices are disabled (disable_block_devices)"))
 
 
-def _check_types(c: SandboxConfig, bad: Any) -> bool:
-    ok = True
+def _check_types(c: SandboxConfig, bad: Any) -> set[str]:
+    """Report fields of the wrong type; returns their names (their range checks are skipped)."""
+    mistyped: set[str] = set()
     for f in dataclasses.fields(c):
         value = getattr(c, f.name)
         if f.type in ("bool",) and not isinstance(value, bool):
@@ -396,36 +411,44 @@ def _check_types(c: SandboxConfig, bad: Any) -> bool:
             (isinstance(value, int) and not isinstance(value, bool)) or (value is None and "None" in str(f.type))
         ):
             bad(f.name, f"must be an integer, not {value!r:.200}")
-            ok = False
+            mistyped.add(f.name)
         elif f.type in ("Path | None", "Path") and value is not None and not isinstance(value, Path):
             bad(f.name, f"must be a path, not {value!r:.200}")
         elif isinstance(value, Path) and "\0" in str(value):
             bad(f.name, "a path may not contain NUL bytes")
-    return ok
+    return mistyped
 
 
-def _check_sizes(c: SandboxConfig, bad: Any) -> None:
-    max_vcpus = c.max_vcpus or 1
-    if c.vcpus < 1:
+def _check_sizes(c: SandboxConfig, bad: Any, mistyped: set[str]) -> None:
+    """Range checks, each skipped only when a field it reads has the wrong type (reported already)."""
+
+    def typed(*names: str) -> bool:
+        return not mistyped.intersection(names)
+
+    if typed("vcpus", "max_vcpus"):
+        max_vcpus = c.max_vcpus or 1
+        if c.vcpus < 1:
+            bad("vcpus", "must be at least 1")
+        if max_vcpus > MAX_VCPUS_LIMIT:  # named after what the user set: max_vcpus defaults to vcpus or more
+            bad("vcpus" if "max_vcpus" in getattr(c, "_defaulted", ()) else "max_vcpus",
+                f"must be at most {MAX_VCPUS_LIMIT}")  # fmt: skip
+        if c.vcpus > max_vcpus:
+            bad("vcpus", f"{c.vcpus} is more than max_vcpus={max_vcpus}; raise max_vcpus or lower vcpus")
+    elif typed("vcpus") and c.vcpus < 1:
         bad("vcpus", "must be at least 1")
-    if max_vcpus > MAX_VCPUS_LIMIT:  # named after what the user set: max_vcpus defaults to vcpus or more
-        bad(
-            "vcpus" if "max_vcpus" in getattr(c, "_defaulted", ()) else "max_vcpus",
-            f"must be at most {MAX_VCPUS_LIMIT}",
-        )
-    if c.vcpus > max_vcpus:
-        bad("vcpus", f"{c.vcpus} is more than max_vcpus={max_vcpus}; raise max_vcpus or lower vcpus")
-    host_mib = host.total_memory_mib()
-    if c.memory_mib < MIN_MEMORY_MIB:
-        bad("memory_mib", f"must be at least {MIN_MEMORY_MIB} MiB")
-    elif c.memory_mib > host_mib:
-        bad("memory_mib", f"{c.memory_mib} MiB is more than the host has ({host_mib} MiB)")
-    max_mem = c.max_memory_mib or 0
-    if max_mem < c.memory_mib:
-        bad("max_memory_mib", f"{max_mem} MiB is less than memory_mib={c.memory_mib}")
-    if not 0 <= c.memory_slots <= MAX_MEMORY_SLOTS:
+    if typed("memory_mib"):
+        host_mib = host.total_memory_mib()
+        if c.memory_mib < MIN_MEMORY_MIB:
+            bad("memory_mib", f"must be at least {MIN_MEMORY_MIB} MiB")
+        elif c.memory_mib > host_mib:
+            bad("memory_mib", f"{c.memory_mib} MiB is more than the host has ({host_mib} MiB)")
+    if typed("memory_mib", "max_memory_mib"):
+        max_mem = c.max_memory_mib or 0
+        if max_mem < c.memory_mib:
+            bad("max_memory_mib", f"{max_mem} MiB is less than memory_mib={c.memory_mib}")
+    if typed("memory_slots") and not 0 <= c.memory_slots <= MAX_MEMORY_SLOTS:
         bad("memory_slots", f"must be between 0 and {MAX_MEMORY_SLOTS}")
-    if not 0 <= c.pci_bridges <= MAX_PCI_BRIDGES:
+    if typed("pci_bridges") and not 0 <= c.pci_bridges <= MAX_PCI_BRIDGES:
         bad("pci_bridges", f"must be between 0 and {MAX_PCI_BRIDGES}")
 
 
@@ -509,6 +532,9 @@ def _check_host_features(c: SandboxConfig, bad: Any) -> None:
 
 
 def _check_templates(c: SandboxConfig, bad: Any) -> None:
+    if (c.boot_to_be_template or c.boot_from_template) and c.machine == "microvm":
+        bad("boot_to_be_template" if c.boot_to_be_template else "boot_from_template",
+            "VM templates are not offered on machine='microvm' (see capabilities()); use machine='q35'")  # fmt: skip
     if c.boot_to_be_template and c.boot_from_template:
         bad("boot_from_template", "boot_to_be_template and boot_from_template are exclusive")
     if (c.boot_to_be_template or c.boot_from_template) and c.memory_path is None:

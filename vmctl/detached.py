@@ -24,18 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmctl.agent import InvalidArgument
-from vmctl.errors import SandboxBusy, SandboxNotFound
+from vmctl.errors import InvalidArgument, QMPCommandError, SandboxBusy, SandboxNotFound
+from vmctl.hypervisors.base import Hypervisor, RunPaths
 from vmctl.paths import (
     OWNER_FILE,
-    _private_dir,
     kill_qemu_in,
     owner_alive,
+    private_dir,
     process_identity,
     remove_tree,
     runtime_dir,
     write_owner,
 )
+from vmctl.state import Trigger, status_trigger
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 RECORD = "record.json"
@@ -49,7 +50,7 @@ def state_dir(*, create: bool = True) -> Path:
     when its last sandbox goes."""
     env = os.environ.get("VMCTL_STATE_DIR")
     path = Path(env).expanduser() if env else runtime_dir() / "detached"
-    return _private_dir(path) if create or path.exists() else path
+    return private_dir(path) if create or path.exists() else path
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class Record:
     @property
     def alive(self) -> bool:
         return process_identity(self.pid) == self.process
+
+    @property
+    def paths(self) -> RunPaths:
+        """Its sockets and logs (the logs may live in a log dir of the user's)."""
+        return RunPaths(self.directory, Path(self.log_dir) if self.log_dir else self.directory)
 
     def to_json(self) -> str:
         data = {"vmctl_detached": 1, "id": self.id, "pid": self.pid, "process": self.process,
@@ -264,3 +270,57 @@ class AttachLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class Hold:
+    """This controller's hold on a detached sandbox's directory: the attach lock, and the record
+    it writes so that another process can attach later."""
+
+    def __init__(self, directory: Path, lock: AttachLock, *, created: float, process: str = "",
+                 log_dir: str | None = None) -> None:  # fmt: skip
+        self.directory = directory
+        self.created = created
+        self.process = process
+        self.log_dir = log_dir
+        self._lock: AttachLock | None = lock
+
+    @classmethod
+    def claim(cls, sandbox_id: str) -> Hold:
+        """A new detached sandbox's directory, marked as being started by us, locked."""
+        path, lock = claim(sandbox_id)
+        return cls(path, lock, created=time.time())
+
+    @classmethod
+    def attach(cls, record: Record) -> Hold:
+        """The lock on a running detached sandbox (:class:`SandboxBusy` if another holds it)."""
+        lock = AttachLock(record.directory, record.id)
+        return cls(record.directory, lock, created=record.created, process=record.process, log_dir=record.log_dir)
+
+    def save(self, *, sandbox_id: str, pid: int, config: dict[str, Any], devices: list[dict[str, Any]],
+             state: str) -> None:  # fmt: skip
+        """Write down what another process needs to attach."""
+        if not self.process:
+            self.process = process_identity(pid) or ""
+        write_record(Record(id=sandbox_id, pid=pid, process=self.process, config=config, created=self.created,
+                            devices=devices, last_state=state, directory=self.directory, log_dir=self.log_dir))  # fmt: skip
+
+    def forget(self) -> None:
+        """The sandbox is gone: remove its directory (and the state dir, if it was the last)."""
+        remove_tree(self.directory)
+        prune(self.directory.parent)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+async def rebuild(hv: Hypervisor) -> tuple[str, tuple[Trigger, str] | None, set[str]]:
+    """What QEMU says about an attached sandbox: its run state, what that means (None: the guest
+    is dead) and which devices it still has (their ids)."""
+    status = await hv.query_status()
+    try:
+        present = {child["name"] for child in await hv.execute("qom-list", {"path": "/machine/peripheral"})}
+    except QMPCommandError:  # no user-created devices at all
+        present = set()
+    return status, status_trigger(status), present

@@ -37,7 +37,7 @@ async def probe(record: detached.Record) -> str:
     session = QmpSession(f"vmctl-ps-{record.id}")
     try:
         with anyio.fail_after(PROBE_TIMEOUT):
-            await session.connect(record.directory / "qmp.sock")
+            await session.connect(record.paths.qmp_socket)
             reply = await session.execute("query-status")
         return str(reply.get("status", "unknown"))
     except (VmctlError, TimeoutError) as exc:
@@ -64,7 +64,7 @@ async def ps(as_json: bool) -> int:
                 state = "gone (record removed)"
             row.update(pid=record.pid, state=state, uptime_s=round(detached.uptime(record)),
                        vcpus=record.config.get("vcpus"), memory_mib=record.config.get("memory_mib"),
-                       console_log=str(record.directory / "console.log"))  # fmt: skip
+                       console_log=str(record.paths.console_log))  # fmt: skip
         else:
             row.update(state="starting" if entry.status is detached.Status.STARTING else "gone (removed)")
         rows.append(row)

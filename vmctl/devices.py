@@ -8,6 +8,8 @@ character devices need two spellings (``-chardev`` has no JSON form).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -28,7 +30,7 @@ PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]\Z")
 MAC_PATTERN = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}\Z")
 TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 
-BlockDriver = Literal["virtio-blk", "virtio-scsi", "virtio-mmio"]
+BlockDriver = Literal["virtio-scsi", "virtio-blk", "virtio-mmio"]
 ImageFormat = Literal["raw", "qcow2"]
 
 
@@ -162,6 +164,11 @@ class Device(ABC):
     def plug_commands(self, dev_id: str, ctx: DeviceContext, where: Placement) -> list[QmpCommand]:
         commands = [b.add_command() for b in self.backends(dev_id, ctx)]
         return commands + [QmpCommand("device_add", self.frontend(dev_id, ctx, where))]
+
+    def ack(self) -> str:
+        """How QEMU acknowledges a plug: ``acpi`` (an ``ACPI_DEVICE_OST`` for CPUs and DIMMs) or
+        ``return`` (the command's return; the guest then shows disks and NICs)."""
+        return "acpi" if self.kind in ("cpu", "memory") else "return"
 
     def cleanup_commands(self, dev_id: str, ctx: DeviceContext) -> list[QmpCommand]:
         """What to delete after QEMU confirmed the device is gone (backends, last added first)."""
@@ -424,6 +431,63 @@ class SerialPort(Device):
         }
 
 
+@dataclass(frozen=True)
+class CpuDevice(Device):
+    """A hot-added vCPU (``resize_vcpus`` makes these; they are rows of the device table so that
+    attach and snapshot restore know them too). Acknowledged by ``ACPI_DEVICE_OST``."""
+
+    kind: ClassVar[str] = "cpu"
+    driver: str = "qemu64-x86_64-cpu"
+    socket_id: int = 0
+    core_id: int = 0
+    thread_id: int = 0
+    id: str | None = None
+
+    def problems(self, ctx: DeviceContext) -> list[Problem]:
+        return [Problem("cpu", "vCPUs are not plugged as devices: use vcpus/max_vcpus or resize_vcpus()")]
+
+    def needs_slot(self, ctx: DeviceContext) -> str | None:
+        return None
+
+    def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
+        return {"driver": self.driver, "id": dev_id, "socket-id": self.socket_id, "core-id": self.core_id,
+                "thread-id": self.thread_id}  # fmt: skip
+
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DimmDevice(Device):
+    """Hot-added memory: a ``pc-dimm`` backed by RAM (``resize_memory`` makes these). Acknowledged
+    by ``ACPI_DEVICE_OST``; removable because the guest onlines it as movable."""
+
+    kind: ClassVar[str] = "memory"
+    size_mib: int = 128
+    id: str | None = None
+    #: where QEMU put it (recorded after the plug): a restore must put it at the same address
+    addr: int | None = None
+    slot: int | None = None
+
+    def problems(self, ctx: DeviceContext) -> list[Problem]:
+        return [Problem("memory", "memory is not plugged as a device: use memory_mib or resize_memory()")]
+
+    def needs_slot(self, ctx: DeviceContext) -> str | None:
+        return None
+
+    def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
+        spec = {"qom-type": "memory-backend-ram", "id": f"{dev_id}-mem", "size": self.size_mib * MIB}
+        return [Backend("object", spec, f"{dev_id}-mem")]
+
+    def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
+        props: dict[str, Any] = {"driver": "pc-dimm", "id": dev_id, "memdev": f"{dev_id}-mem"}
+        if self.addr is not None:
+            props["addr"] = self.addr
+        if self.slot is not None:
+            props["slot"] = self.slot
+        return props
+
+
 DEVICE_TYPES: dict[str, type[Device]] = {
     cls.kind: cls
     for cls in (
@@ -434,8 +498,13 @@ DEVICE_TYPES: dict[str, type[Device]] = {
         VhostUserBlockDevice,
         VhostUserNetDevice,
         SerialPort,
+        CpuDevice,
+        DimmDevice,
     )
 }
+
+#: Devices that arrive through resize_vcpus / resize_memory, never through hotplug()
+RESIZE_KINDS = frozenset({CpuDevice.kind, DimmDevice.kind})
 
 
 def device_from_mapping(data: Mapping[str, Any]) -> Device:
@@ -498,8 +567,6 @@ def _describe(hint: Any) -> str:
 
 def stable_mac(sandbox_id: str, dev_id: str) -> str:
     """A stable, locally administered MAC per sandbox and device (QEMU's 52:54:00 prefix)."""
-    import hashlib
-
     digest = hashlib.sha256(f"{sandbox_id}/{dev_id}".encode()).digest()
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
@@ -511,8 +578,6 @@ RESERVED_IDS = re.compile(
 
 def device_to_mapping(device: Device) -> dict[str, Any]:
     """The inverse of :func:`device_from_mapping` (paths as strings, tuples as lists)."""
-    import dataclasses
-
     out: dict[str, Any] = {"type": device.kind}
     for f in dataclasses.fields(device):  # type: ignore[arg-type]
         value = getattr(device, f.name)
@@ -524,4 +589,14 @@ def device_to_mapping(device: Device) -> dict[str, Any]:
 
 def id_prefix(device: Device) -> str:
     return {"block": "disk", "network": "net", "vsock": "vsock", "vfio": "vfio", "vhost-user-block": "vublk",
-            "vhost-user-net": "vunet", "serial": "port"}[device.kind]  # fmt: skip
+            "vhost-user-net": "vunet", "serial": "port", "cpu": "cpu", "memory": "dimm"}[device.kind]  # fmt: skip
+
+
+def with_defaults(device: Device, dev_id: str, sandbox_id: str, run_dir: Path) -> Device:
+    """Fill what a device leaves to vmctl: a serial port's socket (in the run directory), a NIC's
+    MAC (stable per sandbox and device). Cold plug and hotplug both come through here."""
+    if isinstance(device, SerialPort) and device.socket is None:
+        return dataclasses.replace(device, socket=run_dir / f"{dev_id}.sock")
+    if isinstance(device, NetworkDevice) and device.mac is None:
+        return dataclasses.replace(device, mac=stable_mac(sandbox_id, dev_id))
+    return device

@@ -13,9 +13,15 @@
      |    +-- QMPCommandError   QEMU answered a command with an error
      |    +-- QMPDisconnected   the QMP connection is gone
      +-- GuestError             the guest agent failed or answered nonsense
+     |    +-- GuestCommandFailed    exec(check=True) and the command failed
+     |    +-- GuestDisconnected     the agent connection is gone (the guest or QEMU went away)
+     +-- HotplugError           a hotplug or unplug request failed (refused, no slot left, ...)
+     +-- InvalidArgument        (also a ValueError) a call's argument is unusable
+     +-- FleetError             (also a ValueError) a fleet could not do what was asked
      +-- NotSupported           the backend or machine cannot do this
      +-- VmctlTimeout           (also a TimeoutError) something did not happen in time
           +-- ReadyTimeout      the guest did not report ready in time
+          +-- HotplugTimeout    (also a HotplugError) QEMU or the guest did not acknowledge in time
 
 Cancellation is never wrapped: ``anyio.get_cancelled_exc_class()`` always propagates as is.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class VmctlError(Exception):
@@ -108,6 +115,32 @@ class GuestError(VmctlError):
     """The guest agent failed, disconnected or answered something we cannot parse."""
 
 
+class GuestDisconnected(GuestError):
+    """The agent connection is gone: the guest, QEMU or this controller's hold on it ended."""
+
+
+class GuestCommandFailed(GuestError):
+    """``exec(..., check=True)`` and the command failed or timed out; ``result`` has its output."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+        why = "timed out" if result.timed_out else f"exited with {result.exit_code}"
+        tail = result.stderr.decode(errors="replace").strip()[-500:]
+        super().__init__(f"guest command {why}" + (f": {tail}" if tail else ""))
+
+
+class HotplugError(VmctlError):
+    """A hotplug or unplug request failed (QEMU or the guest refused, no slot left, ...)."""
+
+
+class InvalidArgument(VmctlError, ValueError):
+    """A call's argument is unusable (for example an empty argv or one holding NUL)."""
+
+
+class FleetError(VmctlError, ValueError):
+    """A fleet could not do what was asked (bad arguments, or with ``fail_fast``: a member failed)."""
+
+
 class NotSupported(VmctlError):
     """The backend or machine type cannot do what was asked."""
 
@@ -118,3 +151,7 @@ class VmctlTimeout(VmctlError, TimeoutError):
 
 class ReadyTimeout(VmctlTimeout):
     """The guest did not report ready in time; the message names the accelerator and the fix."""
+
+
+class HotplugTimeout(HotplugError, VmctlTimeout):
+    """QEMU or the guest did not acknowledge a hotplug request in time."""

@@ -25,17 +25,13 @@ from anyio.abc import TaskGroup
 
 from vmctl.config import SandboxConfig
 from vmctl.devices import BlockDevice
-from vmctl.errors import VmctlError
+from vmctl.errors import FleetError
 from vmctl.hypervisors.base import Backend
 from vmctl.paths import runtime_dir
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState
 
 T = TypeVar("T")
-
-
-class FleetError(VmctlError, ValueError):
-    """A fleet could not do what was asked (bad arguments, or with ``fail_fast``: a member failed)."""
 
 
 class FleetEventKind(enum.Enum):
@@ -77,7 +73,7 @@ class Member:
     boot_done: bool = False
 
 
-def _refuse_shared_writable_disks(configs: list[SandboxConfig]) -> None:
+def refuse_shared_writable_disks(configs: list[SandboxConfig]) -> None:
     """Members opening one image read-write would be refused by QEMU's locks (or corrupt it)."""
     seen: dict[str, int] = {}
     for config in configs:
@@ -114,7 +110,7 @@ class Fleet:
             raise FleetError("size: a fleet needs at least one sandbox")
         if max_concurrent_starts < 1:
             raise FleetError("max_concurrent_starts: must be at least 1")
-        _refuse_shared_writable_disks(configs)
+        refuse_shared_writable_disks(configs)
         if template and any(c != configs[0] for c in configs):
             raise FleetError("template: members started from one template share one config")
         self._configs = configs

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmctl.config import SandboxConfig, read_toml_text, relative_to
+from vmctl.config import SandboxConfig, fill_defaults, read_toml_text, relative_to
 from vmctl.devices import Device, device_from_mapping
 from vmctl.errors import ConfigError, Problem, VmctlError
+from vmctl.fleet import refuse_shared_writable_disks
 
 FLEET_FIELDS = {"size", "max_concurrent_starts", "template", "fail_fast", "command_timeout", "commands", "devices"}
 
@@ -74,10 +75,8 @@ def load_fleet_spec(path: str | Path, *, default_kernel: Path | None = None,
     sandbox_data: dict[str, Any] = dict(raw_sandbox) if isinstance(raw_sandbox, dict) else {}
     if not isinstance(raw_sandbox, dict):
         problems.append(Problem("sandbox", "must be a table of SandboxConfig fields"))
-    if "kernel" not in sandbox_data and default_kernel is not None:
-        sandbox_data["kernel"] = str(default_kernel)
-        if "initrd" not in sandbox_data and default_initrd is not None:
-            sandbox_data["initrd"] = str(default_initrd)  # with an image too: it switches to the disk
+    defaults = {k: v for k, v in (("kernel", default_kernel), ("initrd", default_initrd)) if v is not None}
+    sandbox_data = fill_defaults(sandbox_data, defaults)
     own_devices = sandbox_data.get("devices", [])
     own = len(own_devices) if isinstance(own_devices, list) else 0
     if devices and isinstance(own_devices, list):  # anything else is reported by SandboxConfig
@@ -94,9 +93,7 @@ def load_fleet_spec(path: str | Path, *, default_kernel: Path | None = None,
     else:
         if size > 1:
             try:
-                from vmctl.fleet import _refuse_shared_writable_disks
-
-                _refuse_shared_writable_disks([sandbox] * size)
+                refuse_shared_writable_disks([sandbox] * size)
             except VmctlError as exc:
                 problems.append(Problem("fleet.devices", str(exc)))
     if problems:

@@ -3,18 +3,21 @@
 Theory of operation. Requests from any number of tasks take one FIFO lock to *submit* their QMP
 commands, so QEMU sees them in arrival order; the *wait* for QEMU's acknowledgement happens
 outside the lock, so slow acknowledgements do not serialise the queue. Every request that waits
-registers its own one-slot waiter, keyed by device id, before it sends the command that will trigger
-the event (the qemu.qmp listener pattern):
+registers its own one-slot waiter (:class:`vmctl.waiting.Waiter`), keyed by device id, before it
+sends the command that will trigger the event (the qemu.qmp listener pattern):
 
 * unplug: ``DEVICE_DELETED`` for its id completes it; ``DEVICE_UNPLUG_GUEST_ERROR`` fails it;
 * CPU and memory plug: ``ACPI_DEVICE_OST`` for its id completes it (status 0) or fails it;
-* disk and NIC plug: the command's return, then the guest showing the device (via the agent).
+* disk and NIC plug: the command's return, then the guest showing the device (via a confirmer).
 
 A waiter is removed in ``finally`` whatever happens, so a cancelled or timed-out caller never
-leaves a stale entry. A request not acknowledged in time raises :class:`HotplugTimeout`; the
-device then stays ``unplug-pending`` and a late ``DEVICE_DELETED`` still completes the
-bookkeeping (slot freed, record dropped; the backend deletion runs before the next request).
-When the sandbox fails, every waiter is woken with the failure.
+leaves a stale entry. Time limits are the caller's (the device manager bounds each whole call);
+a request given up on leaves the device ``unplug-pending``, and a late ``DEVICE_DELETED`` still
+completes the bookkeeping (slot freed, record dropped, backends deleted). When the sandbox
+fails, every waiter is woken, each with its own error.
+
+CPUs and DIMMs are rows of the same table (:class:`~vmctl.devices.CpuDevice`,
+:class:`~vmctl.devices.DimmDevice`), so everything that reads the table (attach, snapshots) knows them.
 """
 
 from __future__ import annotations
@@ -26,20 +29,16 @@ from typing import Any, Protocol
 
 import anyio
 
-from vmctl.devices import Device, DeviceContext, Placement, QmpCommand
-from vmctl.errors import QMPCommandError, VmctlError, VmctlTimeout
+from vmctl.devices import Backend, Device, DeviceContext, Placement, QmpCommand, device_from_mapping, device_to_mapping
+from vmctl.errors import HotplugError, HotplugTimeout, QMPCommandError, VmctlError
 from vmctl.qmp import QmpEvent
+from vmctl.waiting import Failure, WaiterTable, make_error
+
+__all__ = ["DeviceState", "HotplugError", "HotplugQueue", "HotplugTimeout", "PluggedDevice", "SlotAllocator"]
 
 ACPI_EJECT = 3
 ACPI_EJECT_REFUSED = frozenset({0x80, 0x81, 0x82, 0x83})
-
-
-class HotplugError(VmctlError):
-    """A hotplug or unplug request failed (QEMU or the guest refused, no slot left, ...)."""
-
-
-class HotplugTimeout(HotplugError, VmctlTimeout):
-    """QEMU or the guest did not acknowledge a hotplug request in time."""
+CLEANUP_LIMIT = 10.0  # seconds a shielded cleanup may take before it is abandoned
 
 
 class DeviceState(enum.Enum):
@@ -60,58 +59,21 @@ class PluggedDevice:
     guest_path: str | None = None
     cleanup: list[QmpCommand] = field(default_factory=list)
 
+    def to_row(self) -> dict[str, Any]:
+        """The record a snapshot or a detached sandbox keeps of a hot-plugged device."""
+        assert self.device is not None
+        return {"id": self.id, "device": device_to_mapping(self.device), "bus": self.placement.bus,
+                "addr": self.placement.addr, "scsi_id": self.placement.scsi_id, "guest_path": self.guest_path}  # fmt: skip
+
+
+def row_device(row: Mapping[str, Any]) -> tuple[str, Device, Placement, str | None]:
+    """The inverse of :meth:`PluggedDevice.to_row`."""
+    where = Placement(bus=row.get("bus"), addr=row.get("addr"), scsi_id=row.get("scsi_id"))
+    return str(row["id"]), device_from_mapping(row["device"]), where, row.get("guest_path")
+
 
 class Executor(Protocol):
     async def __call__(self, command: str, arguments: dict[str, Any] | None = None) -> Any: ...
-
-
-class _Waiter:
-    __slots__ = ("done", "error", "value")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-    def resolve(self, value: Any = None, error: BaseException | None = None) -> None:
-        if not self.done.is_set():
-            self.value, self.error = value, error
-            self.done.set()
-
-
-class _WaiterTable:
-    """Waiters by device id. Each caller has its own waiter, so one caller giving up (timeout,
-    cancellation, error) never removes another caller's waiter for the same id."""
-
-    def __init__(self) -> None:
-        self._by_id: dict[str, list[_Waiter]] = {}
-
-    def __len__(self) -> int:
-        return sum(len(waiters) for waiters in self._by_id.values())
-
-    def add(self, dev_id: str) -> _Waiter:
-        waiter = _Waiter()
-        self._by_id.setdefault(dev_id, []).append(waiter)
-        return waiter
-
-    def remove(self, dev_id: str, waiter: _Waiter) -> None:
-        waiters = self._by_id.get(dev_id, [])
-        if waiter in waiters:
-            waiters.remove(waiter)
-        if not waiters:
-            self._by_id.pop(dev_id, None)
-
-    def resolve(self, dev_id: str, value: Any = None, error: BaseException | None = None) -> bool:
-        """Resolve every waiter for ``dev_id``; whether there was one."""
-        waiters = self._by_id.get(dev_id, [])
-        for waiter in waiters:
-            waiter.resolve(value, error)
-        return bool(waiters)
-
-    def resolve_all(self, error: BaseException) -> None:
-        for waiters in self._by_id.values():
-            for waiter in waiters:
-                waiter.resolve(error=error)
 
 
 class SlotAllocator:
@@ -156,21 +118,18 @@ class SlotAllocator:
 class HotplugQueue:
     """One per sandbox: orders requests, tracks devices, completes waiters from QMP events."""
 
-    def __init__(
-        self, execute: Executor, ctx: DeviceContext, slots: SlotAllocator, *, ack_timeout: float = 30.0
-    ) -> None:
+    def __init__(self, execute: Executor, ctx: DeviceContext, slots: SlotAllocator) -> None:
         self._execute = execute
         self.ctx = ctx
         self.slots = slots
-        self.ack_timeout = ack_timeout
         self.devices: dict[str, PluggedDevice] = {}
         self._submit = anyio.Lock()
-        self._deleted = _WaiterTable()
-        self._ost = _WaiterTable()
+        self._deleted: WaiterTable[str, bool] = WaiterTable()
+        self._ost: WaiterTable[str, dict[str, Any]] = WaiterTable()
         self._late_cleanup: list[QmpCommand] = []
         #: called when a device goes with nobody waiting, so its backends can go at once
         self.on_late_cleanup: Callable[[], None] | None = None
-        self._failure: BaseException | None = None
+        self._failure: Failure | None = None
         self._counter = 0
 
     @property
@@ -184,6 +143,10 @@ class HotplugQueue:
             if candidate not in self.devices:
                 return candidate
 
+    def _check_alive(self) -> None:
+        if self._failure is not None:
+            raise make_error(self._failure)
+
     # -- events -----------------------------------------------------------------------------
 
     def on_event(self, event: QmpEvent) -> None:
@@ -192,18 +155,20 @@ class HotplugQueue:
             if dev_id:
                 self._device_gone(str(dev_id))
         elif event.name == "DEVICE_UNPLUG_GUEST_ERROR":
-            dev_id = event.data.get("device") or _peripheral_id(str(event.data.get("path", "")))
-            self._deleted.resolve(str(dev_id), error=HotplugError(f"the guest refused to release {dev_id}"))
+            dev_id = str(event.data.get("device") or _peripheral_id(str(event.data.get("path", ""))))
+            self._deleted.fail(dev_id, lambda: HotplugError(f"the guest refused to release {dev_id}"))
         elif event.name == "ACPI_DEVICE_OST":
             info = event.data.get("info")
             if not isinstance(info, Mapping):
                 return  # malformed: nobody can be waiting for it
             dev_id = str(info.get("device", ""))
             self._ost.resolve(dev_id, dict(info))
-            if info.get("source") == ACPI_EJECT and info.get("status") in ACPI_EJECT_REFUSED:
+            status = info.get("status")
+            if info.get("source") == ACPI_EJECT and status in ACPI_EJECT_REFUSED:
                 # the guest will not let go (e.g. memory onlined unmovable): no DEVICE_DELETED will come
-                error = HotplugError(f"the guest refused to release {dev_id} (ACPI status {info.get('status')})")
-                self._deleted.resolve(dev_id, error=error)
+                self._deleted.fail(
+                    dev_id, lambda: HotplugError(f"the guest refused to release {dev_id} (ACPI status {status})")
+                )
 
     def _device_gone(self, dev_id: str) -> None:
         record = self.devices.get(dev_id)
@@ -223,16 +188,13 @@ class HotplugQueue:
         async with self._submit:
             await self._flush_late_cleanup()
 
-    def fail_all(self, error: BaseException) -> None:
-        self._failure = error
-        self._deleted.resolve_all(error)
-        self._ost.resolve_all(error)
+    def fail_all(self, failure: Failure) -> None:
+        """Wake every waiter with ``failure`` (a factory gives each its own exception)."""
+        self._failure = failure
+        self._deleted.fail_all(failure)
+        self._ost.fail_all(failure)
 
-    # -- requests ----------------------------------------------------------------------------
-
-    async def _run(self, commands: list[QmpCommand]) -> None:
-        for command in commands:
-            await self._execute(command.name, dict(command.arguments))
+    # -- the table ----------------------------------------------------------------------------
 
     async def _flush_late_cleanup(self) -> None:
         todo, self._late_cleanup = self._late_cleanup, []
@@ -242,18 +204,11 @@ class HotplugQueue:
             except QMPCommandError:
                 pass  # already gone
 
-    def record_cold(self, dev_id: str, device: Device, placement: Placement) -> PluggedDevice:
-        """Enter a device that was on QEMU's command line, holding its SCSI target if it has one
-        (cold PCI devices sit on the root bus, outside the hotplug slots)."""
-        return self._record(dev_id, device, placement, hotplugged=False)
-
-    def record_restored(self, dev_id: str, device: Device, placement: Placement,
-                        guest_path: str | None) -> PluggedDevice:  # fmt: skip
-        """Enter a device another controller hot-plugged (attaching to a detached sandbox)."""
-        return self._record(dev_id, device, placement, hotplugged=True, guest_path=guest_path)
-
-    def _record(self, dev_id: str, device: Device, placement: Placement, *, hotplugged: bool,
-                guest_path: str | None = None) -> PluggedDevice:  # fmt: skip
+    def record(self, dev_id: str, device: Device, placement: Placement, *, hotplugged: bool,
+               guest_path: str | None = None) -> PluggedDevice:  # fmt: skip
+        """Enter a device QEMU already has: cold-plugged (on its command line), or hot-plugged by
+        another controller (attach) or before a snapshot (restore). It holds its SCSI target, and
+        a hot-pluggable one its PCI slot (cold PCI devices sit on the root bus, outside the slots)."""
         record = PluggedDevice(dev_id, device, placement, hotplugged=hotplugged, guest_path=guest_path,
                                cleanup=device.cleanup_commands(dev_id, self.ctx))  # fmt: skip
         kind = device.needs_slot(self.ctx)
@@ -262,13 +217,32 @@ class HotplugQueue:
         self.devices[dev_id] = record
         return record
 
+    # -- requests ----------------------------------------------------------------------------
+
     async def plug(self, device: Device, dev_id: str,
-                   confirm: Callable[[PluggedDevice], Awaitable[str | None]] | None = None,
-                   timeout: float | None = None) -> PluggedDevice:  # fmt: skip
-        """Plug ``device``; return once QEMU accepted it and ``confirm`` saw it in the guest."""
+                   confirm: Callable[[PluggedDevice], Awaitable[str | None]] | None = None) -> PluggedDevice:  # fmt: skip
+        """Plug ``device``; return once QEMU acknowledged it (its command's return, or its
+        ``ACPI_DEVICE_OST`` for CPUs and DIMMs) and ``confirm`` saw it in the guest.
+
+        Unbounded here: the caller's deadline bounds the whole call."""
+        self._check_alive()
+        ost = self._ost.add(dev_id) if device.ack() == "acpi" else None
+        try:
+            record = await self._submit_plug(device, dev_id)
+            if ost is not None:
+                info = await ost.wait()
+                if info.get("status", 0) != 0:
+                    raise HotplugError(f"the guest's ACPI refused {dev_id} (status {info.get('status')})")
+        finally:
+            if ost is not None:
+                self._ost.remove(dev_id, ost)
+        if confirm is not None:
+            record.guest_path = await confirm(record)
+        return record
+
+    async def _submit_plug(self, device: Device, dev_id: str) -> PluggedDevice:
         async with self._submit:
-            if self._failure is not None:
-                raise self._failure
+            self._check_alive()
             if dev_id in self.devices:  # checked under the lock: two plugs of one id cannot race
                 raise HotplugError(f"device id {dev_id!r} is already in use in this sandbox")
             await self._flush_late_cleanup()
@@ -276,11 +250,11 @@ class HotplugQueue:
             placement = self.slots.allocate(kind, dev_id) if kind else Placement()
             record = PluggedDevice(dev_id, device, placement, hotplugged=True,
                                    cleanup=device.cleanup_commands(dev_id, self.ctx))  # fmt: skip
-            *backends, frontend = device.plug_commands(dev_id, self.ctx, placement)
-            sent: list[QmpCommand] = []
+            sent: list[Backend] = []
             try:
-                for command in backends:
-                    sent.append(command)  # counted before the reply: it may be in QEMU even if we hear nothing
+                for backend in device.backends(dev_id, self.ctx):
+                    sent.append(backend)  # counted before the reply: it may be in QEMU even if we hear nothing
+                    command = backend.add_command()
                     await self._execute(command.name, dict(command.arguments))
             except BaseException:
                 await self._undo_plug(dev_id, sent)
@@ -289,7 +263,7 @@ class HotplugQueue:
             # has it until QEMU says otherwise.
             self.devices[dev_id] = record
             try:
-                await self._execute(frontend.name, dict(frontend.arguments))
+                await self._execute("device_add", device.frontend(dev_id, self.ctx, placement))
             except QMPCommandError:
                 await self._undo_plug(dev_id, sent)
                 raise
@@ -298,28 +272,19 @@ class HotplugQueue:
                     if await self._exists(dev_id) is False:
                         await self._undo_plug(dev_id, sent)
                 raise
-        if confirm is not None:
-            try:
-                with anyio.fail_after(self.ack_timeout if timeout is None else timeout):
-                    record.guest_path = await confirm(record)
-            except TimeoutError as exc:
-                if isinstance(exc, VmctlError):
-                    raise
-                raise HotplugTimeout(f"the guest did not show {dev_id} within {timeout or self.ack_timeout}s") from None
         return record
 
-    async def _undo_plug(self, dev_id: str, sent: list[QmpCommand]) -> None:
+    async def _undo_plug(self, dev_id: str, sent: list[Backend]) -> None:
         """Forget a plug that did not happen: table row, slot, and the backends QEMU may have."""
         self.devices.pop(dev_id, None)
         self.slots.release(dev_id)
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            for command in reversed(sent):
-                delete = _undo(command)
-                if delete is not None:
-                    try:
-                        await self._execute(delete.name, dict(delete.arguments))
-                    except VmctlError:
-                        pass  # it never got in
+            for backend in reversed(sent):
+                delete = backend.del_command()
+                try:
+                    await self._execute(delete.name, dict(delete.arguments))
+                except VmctlError:
+                    pass  # it never got in
 
     async def _exists(self, dev_id: str) -> bool | None:
         """Whether QEMU has a device with this id (None: cannot tell)."""
@@ -329,10 +294,12 @@ class HotplugQueue:
             return None
         return any(child.get("name") == dev_id for child in children)
 
-    async def unplug(self, dev_id: str, timeout: float | None = None) -> None:
-        """``device_del`` and wait for ``DEVICE_DELETED``; then delete the backends, free the slot."""
-        if self._failure is not None:
-            raise self._failure
+    async def unplug(self, dev_id: str) -> None:
+        """``device_del`` and wait for ``DEVICE_DELETED``; then delete the backends, free the slot.
+
+        Unbounded here: the caller's deadline bounds it. Given up on, the device stays
+        ``unplug-pending`` and a later event completes the removal."""
+        self._check_alive()
         record = self.devices.get(dev_id)
         if record is None:
             raise HotplugError(f"no device {dev_id!r} in this sandbox")
@@ -355,60 +322,24 @@ class HotplugQueue:
                         await self._execute("device_del", {"id": dev_id})
                     except QMPCommandError:
                         pass  # QEMU still has the first request in progress: keep waiting for it
-            limit = self.ack_timeout if timeout is None else timeout
-            with anyio.move_on_after(limit) as scope:
-                await waiter.done.wait()
-            if scope.cancelled_caught:
-                raise HotplugTimeout(f"QEMU did not confirm the removal of {dev_id} within {limit}s; "
-                                     "it stays unplug-pending and is cleaned up if the event comes later")  # fmt: skip
-            if waiter.error is not None:
+            try:
+                await waiter.wait()
+            except HotplugError:
                 if record.state is DeviceState.UNPLUG_PENDING:
                     record.state = DeviceState.PLUGGED
-                raise waiter.error
+                raise
         finally:
             self._deleted.remove(dev_id, waiter)
-            if waiter.done.is_set() and waiter.error is None:
-                with anyio.CancelScope(shield=True):  # the backends go even if the caller gives up now
+            if waiter.done and not waiter.failed:
+                # the backends go even if the caller gives up now, but never hold up a teardown for long
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_LIMIT):
                     async with self._submit:
                         await self._flush_late_cleanup()
 
-    async def add_and_wait_ost(self, driver_props: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """``device_add`` a CPU or DIMM and wait for its ``ACPI_DEVICE_OST``; raise unless status 0."""
-        if self._failure is not None:
-            raise self._failure
-        dev_id = str(driver_props["id"])
-        waiter = self._ost.add(dev_id)
-        try:
-            async with self._submit:
-                await self._execute("device_add", driver_props)
-            limit = self.ack_timeout if timeout is None else timeout
-            with anyio.move_on_after(limit) as scope:
-                await waiter.done.wait()
-            if scope.cancelled_caught:
-                raise HotplugTimeout(f"no ACPI acknowledgement for {dev_id} within {limit}s")
-            if waiter.error is not None:
-                raise waiter.error
-            info: dict[str, Any] = waiter.value
-            if info.get("status", 0) != 0:
-                raise HotplugError(f"the guest's ACPI refused {dev_id} (status {info.get('status')})")
-            return info
-        finally:
-            self._ost.remove(dev_id, waiter)
-
     async def submit(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run one plain command in queue order (object-add and friends)."""
+        """Run one plain command in queue order."""
         async with self._submit:
             return await self._execute(command, arguments)
-
-
-def _undo(command: QmpCommand) -> QmpCommand | None:
-    args = command.arguments
-    return {
-        "blockdev-add": lambda: QmpCommand("blockdev-del", {"node-name": args.get("node-name")}),
-        "netdev_add": lambda: QmpCommand("netdev_del", {"id": args.get("id")}),
-        "object-add": lambda: QmpCommand("object-del", {"id": args.get("id")}),
-        "chardev-add": lambda: QmpCommand("chardev-remove", {"id": args.get("id")}),
-    }.get(command.name, lambda: None)()
 
 
 def _peripheral_id(path: str) -> str | None:

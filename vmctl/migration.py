@@ -1,115 +1,129 @@
-"""Saving and loading a VM's device state over QMP, for VM templates.
+"""Snapshots and VM templates: what is saved, where, and how a saved guest is found again.
 
-QEMU runs with ``-sandbox on,spawn=deny``, so ``exec:`` migration targets are out: vmctl opens the
-file itself and hands the descriptor to QEMU over the QMP socket (``getfd``), then migrates to
-``fd:NAME``. Guest RAM is not in the stream: it lives in the template's shared memory file and
-the ``x-ignore-shared`` capability skips it, which is what makes clones cheap.
+A snapshot directory holds the device and memory state (``state``) and ``sandbox.json``: the
+effective config and every hot-plugged device with its place (disks, NICs, vCPUs, DIMMs), so a
+restore recreates them on QEMU's command line where the saved state expects them. It is written
+into a hidden sibling directory and renamed into place at the end: a failed or cancelled save
+leaves nothing that looks like a snapshot.
 
-Completion is event-driven: the ``events`` capability makes QEMU send ``MIGRATION`` events, which
-the hypervisor's event pump feeds to :class:`MigrationTracker`.
+A VM template keeps guest RAM in its memory file and its device state beside a record of its
+config; a clone whose config differs is refused (naming each field), never cold-booted instead.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import anyio
+from vmctl.config import SandboxConfig
+from vmctl.errors import ConfigError, InvalidArgument, Problem, QMPError
+from vmctl.hotplug import PluggedDevice, row_device
+from vmctl.hypervisors.base import Hypervisor, PlacedDevice
+from vmctl.paths import remove_tree
 
-from vmctl.errors import QMPDisconnected, QMPError, VmctlError
-from vmctl.qmp import QmpEvent, QmpSession
-
-FINAL = frozenset({"completed", "failed", "cancelled"})
-MAX_BANDWIDTH = 10 * 1024**3  # bytes/s: the default (128 MiB/s) would throttle a local file
-
-
-class MigrationTracker:
-    """Follows ``MIGRATION`` events so callers can wait for the end of a migration."""
-
-    def __init__(self) -> None:
-        self.status = "none"
-        self.error = ""
-        self._changed = anyio.Event()
-
-    def on_event(self, event: QmpEvent) -> None:
-        if event.name == "MIGRATION":
-            self.status = str(event.data.get("status", ""))
-            self._changed.set()
-            self._changed = anyio.Event()
-
-    async def wait_final(self, qmp: QmpSession) -> str:
-        """The migration's final status; :class:`QMPDisconnected` at once if QEMU goes away."""
-        # Ask once as well: the final event may have come before we started waiting.
-        info = await qmp.execute("query-migrate")
-        if info.get("status") in FINAL:
-            self.status = info["status"]
-        async with anyio.create_task_group() as tg:
-
-            async def watch_connection() -> None:
-                await qmp.wait_disconnected()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch_connection)
-            while self.status not in FINAL:
-                await self._changed.wait()
-            tg.cancel_scope.cancel()
-        if self.status not in FINAL:
-            raise QMPDisconnected("QMP connection lost while QEMU was migrating (QEMU exited?)")
-        if self.status == "failed":
-            with anyio.move_on_after(5):
-                try:
-                    self.error = str((await qmp.execute("query-migrate")).get("error-desc", ""))
-                except VmctlError:
-                    pass
-        return self.status
+SNAPSHOT_STATE = "state"
+SNAPSHOT_RECORD = "sandbox.json"
+SNAPSHOT_VERSION = 1
+_TEMPLATE_FIELDS = ("boot_to_be_template", "boot_from_template", "memory_path", "devices_state_path", "accel")
 
 
-async def _prepare(qmp: QmpSession, *, skip_shared: bool) -> None:
-    # x-ignore-shared leaves out RAM in shared memory backends: right for templates (clones map
-    # the file), wrong for a snapshot of a guest whose RAM is shared (huge pages): it must be saved.
-    capabilities = [{"capability": "x-ignore-shared", "state": skip_shared}, {"capability": "events", "state": True}]
-    await qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
+@dataclass(frozen=True)
+class Snapshot:
+    """A saved sandbox: its config, its state file and the devices it had hot-plugged."""
+
+    directory: Path
+    config: SandboxConfig
+    devices: Sequence[dict[str, Any]] = field(default_factory=tuple)
+
+    @property
+    def state(self) -> Path:
+        return self.directory / SNAPSHOT_STATE
+
+    def restored_devices(self) -> list[PlacedDevice]:
+        out = []
+        for row in self.devices:
+            dev_id, device, where, _ = row_device(row)
+            out.append((dev_id, device, where))
+        return out
 
 
-async def save_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Path, *, skip_shared: bool) -> None:
-    """Write the paused VM's device state to ``path`` atomically (a partial file never shows)."""
-    await _prepare(qmp, skip_shared=skip_shared)
-    await qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
-    partial = path.with_name(f".{path.name}.partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def check_target(directory: str | Path) -> Path:
+    target = Path(directory).expanduser().absolute()
+    if target.exists():
+        raise InvalidArgument(f"directory: {target} already exists; snapshots never overwrite")
+    if not target.parent.is_dir():
+        raise InvalidArgument(f"directory: {target.parent} does not exist")
+    return target
+
+
+async def write_snapshot(hv: Hypervisor, target: Path, *, sandbox_id: str, config: SandboxConfig,
+                         devices: Sequence[PluggedDevice]) -> Path:  # fmt: skip
+    """Save a paused VM into ``target`` atomically (a hidden sibling renamed at the end)."""
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        await qmp.send_fd(fd, "vmctl-save")
-        await qmp.execute("migrate", {"uri": "fd:vmctl-save"})
         try:
-            status = await tracker.wait_final(qmp)
-        except BaseException:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                try:  # QEMU holds its own copy of the fd: stop it writing
-                    await qmp.execute("migrate_cancel")
-                    await tracker.wait_final(qmp)
-                except VmctlError:
-                    pass  # QEMU is gone or refused: the original error (or cancellation) goes on
-            raise
-        if status != "completed":
-            why = f": {tracker.error}" if tracker.error else ""
-            raise QMPError(f"saving device state ended {status}{why}")
-        os.fsync(fd)
-        os.replace(partial, path)
+            await hv.save_state(partial / SNAPSHOT_STATE, skip_shared=False)
+        except QMPError as exc:
+            if type(exc) is not QMPError:  # a command error or a lost connection says enough
+                raise
+            raise QMPError(f"snapshot to {target} failed: {exc}") from exc
+        record = {"vmctl_snapshot": SNAPSHOT_VERSION, "sandbox_id": sandbox_id, "config": config.to_mapping(),
+                  "devices": [d.to_row() for d in devices if d.hotplugged and d.device is not None]}  # fmt: skip
+        (partial / SNAPSHOT_RECORD).write_text(json.dumps(record, indent=2))
+        partial.rename(target)
     finally:
-        os.close(fd)
-        partial.unlink(missing_ok=True)
+        remove_tree(partial)
+    return target
 
 
-async def load_device_state(qmp: QmpSession, tracker: MigrationTracker, path: Path, *, skip_shared: bool) -> None:
-    """Load device state saved by :func:`save_device_state` into a QEMU started with -incoming defer."""
-    await _prepare(qmp, skip_shared=skip_shared)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def read_snapshot(directory: str | Path) -> Snapshot:
+    source = Path(directory).expanduser().absolute()
     try:
-        await qmp.send_fd(fd, "vmctl-load")
-        await qmp.execute("migrate-incoming", {"uri": "fd:vmctl-load"})
-        status = await tracker.wait_final(qmp)
-        if status != "completed":
-            why = f": {tracker.error}" if tracker.error else ""
-            raise QMPError(f"loading device state from {path} ended {status}{why}")
-    finally:
-        os.close(fd)
+        record = json.loads((source / SNAPSHOT_RECORD).read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"directory: {source} is not a vmctl snapshot ({exc})") from None
+    if not isinstance(record, dict) or record.get("vmctl_snapshot") != SNAPSHOT_VERSION \
+            or not (source / SNAPSHOT_STATE).is_file():  # fmt: skip
+        raise InvalidArgument(f"directory: {source} is not a complete vmctl snapshot")
+    devices = record.get("devices", [])
+    if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
+        raise InvalidArgument(f"directory: {source} has a malformed device list")
+    return Snapshot(source, SandboxConfig.from_mapping(record["config"]), tuple(devices))
+
+
+# -- templates ---------------------------------------------------------------------------------
+
+
+def _template_record(state: Path) -> Path:
+    return state.with_name(state.name + ".vmctl.json")
+
+
+def _template_identity(config: SandboxConfig) -> dict[str, Any]:
+    """What a clone must share with its template (everything but the template fields)."""
+    return {k: v for k, v in config.to_mapping().items() if k not in _TEMPLATE_FIELDS}
+
+
+def write_template_record(config: SandboxConfig) -> None:
+    assert config.devices_state_path is not None
+    _template_record(config.devices_state_path).write_text(json.dumps(_template_identity(config)))
+
+
+def check_template_matches(config: SandboxConfig) -> None:
+    """A clone whose config drifted from its template is refused, never cold-booted instead."""
+    assert config.devices_state_path is not None
+    record = _template_record(config.devices_state_path)
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(
+            [Problem("devices_state_path", f"no template record at {record}: boot the template again")]
+        ) from None
+    mine = _template_identity(config)
+    problems = [Problem(key, f"the template has {saved.get(key)!r}, this config {mine.get(key)!r}")
+                for key in sorted(set(saved) | set(mine)) if saved.get(key) != mine.get(key)]  # fmt: skip
+    if problems:
+        raise ConfigError(problems)

@@ -15,7 +15,7 @@ from pathlib import Path
 from vmctl.errors import HostError
 
 
-def _private_dir(path: Path) -> Path:
+def private_dir(path: Path) -> Path:
     """Create ``path`` 0700, or accept an existing one only if it is ours, real and private.
 
     A shared /tmp lets anyone create /tmp/vmctl-UID first; using such a directory would let its
@@ -39,20 +39,20 @@ def cache_dir() -> Path:
     """``$VMCTL_CACHE_DIR``, else ``$XDG_CACHE_HOME/vmctl``, else ``~/.cache/vmctl``."""
     env = os.environ.get("VMCTL_CACHE_DIR")
     if env:
-        return _private_dir(Path(env).expanduser())
+        return private_dir(Path(env).expanduser())
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return _private_dir(Path(base) / "vmctl")
+    return private_dir(Path(base) / "vmctl")
 
 
 def runtime_dir() -> Path:
     """Parent of the sandboxes' run directories: short, so socket paths stay under 108 bytes."""
     env = os.environ.get("VMCTL_RUNTIME_DIR")
     if env:
-        return _private_dir(Path(env).expanduser())
+        return private_dir(Path(env).expanduser())
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and Path(xdg).is_dir():
-        return _private_dir(Path(xdg) / "vmctl")
-    return _private_dir(Path(tempfile.gettempdir()) / f"vmctl-{os.getuid()}")
+        return private_dir(Path(xdg) / "vmctl")
+    return private_dir(Path(tempfile.gettempdir()) / f"vmctl-{os.getuid()}")
 
 
 OWNER_FILE = "owner"

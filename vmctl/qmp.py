@@ -21,6 +21,7 @@ from qemu.qmp import QMPError as _LibQMPError
 from qemu.qmp import StateError as _LibStateError
 
 from vmctl.errors import QMPCommandError, QMPDisconnected, QMPError, VmctlTimeout
+from vmctl.waiting import deadline
 
 DEFAULT_COMMAND_TIMEOUT = 30.0
 
@@ -69,7 +70,6 @@ class QmpSession:
         # ours. (A second listener would leave the default one growing for the session's life.)
         self._listener: EventListener = self._client.events
         self.command_timeout = command_timeout
-        self.greeting: Mapping[str, Any] = {}
 
     @property
     def connected(self) -> bool:
@@ -78,25 +78,22 @@ class QmpSession:
     async def connect(self, path: Path | socket.socket, *, timeout: float = 10.0) -> None:
         """Connect and negotiate capabilities."""
         try:
-            with anyio.fail_after(timeout):
+            with deadline(timeout, "connect", lambda _: VmctlTimeout(f"QMP did not answer within {timeout}s at {path}")):
                 await self._client.connect(path if isinstance(path, socket.socket) else str(path))
-        except TimeoutError:
+        except VmctlTimeout:
             await self.close()
-            raise VmctlTimeout(f"QMP did not answer within {timeout}s at {path}") from None
+            raise
         except (ConnectError, _LibQMPError, OSError) as exc:
             await self.close()
             raise QMPDisconnected(f"cannot connect QMP at {path}: {exc}") from exc
-        self.greeting = dict(self._client.greeting._raw) if self._client.greeting else {}  # noqa: SLF001
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None,
                       *, timeout: float | None = None) -> Any:  # fmt: skip
         """Run one command; :class:`VmctlTimeout` if no reply in ``timeout`` (default 30 s)."""
         limit = self.command_timeout if timeout is None else timeout
         try:
-            with anyio.fail_after(limit):
+            with deadline(limit, command, lambda _: VmctlTimeout(f"QMP {command} got no reply within {limit}s")):
                 return await self._client.execute(command, arguments)
-        except TimeoutError:
-            raise VmctlTimeout(f"QMP {command} got no reply within {limit}s") from None
         except ExecuteError as exc:
             raise QMPCommandError(command, arguments, exc.error.error.class_, exc.error.error.desc) from None
         except (ExecInterruptedError, _LibStateError, EOFError, ConnectionError) as exc:

@@ -11,21 +11,25 @@ Memory. Growing adds a ``pc-dimm`` backed by RAM, sized up to the guest's memory
 (``memhp_default_state=online_movable``), so it can be removed later. Shrinking removes whole
 DIMMs, newest first, each confirmed by ``DEVICE_DELETED``. The size returned is QEMU's view
 (boot memory plus DIMMs), after the guest confirmed it.
+
+CPUs and DIMMs are rows of the device table (:class:`~vmctl.devices.CpuDevice`,
+:class:`~vmctl.devices.DimmDevice`), entered through the queue like any other device. One resize
+runs at a time per sandbox (the :class:`Resizer` lock): two concurrent resizes both succeed,
+one after the other, and the guest ends with the count of the last.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
-from vmctl.agent import InvalidArgument, parse_cpu_list
-from vmctl.devices import Placement, QmpCommand
-from vmctl.hotplug import HotplugError, HotplugTimeout, PluggedDevice
-
-if TYPE_CHECKING:
-    from vmctl.sandbox import Sandbox
+from vmctl.agent import AgentClient, parse_cpu_list
+from vmctl.config import SandboxConfig
+from vmctl.devices import CpuDevice, DimmDevice
+from vmctl.errors import HotplugError, InvalidArgument, NotSupported
+from vmctl.hotplug import Executor, HotplugQueue
 
 MIB = 1024 * 1024
 GUEST_CPU_DIR = "/sys/devices/system/cpu"
@@ -55,115 +59,116 @@ fi
 cat /sys/devices/system/cpu/online
 """
 
-
 _WAIT_PRESENT = r"""
 while [ "$(ls -d /sys/devices/system/cpu/cpu[0-9]* | wc -l)" -lt "$1" ]; do sleep 0.05; done
 """
 _WAIT_MEMTOTAL = r"""
-while [ "$(sed -n 's/^MemTotal: *\([0-9]*\) kB//p' /proc/meminfo)" -lt "$1" ]; do sleep 0.05; done
+while [ "$(sed -n 's/^MemTotal: *\([0-9]*\) kB//p' /proc/meminfo)" -lt "$1" ]; do sleep 0.05; done
 """
 
 
-async def _present_cpus(sb: Sandbox) -> list[int]:
-    result = await sb.exec(["cat", f"{GUEST_CPU_DIR}/present"], check=True)
-    return parse_cpu_list(result.text)
+class Resizer:
+    """vCPU and memory resize for one sandbox, one at a time."""
 
+    def __init__(self, queue: HotplugQueue, agent: AgentClient, execute: Executor, config: SandboxConfig) -> None:
+        self._queue = queue
+        self._agent = agent
+        self._execute = execute
+        self._config = config
+        self._lock = anyio.Lock()
 
-async def resize_vcpus(sb: Sandbox, count: int, timeout: float) -> tuple[int, int]:
-    max_vcpus = sb.config.max_vcpus or 1
-    if not 1 <= count <= max_vcpus:
-        raise InvalidArgument(f"vcpus: {count} is outside 1..{max_vcpus} (max_vcpus); raise max_vcpus in the config")
-    old = len(await sb.guest_online_cpus())
-    if count == old:
-        return old, old
-    with anyio.fail_after(timeout):
-        if count > old:
-            present = await _present_cpus(sb)
-            missing = count - len(present)
-            if missing > 0:
-                await _plug_cpus(sb, missing)
-                # the guest registers a CPU just after its ACPI ack: wait for it there, not across the port
-                await sb.exec(["sh", "-c", _WAIT_PRESENT, "sh", str(count)], check=True)
-        result = await sb.exec(["sh", "-c", _SET_ONLINE, "sh", str(count)], check=True)
-    new = len(parse_cpu_list(result.text))
-    if new != count:
-        raise HotplugError(f"asked for {count} online vCPUs, the guest has {new}")
-    return old, new
+    # -- vCPUs -------------------------------------------------------------------------------
 
+    async def online_cpus(self) -> int:
+        return len(await self._agent.online_cpus())
 
-async def _plug_cpus(sb: Sandbox, missing: int) -> None:
-    queue = sb._require_queue()  # noqa: SLF001 - resize is part of the sandbox
-    slots: list[dict[str, Any]] = await sb.hypervisor.execute("query-hotpluggable-cpus")
-    free = sorted((s for s in slots if "qom-path" not in s), key=lambda s: (s["props"].get("socket-id", 0),
-                                                                             s["props"].get("core-id", 0)))  # fmt: skip
-    for slot in free[:missing]:
-        dev_id = f"cpu{slot['props'].get('core-id', 0)}"
-        await queue.add_and_wait_ost({"driver": slot["type"], "id": dev_id, **slot["props"]})
-        queue.devices[dev_id] = PluggedDevice(dev_id, None, Placement(), hotplugged=True)
+    async def resize_vcpus(self, count: int, *, can_plug: bool) -> tuple[int, int]:
+        max_vcpus = self._config.max_vcpus or 1
+        if not 1 <= count <= max_vcpus:
+            raise InvalidArgument(f"vcpus: {count} is outside 1..{max_vcpus} (max_vcpus); raise max_vcpus in the config")
+        async with self._lock:
+            old = await self.online_cpus()
+            if count == old:
+                return old, old
+            if count > old:
+                present = parse_cpu_list((await self._agent.check_exec(["cat", f"{GUEST_CPU_DIR}/present"])).text)
+                missing = count - len(present)
+                if missing > 0:
+                    if not can_plug:
+                        raise NotSupported("this sandbox cannot hotplug CPUs (max_vcpus == vcpus)")
+                    await self._plug_cpus(missing)
+                    # the guest registers a CPU just after its ACPI ack: wait for it there, not across the port
+                    await self._agent.check_exec(["sh", "-c", _WAIT_PRESENT, "sh", str(count)])
+            result = await self._agent.check_exec(["sh", "-c", _SET_ONLINE, "sh", str(count)])
+        new = len(parse_cpu_list(result.text))
+        if new != count:
+            raise HotplugError(f"asked for {count} online vCPUs, the guest has {new}")
+        return old, new
 
+    async def _plug_cpus(self, missing: int) -> None:
+        slots: list[dict[str, Any]] = await self._execute("query-hotpluggable-cpus")
+        free = sorted((s for s in slots if "qom-path" not in s),
+                      key=lambda s: (s["props"].get("socket-id", 0), s["props"].get("core-id", 0)))  # fmt: skip
+        for slot in free[:missing]:
+            props = slot["props"]
+            cpu = CpuDevice(driver=str(slot["type"]), socket_id=int(props.get("socket-id", 0)),
+                            core_id=int(props.get("core-id", 0)), thread_id=int(props.get("thread-id", 0)))  # fmt: skip
+            await self._queue.plug(cpu, f"cpu{cpu.core_id}")
 
-async def memory_mib(sb: Sandbox) -> int:
-    summary = await sb.hypervisor.execute("query-memory-size-summary")
-    return int((summary["base-memory"] + summary.get("plugged-memory", 0)) // MIB)
+    # -- memory ------------------------------------------------------------------------------
 
+    async def memory_mib(self) -> int:
+        summary = await self._execute("query-memory-size-summary")
+        return int((summary["base-memory"] + summary.get("plugged-memory", 0)) // MIB)
 
-async def resize_memory(sb: Sandbox, target: int, timeout: float) -> int:
-    config = sb.config
-    max_mib = config.max_memory_mib or config.memory_mib
-    if not config.memory_mib <= target <= max_mib:
-        raise InvalidArgument(
-            f"memory_mib: {target} is outside {config.memory_mib}..{max_mib} (boot memory..max_memory_mib)"
-        )
-    queue = sb._require_queue()  # noqa: SLF001
-    current = await memory_mib(sb)
-    with anyio.fail_after(timeout):
-        if target > current:
-            block = await _block_mib(sb)
-            delta = math.ceil((target - current) / block) * block
-            if current + delta > max_mib:
-                raise InvalidArgument(f"memory_mib: {target} rounds up to {current + delta} MiB "
-                                      f"({block} MiB blocks), above max_memory_mib={max_mib}")  # fmt: skip
-            dimms = [d for d in queue.devices if d.startswith("dimm")]
-            if len(dimms) >= config.memory_slots:
-                raise HotplugError(f"all {config.memory_slots} memory slots are in use; raise memory_slots")
-            await _add_dimm(sb, delta)
-        elif target < current:
-            await _remove_dimms(sb, current, target)
-    return await memory_mib(sb)
+    async def resize_memory(self, target: int) -> int:
+        config = self._config
+        max_mib = config.max_memory_mib or config.memory_mib
+        if not config.memory_mib <= target <= max_mib:
+            raise InvalidArgument(
+                f"memory_mib: {target} is outside {config.memory_mib}..{max_mib} (boot memory..max_memory_mib)"
+            )
+        async with self._lock:
+            current = await self.memory_mib()
+            if target > current:
+                block = int((await self._agent.check_exec(
+                    ["cat", "/sys/devices/system/memory/block_size_bytes"])).text.strip(), 16) // MIB  # fmt: skip
+                delta = math.ceil((target - current) / block) * block
+                if current + delta > max_mib:
+                    raise InvalidArgument(f"memory_mib: {target} rounds up to {current + delta} MiB "
+                                          f"({block} MiB blocks), above max_memory_mib={max_mib}")  # fmt: skip
+                if len(self._dimms()) >= config.memory_slots:
+                    raise HotplugError(f"all {config.memory_slots} memory slots are in use; raise memory_slots")
+                await self._add_dimm(delta)
+            elif target < current:
+                await self._remove_dimms(current, target)
+            return await self.memory_mib()
 
+    def _dimms(self) -> dict[str, int]:
+        """Plugged DIMMs by id, with their sizes in MiB."""
+        return {r.id: r.device.size_mib for r in self._queue.devices.values() if isinstance(r.device, DimmDevice)}
 
-async def _block_mib(sb: Sandbox) -> int:
-    result = await sb.exec(["cat", "/sys/devices/system/memory/block_size_bytes"], check=True)
-    return int(result.text.strip(), 16) // MIB
+    async def _add_dimm(self, delta: int) -> None:
+        before = (await self._agent.memory()).total_kib
+        dev_id = self._queue.new_id("dimm")
+        record = await self._queue.plug(DimmDevice(size_mib=delta), dev_id)
+        # a snapshot must recreate it at the same address (QEMU would accept another, and the
+        # guest would then crash), so the table keeps where QEMU put it
+        for info in await self._execute("query-memory-devices"):
+            data = info.get("data", {})
+            if info.get("type") == "dimm" and data.get("id") == dev_id:
+                record.device = DimmDevice(size_mib=delta, addr=int(data["addr"]), slot=int(data["slot"]))
+        # onlining is the guest kernel's job, right after the ACPI ack: wait for it in the guest
+        await self._agent.check_exec(["sh", "-c", _WAIT_MEMTOTAL, "sh", str(before + delta * 1024 * 3 // 4)])
 
-
-async def _add_dimm(sb: Sandbox, delta: int) -> None:
-    queue = sb._require_queue()  # noqa: SLF001
-    before = (await sb.guest_memory()).total_kib
-    dev_id = queue.new_id("dimm")
-    mem_id = f"{dev_id}-mem"
-    await queue.submit("object-add", {"qom-type": "memory-backend-ram", "id": mem_id, "size": delta * MIB})
-    try:
-        await queue.add_and_wait_ost({"driver": "pc-dimm", "id": dev_id, "memdev": mem_id})
-    except BaseException:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await queue.submit("object-del", {"id": mem_id})
-        raise
-    queue.devices[dev_id] = PluggedDevice(dev_id, None, Placement(), hotplugged=True,
-                                          cleanup=[QmpCommand("object-del", {"id": mem_id})])  # fmt: skip
-    # onlining is the guest kernel's job, right after the ACPI ack: wait for it in the guest
-    await sb.exec(["sh", "-c", _WAIT_MEMTOTAL, "sh", str(before + delta * 1024 * 3 // 4)], check=True)
-
-
-async def _remove_dimms(sb: Sandbox, current: int, target: int) -> None:
-    queue = sb._require_queue()  # noqa: SLF001
-    dimms = await sb.hypervisor.execute("query-memory-devices")
-    sizes = {d["data"]["id"]: int(d["data"]["size"]) // MIB for d in dimms if d.get("type") == "dimm"}
-    for dev_id in sorted(sizes, key=lambda i: int(i[4:]) if i[4:].isdigit() else 0, reverse=True):
-        if current - sizes[dev_id] < target:
-            break
-        try:
-            await queue.unplug(dev_id)
-        except HotplugTimeout:
-            raise HotplugError(f"the guest did not release {dev_id}: its memory is in use (not movable?)") from None
-        current -= sizes[dev_id]
+    async def _remove_dimms(self, current: int, target: int) -> None:
+        sizes = self._dimms()
+        for dev_id in sorted(sizes, key=lambda i: int(i[4:]) if i[4:].isdigit() else 0, reverse=True):
+            if current - sizes[dev_id] < target:
+                break
+            try:
+                await self._queue.unplug(dev_id)
+            except HotplugError as exc:
+                raise HotplugError(f"the guest did not release {dev_id}: its memory is in use (not movable?): "
+                                   f"{exc}") from None  # fmt: skip
+            current -= sizes[dev_id]

@@ -11,28 +11,30 @@ Triggers come in two kinds:
   ``PROCESS_EXIT``, ``GUEST_PANICKED``, ``GUEST_READY``, ``FOUND_PAUSED``, ``FAULT``). Only these
   move a sandbox between running, paused and stopped. ``FOUND_PAUSED`` is what attaching to a
   detached sandbox learns from QEMU's ``query-status``.
-* *Requests* made by a caller (``PAUSE``, ``RESUME``, ``EXEC``, ``HOTPLUG``, ``START``, ``STOP``,
-  ``DETACH``).
-  ``PAUSE``, ``RESUME``, ``EXEC`` and ``HOTPLUG`` map a state to itself: they only ask "is this call legal now?"; the state changes when QEMU's
+* *Requests* made by a caller (``PAUSE``, ``RESUME``, ``EXEC``, ``HOTPLUG``, ``SNAPSHOT``, ``START``,
+  ``STOP``, ``DETACH``).
+  ``PAUSE``, ``RESUME``, ``EXEC``, ``HOTPLUG`` and ``SNAPSHOT`` map a state to itself: they only ask "is this call legal now?"; the state changes when QEMU's
   event arrives. ``START`` and ``STOP`` record the controller's intent (``STARTING``,
   ``STOPPING``) so that a process exit can be told apart from a crash. ``DETACH`` ends this
   controller's hold on a sandbox whose QEMU runs on (``DETACHED``).
 
-This module does no I/O, so it is tested without QEMU.
+It is also the one place that says what QEMU's news *means*: :func:`event_trigger` maps a QMP
+event to a trigger (judging ``SHUTDOWN`` reasons), :func:`status_trigger` maps a ``query-status``
+answer (attaching to a running QEMU), :func:`exit_triggers` a process exit. Waiting for a state
+and following transitions live beside it, in :mod:`vmctl.watcher`.
+
+This module does no I/O and imports no async library, so it is tested without QEMU.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-
-from vmctl.errors import IllegalTransition, SandboxFailed
+from vmctl.errors import IllegalTransition
 
 
 class SandboxState(enum.Enum):
@@ -60,6 +62,7 @@ class Trigger(enum.Enum):
     RESUME = "resume"
     EXEC = "exec"
     HOTPLUG = "hotplug"
+    SNAPSHOT = "snapshot"
     STOP = "stop"
     DETACH = "detach"
     # confirmations from QEMU, the guest or the process
@@ -101,6 +104,7 @@ TRANSITIONS: dict[SandboxState, dict[Trigger, SandboxState]] = {
         T.PAUSE: S.RUNNING,
         T.EXEC: S.RUNNING,
         T.HOTPLUG: S.RUNNING,
+        T.SNAPSHOT: S.RUNNING,
         T.QMP_STOP: S.PAUSED,
         T.QMP_RESUME: S.RUNNING,
         T.STOP: S.STOPPING,
@@ -112,6 +116,7 @@ TRANSITIONS: dict[SandboxState, dict[Trigger, SandboxState]] = {
     },
     S.PAUSED: {
         T.RESUME: S.PAUSED,
+        T.SNAPSHOT: S.PAUSED,  # paused is the natural state to save; the snapshot leaves it paused
         T.QMP_RESUME: S.RUNNING,
         T.QMP_STOP: S.PAUSED,
         T.STOP: S.STOPPING,
@@ -170,13 +175,11 @@ class Transition:
 
 
 class StateMachine:
-    """Holds the current state, applies the table, and wakes whoever waits on a change."""
+    """Holds the current state and applies the table; tells its listeners about every change."""
 
-    def __init__(self, on_transition: Callable[[Transition], None] | None = None) -> None:
+    def __init__(self) -> None:
         self._state = SandboxState.CREATED
-        self._changed: anyio.Event | None = None
-        self._subscribers: list[MemoryObjectSendStream[Transition]] = []
-        self._on_transition = on_transition
+        self._listeners: list[Callable[[Transition], None]] = []
         self.failure: str = ""
         #: the latest transitions (a long-lived sandbox pausing often must not grow without bound)
         self.history: deque[Transition] = deque(maxlen=HISTORY_LENGTH)
@@ -184,6 +187,10 @@ class StateMachine:
     @property
     def state(self) -> SandboxState:
         return self._state
+
+    def listen(self, listener: Callable[[Transition], None]) -> None:
+        """Call ``listener`` with every transition (in order of registration, synchronously)."""
+        self._listeners.append(listener)
 
     def allows(self, trigger: Trigger) -> bool:
         return trigger in TRANSITIONS[self._state]
@@ -205,65 +212,58 @@ class StateMachine:
         if new is SandboxState.FAILED and not self.failure:
             self.failure = reason or str(trigger)
         self.history.append(step)
-        if self._on_transition is not None:
-            self._on_transition(step)
-        for stream in list(self._subscribers):
-            try:
-                stream.send_nowait(step)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self._subscribers.remove(stream)
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        for listener in list(self._listeners):
+            listener(step)
         return step
 
     def fire_if_allowed(self, trigger: Trigger, reason: str = "") -> Transition | None:
-        """Apply an event from QEMU that may legitimately arrive late (ignored where illegal)."""
+        """Apply news from QEMU that may legitimately arrive late (ignored where illegal)."""
         if self.allows(trigger):
             return self.fire(trigger, reason)
         return None
 
-    async def wait_for(self, *targets: SandboxState) -> SandboxState:
-        """Wait until the state is one of ``targets``.
 
-        Raises :class:`SandboxFailed` as soon as none of ``targets`` can be reached any more, so
-        no waiter hangs on a sandbox that died.
-        """
-        wanted = frozenset(targets)
-        while True:
-            if self._state in wanted:
-                return self._state
-            if not (reachable_from(self._state) & wanted):
-                if self._state is SandboxState.FAILED:
-                    raise SandboxFailed(self.failure or "sandbox failed")
-                raise IllegalTransition(self._state, f"waiting for {'/'.join(map(str, targets))}")
-            if self._changed is None:
-                self._changed = anyio.Event()
-            await self._changed.wait()
+# -- what QEMU's news means ------------------------------------------------------------------
 
-    def transitions(self) -> AsyncIterator[Transition]:
-        """Every transition from the moment of this call (not of the first ``__anext__``);
-        ends after a terminal state."""
-        send, receive = anyio.create_memory_object_stream[Transition](math.inf)
-        if self._state in TERMINAL_STATES:
-            send.close()
-        else:
-            self._subscribers.append(send)
-        return self._follow(send, receive)
+_EVENT_TRIGGERS = {"STOP": Trigger.QMP_STOP, "RESUME": Trigger.QMP_RESUME}
+#: SHUTDOWN reasons that mean the sandbox failed (QEMU runs with reboot=shutdown, so a reset is a
+#: panic or a crash in practice); any other reason is a clean power-off.
+FAILED_SHUTDOWN_REASONS = {
+    "host-signal": "QEMU was stopped by a signal vmctl did not send",
+    "host-error": "QEMU stopped on a host error",
+    "guest-reset": "the guest reset (a kernel panic, or a reboot, which sandboxes do not do)",
+    "guest-panic": "guest kernel panicked",
+}
+#: query-status answers that mean "vCPUs stopped, guest intact" (an attach finds it PAUSED)
+PAUSED_STATUSES = frozenset({"paused", "suspended", "postmigrate", "finish-migrate", "prelaunch", "debug", "save-vm"})
 
-    async def _follow(
-        self, send: MemoryObjectSendStream[Transition], receive: MemoryObjectReceiveStream[Transition]
-    ) -> AsyncIterator[Transition]:
-        try:
-            async with receive:
-                async for step in receive:
-                    yield step
-                    if step.new in TERMINAL_STATES:
-                        return
-        finally:
-            if send in self._subscribers:
-                self._subscribers.remove(send)
-            send.close()
+
+def event_trigger(name: str, data: Mapping[str, Any]) -> tuple[Trigger, str] | None:
+    """What a QMP event means for the sandbox's state, and why; None for events that mean nothing here."""
+    if name == "SHUTDOWN":
+        why = str(data.get("reason", ""))
+        if why in FAILED_SHUTDOWN_REASONS:
+            return Trigger.FAULT, FAILED_SHUTDOWN_REASONS[why]
+        return Trigger.QMP_SHUTDOWN, f"shutdown: {why}"
+    if name == "GUEST_PANICKED":
+        return Trigger.GUEST_PANICKED, "guest kernel panicked"
+    trigger = _EVENT_TRIGGERS.get(name)
+    return (trigger, name.lower()) if trigger is not None else None
+
+
+def status_trigger(status: str) -> tuple[Trigger, str] | None:
+    """What QEMU's ``query-status`` says about a guest found running (attach); None: it is dead."""
+    if status == "running":
+        return Trigger.GUEST_READY, "attached: QEMU reports running"
+    if status in PAUSED_STATUSES:
+        return Trigger.FOUND_PAUSED, f"attached: QEMU reports {status}"
+    return None
+
+
+def exit_triggers(returncode: int, *, requested: bool) -> list[tuple[Trigger, str]]:
+    """What a QEMU process exit means: a stop vmctl asked for, or (otherwise) a failure."""
+    steps = [(Trigger.STOP, "stopped by vmctl")] if requested else []
+    return steps + [(Trigger.PROCESS_EXIT, f"QEMU exited with code {returncode}")]
 
 
 def state_diagram() -> str:

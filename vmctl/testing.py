@@ -31,10 +31,10 @@ import anyio
 from anyio.abc import SocketListener, SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from vmctl.agent import ExecResult, split_shell_words
+from vmctl.agent import ExecResult, split_shell_words, unb64
 from vmctl.config import SandboxConfig
-from vmctl.hypervisors.cmdline import build_command
-from vmctl.hypervisors.qemu import QemuHypervisor, VmProcess
+from vmctl.hypervisors.base import VmProcess
+from vmctl.hypervisors.qemu import QemuHypervisor
 
 ExecHandler = Callable[[list[bytes], bytes], "ExecResult | Awaitable[ExecResult]"]
 CommandHandler = Callable[[Mapping[str, Any]], Any]
@@ -114,8 +114,10 @@ class FakeQemu:
         self.received: list[dict[str, Any]] = []
         self.processes: list[FakeProcess] = []
 
-    def __call__(self, *args: Any) -> QemuHypervisor:
-        return _FakeHypervisor(self, *args)
+    def __call__(self, *args: Any, **kwargs: Any) -> QemuHypervisor:
+        hv = QemuHypervisor(*args, launcher=_FakeLauncher(self), **kwargs)
+        hv.name = "fake"
+        return hv
 
     @property
     def process(self) -> FakeProcess:
@@ -153,33 +155,29 @@ class FakeQemu:
         await self.process.console_write(data)
 
 
-class _FakeHypervisor(QemuHypervisor):
-    name = "fake"
+class _FakeLauncher:
+    """Plugs the fake into the real QEMU backend where a real QEMU process would start."""
 
-    def __init__(self, fake: FakeQemu, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, fake: FakeQemu) -> None:
         self._fake = fake
 
-    async def create(self) -> None:
-        self._effective = self.config.replace(accel="tcg", qemu_binary=Path(sys.executable))
-        self._argv = build_command(
-            self._effective, self.paths, self.sandbox_id, {"qmp": -1, "console": -1, "agent": -1}
-        )
+    async def resolve(self, config: SandboxConfig, log: Any) -> SandboxConfig:
+        return config.replace(accel="tcg", qemu_binary=Path(sys.executable))
 
-    async def _spawn(self, argv: list[str], listeners: Mapping[str, socket.socket]) -> VmProcess:
+    async def spawn(self, argv: list[str], listeners: Mapping[str, socket.socket], *, detached: bool,
+                    log_path: Path, tg: TaskGroup) -> VmProcess:  # fmt: skip
         process = FakeProcess(self._fake, {name: sock.dup() for name, sock in listeners.items()})
         for flag, value in zip(argv, argv[1:], strict=False):  # cold-plugged devices, as QEMU would see them
             if flag == "-device" and value.startswith("{"):
                 props = json.loads(value)
                 process.devices[str(props["id"])] = props
         self._fake.processes.append(process)
+        try:
+            await tg.start(process.serve)
+        except BaseException:
+            process.kill()  # not handed over yet: nobody else would reap it
+            raise
         return process
-
-    async def _launch(self, tg: TaskGroup) -> None:
-        process = self._process
-        assert isinstance(process, FakeProcess)
-        await tg.start(process.serve)
-        await super()._launch(tg)
 
 
 class FakeProcess:
@@ -208,6 +206,9 @@ class FakeProcess:
                 self._stderr_send.send_nowait(line)
             except (anyio.WouldBlock, anyio.ClosedResourceError):
                 pass
+
+    async def aclose(self) -> None:
+        pass
 
     async def wait(self) -> int:
         await self._exited.wait()
@@ -460,8 +461,8 @@ class FakeProcess:
         if op == "PING":
             await reply(f"PONG {request_id}")
         elif op == "EXEC":
-            argv = split_shell_words(_unb64(fields[4]))
-            outcome = self.fake.exec_handler(argv, _unb64(fields[3]))
+            argv = split_shell_words(unb64(fields[4]))
+            outcome = self.fake.exec_handler(argv, unb64(fields[3]))
             result = await outcome if inspect.isawaitable(outcome) else outcome
             assert isinstance(result, ExecResult)
             out, err = base64.b64encode(result.stdout).decode(), base64.b64encode(result.stderr).decode()
@@ -499,6 +500,3 @@ class FakeProcess:
         if self._console is not None:
             await self._console.send(data)
 
-
-def _unb64(field: str) -> bytes:
-    return base64.b64decode(field) if field and field != "-" else b""

@@ -1,24 +1,35 @@
 """The async hypervisor interface a :class:`~vmctl.Sandbox` drives.
 
-It mirrors the original layer's operations (create, start, wait ready, pause, resume, stop,
-disconnect, capabilities, effective config, console, vCPU thread ids) as coroutines. A
+It mirrors the original layer's operations (create, start, wait ready, pause, resume, save,
+stop, disconnect, capabilities, effective config, console, vCPU thread ids) as coroutines. A
 hypervisor never changes sandbox state: it reports what QEMU says through :class:`Events`
 and the sandbox's state machine decides.
+
+A hypervisor is configured once, by what it is given: the config, its run paths, a
+:class:`LaunchPlan` (boot, restore, clone or attach; which devices go on the command line) and
+a :class:`Launcher` that starts the process (QEMU itself, or a test double such as
+:class:`vmctl.testing.FakeQemu`). Nothing is set on it from outside afterwards.
 """
 
 from __future__ import annotations
 
+import enum
+import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from vmctl.agent import AgentClient
 from vmctl.config import SandboxConfig
+from vmctl.devices import Device, Placement
 from vmctl.qmp import QmpEvent
+
+#: a device on the command line: its id, its description and where it sits
+PlacedDevice = tuple[str, Device, Placement]
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class Capabilities:
     pause: bool = True
     vsock: bool = False
     templates: bool = True
+    snapshots: bool = True
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,34 @@ class RunPaths:
         return self.log_dir / "qemu.log"
 
 
+class Start(enum.Enum):
+    """Where the guest comes from."""
+
+    BOOT = "boot"  # a cold boot
+    CLONE = "clone"  # a VM template's device state, RAM mapped from its file
+    RESTORE = "restore"  # a snapshot's memory and device state
+    ATTACH = "attach"  # a QEMU that already runs (a detached sandbox)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How to bring the VM up. ``devices`` are the cold-plugged ones (ids and places worked out
+    once, see :func:`vmctl.hypervisors.cmdline.cold_devices`); ``restored`` are the devices a
+    snapshot's guest had hot-plugged, recreated on the command line at the same places."""
+
+    start: Start = Start.BOOT
+    incoming: Path | None = None  # RESTORE / CLONE: the saved state to load
+    attach_pid: int | None = None  # ATTACH: the running QEMU
+    detached: bool = False  # QEMU may outlive this controller
+    devices: Sequence[PlacedDevice] = ()
+    restored: Sequence[PlacedDevice] = ()
+
+    @property
+    def resumes_a_guest(self) -> bool:
+        """The guest's agent announced itself before this controller existed: ask it instead."""
+        return self.start is not Start.BOOT
+
+
 class Events(Protocol):
     """Where a hypervisor reports what happened; implemented by the sandbox."""
 
@@ -73,27 +113,45 @@ class Events(Protocol):
     def on_console_line(self, line: str) -> None: ...
 
 
+class VmProcess(Protocol):
+    """What the backend needs of a running QEMU (real or fake)."""
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def returncode(self) -> int | None: ...
+    async def wait(self) -> int: ...
+    def kill(self) -> None: ...
+    def stderr_lines(self) -> AsyncIterator[str]: ...
+    async def aclose(self) -> None: ...
+
+
+class Launcher(Protocol):
+    """Starts the process behind a hypervisor: the seam a test double plugs into."""
+
+    async def resolve(self, config: SandboxConfig, log: Any) -> SandboxConfig:
+        """The config as it will run: binary found, machine checked, accelerator resolved."""
+
+    async def spawn(self, argv: list[str], listeners: Mapping[str, socket.socket], *, detached: bool,
+                    log_path: Path, tg: TaskGroup) -> VmProcess:  # fmt: skip
+        """Start the process with the listening sockets; ``tg`` is the hypervisor's task group."""
+
+
 class Hypervisor(ABC):
     """One virtual machine's process, QMP session, console and agent channel."""
 
     name: str = "abstract"
 
-    def __init__(self, config: SandboxConfig, paths: RunPaths, sandbox_id: str, events: Events,
-                 logger: Any) -> None:  # fmt: skip
+    def __init__(self, config: SandboxConfig, paths: RunPaths, sandbox_id: str, events: Events, logger: Any, *,
+                 plan: LaunchPlan, agent: AgentClient, launcher: Launcher | None = None) -> None:  # fmt: skip
         self.config = config
         self.paths = paths
         self.sandbox_id = sandbox_id
         self.events = events
         self.log = logger
-        self.agent = AgentClient(paths.agent_socket)
-        #: a snapshot's device state to load instead of booting (set before ``create``)
-        self.incoming: Path | None = None
-        #: start QEMU so that it can outlive this process (no parent-death signal, stderr to its log)
-        self.detached = False
-        #: adopt this running QEMU instead of starting one (attaching to a detached sandbox)
-        self.attach_pid: int | None = None
-        #: leave the process running when ``run`` ends (a detached sandbox being let go)
-        self.keep_running = False
+        self.plan = plan
+        #: the guest agent's channel: this hypervisor connects it, the sandbox talks through it
+        self.agent = agent
 
     @abstractmethod
     async def create(self) -> None:
@@ -103,12 +161,13 @@ class Hypervisor(ABC):
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         """Launch, connect, pump events until cancelled; report started once QEMU runs the guest.
 
-        Whatever ends this task (cancellation, an error), the process is gone when it returns.
+        Whatever ends this task (cancellation, an error), the process is gone when it returns,
+        unless :meth:`close` asked to keep it running.
         """
 
     @abstractmethod
     async def wait_ready(self) -> None:
-        """Return once the guest agent reported ready."""
+        """Return once the guest agent reported ready (or, resuming a guest, answered)."""
 
     @abstractmethod
     async def pause(self) -> None: ...
@@ -117,12 +176,26 @@ class Hypervisor(ABC):
     async def resume(self) -> None: ...
 
     @abstractmethod
+    async def save_state(self, path: Path, *, skip_shared: bool) -> None:
+        """Save the paused VM's state to ``path`` (see ``capabilities().snapshots``); with
+        ``skip_shared`` (templates) RAM in a shared memory file is left out."""
+
+    @abstractmethod
+    async def query_status(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``shutdown``, ...)."""
+
+    @abstractmethod
     async def stop(self, *, graceful: bool, timeout: float) -> None:
         """Make the process exit: guest power-off first when ``graceful``, then ``quit``, then SIGKILL."""
 
     @abstractmethod
-    async def disconnect(self) -> None:
-        """Close QMP, console and agent connections (the process is not touched)."""
+    async def wait_exited(self) -> None:
+        """Return once the process has exited."""
+
+    @abstractmethod
+    async def close(self, *, keep_running: bool) -> None:
+        """Close QMP, console and agent connections and end the run task; the process is killed
+        unless ``keep_running`` (a detached sandbox being let go)."""
 
     @abstractmethod
     def capabilities(self) -> Capabilities: ...
@@ -152,4 +225,5 @@ class Hypervisor(ABC):
     def command_line(self) -> list[str]: ...
 
 
-Backend = Callable[[SandboxConfig, RunPaths, str, Events, Any], Hypervisor]
+Backend = Callable[..., Hypervisor]
+"""Makes a hypervisor: called as ``backend(config, paths, sandbox_id, events, logger, plan=..., agent=...)``."""

@@ -7,14 +7,13 @@ and connecting never races QEMU's start-up.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from vmctl import host
 from vmctl.config import SandboxConfig
-from vmctl.devices import BlockDevice, Device, NetworkDevice, Placement, SerialPort, id_prefix, stable_mac
-from vmctl.hypervisors.base import RunPaths
+from vmctl.devices import BlockDevice, Placement, id_prefix, with_defaults
+from vmctl.hypervisors.base import PlacedDevice, RunPaths
 
 AGENT_PORT_NAME = "org.vmctl.agent"
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -45,10 +44,14 @@ def opt(value: object) -> str:
 
 
 def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: Mapping[str, int],
-                  *, incoming: bool = False) -> list[str]:  # fmt: skip
+                  *, incoming: bool = False, devices: Sequence[PlacedDevice] | None = None,
+                  restored: Sequence[PlacedDevice] = ()) -> list[str]:  # fmt: skip
     """The full argv (binary first) for ``config``; ``fds`` maps qmp/console/agent to listening fds.
 
-    ``incoming``: QEMU waits for a saved state (a snapshot) instead of booting."""
+    ``incoming``: QEMU waits for a saved state (a snapshot) instead of booting. ``devices``: the
+    cold devices as :func:`cold_devices` places them (worked out here when not given).
+    ``restored``: devices a snapshot's guest had hot-plugged, recreated at their places so the
+    saved device state finds them."""
     assert config.qemu_binary is not None and config.accel in ("kvm", "tcg"), "resolve the config first"
     c = config
     pci = c.machine != "microvm"
@@ -88,7 +91,8 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
         argv += ["-object", "iothread,id=iothread0"]
     if pci and c.block_driver == "virtio-scsi" and not c.disable_block_devices:
         argv += ["-device", "virtio-scsi-pci,id=scsi0" + (",iothread=iothread0" if c.io_threads else "")]
-    for dev_id, device, where in cold_devices(c, paths, sandbox_id):
+    placed = cold_devices(c, paths, sandbox_id) if devices is None else devices
+    for dev_id, device, where in [*placed, *restored]:
         argv += device.cold_args(dev_id, c.device_context(), where)
     if c.vsock:
         argv += ["-device", f"vhost-vsock-{bus},id=vsock0,guest-cid={secrets.randbelow(2**31) + 3}"]
@@ -102,7 +106,7 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
 ROOT_DISK_ID = "root"
 
 
-def cold_devices(config: SandboxConfig, paths: RunPaths, sandbox_id: str) -> list[tuple[str, Device, Placement]]:
+def cold_devices(config: SandboxConfig, paths: RunPaths, sandbox_id: str) -> list[PlacedDevice]:
     """Ids and places of the config's devices, the same on every call (the sandbox's device
     table is filled from this too). PCI devices sit on the root bus, SCSI disks take targets
     from 0 up, serial ports without a socket get one in the run directory, NICs without a MAC
@@ -127,11 +131,7 @@ def cold_devices(config: SandboxConfig, paths: RunPaths, sandbox_id: str) -> lis
         if device.needs_slot(ctx) == "scsi":
             where = Placement(scsi_id=scsi)
             scsi += 1
-        if isinstance(device, SerialPort) and device.socket is None:
-            device = dataclasses.replace(device, socket=paths.run_dir / f"{dev_id}.sock")
-        if isinstance(device, NetworkDevice) and device.mac is None:
-            device = dataclasses.replace(device, mac=stable_mac(sandbox_id, dev_id))
-        out.append((dev_id, device, where))
+        out.append((dev_id, with_defaults(device, dev_id, sandbox_id, paths.run_dir), where))
     return out
 
 

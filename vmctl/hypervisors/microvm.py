@@ -23,4 +23,5 @@ class MicrovmHypervisor(QemuHypervisor):
             network_hotplug=False,
             vsock=self.effective_config().vsock,
             templates=False,
+            snapshots=True,
         )
