@@ -128,6 +128,8 @@ class SandboxConfig:
     debug: bool = False
     mem_prealloc: bool = False
     huge_pages: bool = False
+    #: guest RAM in shared memory (memfd), which vhost-user backends need to map it
+    shared_memory: bool = False
     mlock: bool = False
     disable_nesting_checks: bool = False
     # devices
@@ -272,7 +274,8 @@ class SandboxConfig:
         return DeviceContext(machine=self.machine, block_driver=self.block_driver, io_threads=self.io_threads,
                              cache_set=self.block_cache_set, cache_direct=self.block_cache_direct,
                              cache_noflush=self.block_cache_noflush,
-                             vhost_net=not self.disable_vhost_net and Path("/dev/vhost-net").exists())  # fmt: skip
+                             vhost_net=not self.disable_vhost_net and Path("/dev/vhost-net").exists(),
+                             shared_memory=self.shared_memory or self.huge_pages)  # fmt: skip
 
     @property
     def memory_hotplug_possible(self) -> bool:
@@ -553,3 +556,6 @@ def _check_templates(c: SandboxConfig, bad: Any) -> None:
             bad("devices_state_path", "required with boot_to_be_template: where the device state is saved")
     if (c.boot_to_be_template or c.boot_from_template) and c.huge_pages:
         bad("huge_pages", "templates keep guest memory in memory_path; huge pages cannot be combined")
+    if (c.boot_to_be_template or c.boot_from_template) and c.shared_memory:
+        bad("shared_memory", "templates keep guest memory in memory_path (a clone maps it privately); "
+                             "vhost-user devices cannot be combined with templates")  # fmt: skip

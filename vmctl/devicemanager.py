@@ -15,7 +15,16 @@ from typing import Any
 
 from vmctl.agent import AgentClient
 from vmctl.config import SandboxConfig
-from vmctl.devices import RESIZE_KINDS, BlockDevice, Device, NetworkDevice, id_prefix, with_defaults
+from vmctl.devices import (
+    RESIZE_KINDS,
+    BlockDevice,
+    Device,
+    NetworkDevice,
+    VhostUserBlockDevice,
+    VhostUserNetDevice,
+    id_prefix,
+    with_defaults,
+)
 from vmctl.errors import ConfigError, GuestError, HotplugError, HotplugTimeout, InvalidArgument, NotSupported
 from vmctl.hotplug import HotplugQueue, PluggedDevice, SlotAllocator, row_device
 from vmctl.hypervisors.base import Capabilities, Hypervisor, PlacedDevice
@@ -26,6 +35,28 @@ from vmctl.waiting import Failure, deadline
 
 GUEST_GRACE = 5.0  # the guest-side wait outlasts the caller's deadline by this much
 DEFAULT_GUEST_WAIT = 30.0
+
+# The disk behind a PCI function ($1), waited for up to $2 tenths of a second. A vhost-user disk
+# has no serial of its own (the backend answers one for all of them), but QEMU knows its address.
+_PCI_DISK = r"""
+n=0
+while [ "$n" -lt "$2" ]; do
+    for b in /sys/bus/pci/devices/$1/virtio*/block/*; do [ -e "$b" ] && { echo "${b##*/}"; exit 0; }; done
+    n=$((n + 1)); sleep 0.1
+done
+exit 1
+"""
+
+
+def _pci_address(devices: list[dict[str, Any]], dev_id: str) -> str | None:
+    """``query-pci``'s address of ``dev_id`` (the bus numbers the guest programmed)."""
+    for device in devices:
+        if device.get("qdev_id") == dev_id:
+            return f"0000:{device['bus']:02x}:{device['slot']:02x}.{device['function']:x}"
+        found = _pci_address((device.get("pci_bridge") or {}).get("devices") or [], dev_id)
+        if found:
+            return found
+    return None
 
 
 def disk_name(prefix: str, index: int) -> str:
@@ -99,14 +130,25 @@ class DeviceManager:
             if device.effective_driver(self.queue.ctx) == "virtio-scsi":
                 return "scsi", str(record.placement.scsi_id)
             return "virtio", record.id
-        if isinstance(device, NetworkDevice):
+        if isinstance(device, NetworkDevice | VhostUserNetDevice):
             return "net", str(device.mac)
+        if isinstance(device, VhostUserBlockDevice):
+            return "pci", record.id
         return None
 
     async def _guest_name(self, record: PluggedDevice, wait: float) -> str | None:
         key = self._guest_key(record)
         if key is None:
             return None
+        if key[0] == "pci":
+            address = None
+            for bus in await self._hv.execute("query-pci"):
+                address = address or _pci_address(bus.get("devices", []), record.id)
+            if address is None:
+                return None
+            result = await self._agent.exec(["sh", "-c", _PCI_DISK, "sh", address, str(int(wait * 10))],
+                                            timeout=wait + GUEST_GRACE)  # fmt: skip
+            return f"/dev/{result.text.strip()}" if result.ok and result.text.strip() else None
         found = await self._agent.wait_block_device(*key, timeout=wait)
         return found.removeprefix("/dev/") if found and key[0] == "net" else found
 

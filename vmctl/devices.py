@@ -123,6 +123,7 @@ class DeviceContext:
     cache_direct: bool = False
     cache_noflush: bool = False
     vhost_net: bool = False
+    shared_memory: bool = False
 
     @property
     def pci(self) -> bool:
@@ -343,6 +344,16 @@ class VfioDevice(Device):
         return _placed({"driver": "vfio-pci", "id": dev_id, "host": self.host_address}, where)
 
 
+def _vhost_user_problems(kind: str, socket: Path, ctx: DeviceContext) -> list[Problem]:
+    """A vhost-user backend maps guest RAM (it must be shared) and sits on PCI."""
+    out = _socket_problems(f"{kind}.socket", socket)
+    if not ctx.shared_memory:
+        out.append(Problem(kind, "the vhost-user backend must map guest memory: set shared_memory=True in the config"))
+    if not ctx.pci:
+        out.append(Problem(kind, "vhost-user devices need a PCI machine (q35 or pc)"))
+    return out
+
+
 def _socket_problems(field_name: str, path: Path) -> list[Problem]:
     try:
         if stat.S_ISSOCK(path.stat().st_mode):
@@ -361,7 +372,7 @@ class VhostUserBlockDevice(Device):
     id: str | None = None
 
     def problems(self, ctx: DeviceContext) -> list[Problem]:
-        return super().problems(ctx) + _socket_problems("vhost-user-block.socket", Path(self.socket))
+        return super().problems(ctx) + _vhost_user_problems(self.kind, Path(self.socket), ctx)
 
     def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
         return [Backend("chardev", {"id": f"{dev_id}-chr", "path": str(self.socket)}, f"{dev_id}-chr")]
@@ -380,7 +391,10 @@ class VhostUserNetDevice(Device):
     id: str | None = None
 
     def problems(self, ctx: DeviceContext) -> list[Problem]:
-        return super().problems(ctx) + _socket_problems("vhost-user-net.socket", Path(self.socket))
+        out = super().problems(ctx) + _vhost_user_problems(self.kind, Path(self.socket), ctx)
+        if self.mac is not None and not MAC_PATTERN.match(self.mac):
+            out.append(Problem("vhost-user-net.mac", f"{self.mac!r}: use six lower-case hex pairs like 52:54:00:12:34:56"))
+        return out
 
     def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
         return [
@@ -391,7 +405,8 @@ class VhostUserNetDevice(Device):
         ]
 
     def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
-        props: dict[str, Any] = {"driver": "virtio-net-pci", "id": dev_id, "netdev": f"{dev_id}-net"}
+        # vectors=0: with MSI-X vectors, QEMU 7.2 under TCG crashes as the guest starts a vhost-user NIC
+        props: dict[str, Any] = {"driver": "virtio-net-pci", "id": dev_id, "netdev": f"{dev_id}-net", "vectors": 0}
         if self.mac:
             props["mac"] = self.mac
         return _placed(props, where)
@@ -465,6 +480,8 @@ class DimmDevice(Device):
     kind: ClassVar[str] = "memory"
     size_mib: int = 128
     id: str | None = None
+    #: backed by shared memory (memfd), as all guest RAM must be when vhost-user backends map it
+    shared: bool = False
     #: where QEMU put it (recorded after the plug): a restore must put it at the same address
     addr: int | None = None
     slot: int | None = None
@@ -476,7 +493,9 @@ class DimmDevice(Device):
         return None
 
     def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
-        spec = {"qom-type": "memory-backend-ram", "id": f"{dev_id}-mem", "size": self.size_mib * MIB}
+        spec: dict[str, Any] = {"qom-type": "memory-backend-ram", "id": f"{dev_id}-mem", "size": self.size_mib * MIB}
+        if self.shared:
+            spec.update({"qom-type": "memory-backend-memfd", "share": True})
         return [Backend("object", spec, f"{dev_id}-mem")]
 
     def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
@@ -597,6 +616,6 @@ def with_defaults(device: Device, dev_id: str, sandbox_id: str, run_dir: Path) -
     MAC (stable per sandbox and device). Cold plug and hotplug both come through here."""
     if isinstance(device, SerialPort) and device.socket is None:
         return dataclasses.replace(device, socket=run_dir / f"{dev_id}.sock")
-    if isinstance(device, NetworkDevice) and device.mac is None:
+    if isinstance(device, NetworkDevice | VhostUserNetDevice) and device.mac is None:
         return dataclasses.replace(device, mac=stable_mac(sandbox_id, dev_id))
     return device

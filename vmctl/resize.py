@@ -151,13 +151,14 @@ class Resizer:
     async def _add_dimm(self, delta: int) -> None:
         before = (await self._agent.memory()).total_kib
         dev_id = self._queue.new_id("dimm")
-        record = await self._queue.plug(DimmDevice(size_mib=delta), dev_id)
+        shared = self._queue.ctx.shared_memory
+        record = await self._queue.plug(DimmDevice(size_mib=delta, shared=shared), dev_id)
         # a snapshot must recreate it at the same address (QEMU would accept another, and the
         # guest would then crash), so the table keeps where QEMU put it
         for info in await self._execute("query-memory-devices"):
             data = info.get("data", {})
             if info.get("type") == "dimm" and data.get("id") == dev_id:
-                record.device = DimmDevice(size_mib=delta, addr=int(data["addr"]), slot=int(data["slot"]))
+                record.device = DimmDevice(size_mib=delta, shared=shared, addr=int(data["addr"]), slot=int(data["slot"]))
         # onlining is the guest kernel's job, right after the ACPI ack: wait for it in the guest
         await self._agent.check_exec(["sh", "-c", _WAIT_MEMTOTAL, "sh", str(before + delta * 1024 * 3 // 4)])
 

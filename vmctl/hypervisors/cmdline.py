@@ -145,6 +145,8 @@ def _memory(c: SandboxConfig) -> list[str]:
         backend = f"memory-backend-file,id=mem0,size={size},mem-path={opt(c.memory_path)},share={share}"
     elif c.huge_pages:
         backend = f"memory-backend-file,id=mem0,size={size},mem-path=/dev/hugepages,share=on"
+    elif c.shared_memory:  # a vhost-user backend maps guest RAM: it must be shared (memfd leaves no file)
+        backend = f"memory-backend-memfd,id=mem0,size={size},share=on"
     else:
         backend = f"memory-backend-ram,id=mem0,size={size}"
     if c.mem_prealloc:
