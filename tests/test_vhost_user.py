@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from socket import AF_UNIX
@@ -25,6 +26,26 @@ import pytest
 from vmctl import ConfigError, Sandbox, SandboxConfig, SandboxState, VhostUserBlockDevice, VhostUserNetDevice
 
 pytestmark = pytest.mark.qemu
+@contextmanager
+def serving(process: subprocess.Popen[bytes], socket: Path, log: Path, *, limit: float) -> Iterator[None]:
+    """A backend process from when its socket exists (polled: an outside program gives no event)
+    until the block ends, when it is stopped."""
+    try:
+        deadline = time.monotonic() + limit
+        while not socket.exists():
+            assert process.poll() is None, f"{process.args[0]} did not start: {log.read_text(errors='replace')}"
+            assert time.monotonic() < deadline, f"{process.args[0]} did not create its socket"
+            time.sleep(0.05)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 needs_qsd = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="needs qemu-storage-daemon")
 needs_testpmd = pytest.mark.skipif(shutil.which("dpdk-testpmd") is None, reason="needs dpdk-testpmd (dpdk-dev)")
 
@@ -67,21 +88,8 @@ def vhost_user_disk(tmp_path: Path) -> Iterator[Backend]:
                          "writable=on"],  # fmt: skip
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )
-    backend = Backend(image, socket, process, log, host_mark)
-    try:
-        deadline = time.monotonic() + 10
-        while not socket.exists():
-            assert process.poll() is None, f"qemu-storage-daemon did not start: {backend.log_text()}"
-            assert time.monotonic() < deadline, "qemu-storage-daemon did not create its socket"
-            time.sleep(0.05)
-        yield backend
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with serving(process, socket, log, limit=10):
+        yield Backend(image, socket, process, log, host_mark)
 
 
 async def check_disk_in_guest(sb: Sandbox, disk: str, backend: Backend) -> None:
@@ -154,19 +162,9 @@ def vhost_user_switch(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[b
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while not socket.exists():
-            assert process.poll() is None, f"testpmd did not start: {log.read_text(errors='replace')}"
-            assert time.monotonic() < deadline, "testpmd did not create its socket"
-            time.sleep(0.05)
-        yield socket, process, log
+        with serving(process, socket, log, limit=20):
+            yield socket, process, log
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         for base in (Path("/var/run/dpdk"), Path(f"/run/user/{os.getuid()}/dpdk")):
             shutil.rmtree(base / prefix, ignore_errors=True)
 
