@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -213,7 +214,17 @@ class Phases:
         self.cpu: dict[str, float] = {}
         self.transitions: dict[str, int] = {}
         self.failures: dict[str, list[str]] = {"flat-out": [], "paced": []}  # round trips that timed out
+        self.gc_pause: dict[str, float] = {"setup": 0.0, "flat-out": 0.0, "paced": 0.0}
         self._started = (0.0, 0.0)
+        self._gc_start = 0.0
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        """The longest garbage collection per phase (a cause of loop stalls worth telling apart)."""
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc_pause[self.current] = max(self.gc_pause[self.current], time.perf_counter() - self._gc_start)
 
     def begin(self, name: str) -> None:
         self.current = name
@@ -242,10 +253,12 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
 
     from vmctl.qmp import QmpSession
     from vmctl.state import SandboxState, StateMachine, Trigger
+    from vmctl.watcher import StateWatcher
 
     rss_start, vsz_start = rss_kib(), vm_size_kib()
     sessions = [QmpSession(f"cp{i}") for i in range(n)]
     machines = [StateMachine() for _ in range(n)]
+    watchers = [StateWatcher(m) for m in machines]
     emitted = [0] * n
     started = time.perf_counter()
     async with anyio.create_task_group() as tg:
@@ -263,13 +276,13 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
                 machines[i].fire_if_allowed(trigger, event.name.lower())
 
     async def round_trip(i: int) -> None:  # what Sandbox.pause() then Sandbox.resume() do
-        session, machine = sessions[i], machines[i]
+        session, machine, watcher = sessions[i], machines[i], watchers[i]
         for trigger, command, target in ((Trigger.PAUSE, "stop", SandboxState.PAUSED),
                                          (Trigger.RESUME, "cont", SandboxState.RUNNING)):  # fmt: skip
             machine.check(trigger)
             with anyio.fail_after(60):
                 await session.execute(command)
-                await machine.wait_for(target)
+                await watcher.wait_for(target)
             phases.latencies[phases.current].append((now_ns() - emitted[i]) / 1e6)
 
     async def flat_out(i: int) -> None:
@@ -451,6 +464,7 @@ def result_record(name: str, n: int, connect_s: float, phases: Phases, rss_start
             "cpu_us_per_transition": phases.cpu["flat-out"] / max(1, len(flat)) * 1e6,
             "latency_ms": latency(flat),
             "max_stall_ms": phases.stall["flat-out"] * 1e3,
+            "max_gc_ms": phases.gc_pause["flat-out"] * 1e3,
             "timed_out": len(phases.failures["flat-out"]),
         },
         "paced": {
@@ -461,6 +475,7 @@ def result_record(name: str, n: int, connect_s: float, phases: Phases, rss_start
             "cpu_share": phases.cpu["paced"] / phases.elapsed["paced"],
             "latency_ms": latency(paced),
             "max_stall_ms": phases.stall["paced"] * 1e3,
+            "max_gc_ms": phases.gc_pause["paced"] * 1e3,
             "timed_out": len(phases.failures["paced"]),
         },
         "rss_kib": {"start": rss_start, "connected": rss_connected, "after_flat_out": rss_after},
@@ -521,11 +536,13 @@ def table(a: dict[str, Any], b: dict[str, Any]) -> str:
         ("flat out: event-to-waiter p50 (ms)", fa["latency_ms"]["p50"], fb["latency_ms"]["p50"], "{:.1f}", "lower"),
         ("flat out: event-to-waiter p99 (ms)", fa["latency_ms"]["p99"], fb["latency_ms"]["p99"], "{:.1f}", "lower"),
         ("flat out: longest stall (ms)", fa["max_stall_ms"], fb["max_stall_ms"], "{:.1f}", "lower"),
+        ("flat out: longest garbage collection (ms)", fa["max_gc_ms"], fb["max_gc_ms"], "{:.1f}", "lower"),
         ("flat out: sessions timed out (60 s)", fa["timed_out"], fb["timed_out"], "{:.0f}", "lower"),
         ("paced: transitions/s achieved", pa["transitions_per_s"], pb["transitions_per_s"], "{:,.0f}", "higher"),
         ("paced: event-to-waiter p50 (ms)", pa["latency_ms"]["p50"], pb["latency_ms"]["p50"], "{:.2f}", "lower"),
         ("paced: event-to-waiter p99 (ms)", pa["latency_ms"]["p99"], pb["latency_ms"]["p99"], "{:.2f}", "lower"),
         ("paced: longest stall (ms)", pa["max_stall_ms"], pb["max_stall_ms"], "{:.1f}", "lower"),
+        ("paced: longest garbage collection (ms)", pa["max_gc_ms"], pb["max_gc_ms"], "{:.1f}", "lower"),
         ("paced: sessions timed out (60 s)", pa["timed_out"], pb["timed_out"], "{:.0f}", "lower"),
         ("paced: controller CPU (cores)", pa["cpu_share"], pb["cpu_share"], "{:.2f}", "lower"),
         ("memory per session, RSS connected (KiB)", a["rss_per_session_kib"], b["rss_per_session_kib"], "{:.1f}",

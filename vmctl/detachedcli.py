@@ -6,14 +6,13 @@ import json
 import sys
 from typing import Any
 
-import anyio
-
 from vmctl import detached
 from vmctl.agent import ExecResult
 from vmctl.config import SandboxConfig
 from vmctl.errors import SandboxBusy, SandboxNotFound, VmctlError
 from vmctl.qmp import QmpSession
 from vmctl.sandbox import Sandbox
+from vmctl.waiting import deadline
 
 PROBE_TIMEOUT = 5.0
 
@@ -36,11 +35,11 @@ async def probe(record: detached.Record) -> str:
         return f"{record.last_state} (attached)"
     session = QmpSession(f"vmctl-ps-{record.id}")
     try:
-        with anyio.fail_after(PROBE_TIMEOUT):
+        with deadline(PROBE_TIMEOUT, "asking QEMU for its state"):
             await session.connect(record.paths.qmp_socket)
             reply = await session.execute("query-status")
         return str(reply.get("status", "unknown"))
-    except (VmctlError, TimeoutError) as exc:
+    except VmctlError as exc:
         return f"unknown ({exc})"
     finally:
         await session.close()

@@ -81,7 +81,7 @@ class Trigger(enum.Enum):
 
 S = SandboxState
 T = Trigger
-HISTORY_LENGTH = 1000
+HISTORY_LENGTH = 100  # enough to read what happened; a thousand sandboxes keep 100k, not 1M
 
 #: state -> trigger -> next state. Everything not listed is illegal.
 TRANSITIONS: dict[SandboxState, dict[Trigger, SandboxState]] = {

@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Callable
 import anyio
 
 from vmctl.errors import IllegalTransition, SandboxFailed
-from vmctl.state import HISTORY_LENGTH, TERMINAL_STATES, SandboxState, StateMachine, Transition, reachable_from
+from vmctl.state import TERMINAL_STATES, SandboxState, StateMachine, Transition, reachable_from
+
+STREAM_BUFFER = 1000
 
 
 class TransitionStream(AsyncIterator[Transition]):
@@ -101,7 +103,7 @@ class StateWatcher:
                 self._changed = anyio.Event()
             await self._changed.wait()
 
-    def transitions(self, *, buffer: int = HISTORY_LENGTH) -> TransitionStream:
+    def transitions(self, *, buffer: int = STREAM_BUFFER) -> TransitionStream:
         """Every transition from the moment of this call (not of the first ``__anext__``)."""
         stream = TransitionStream(self, buffer)
         if self._machine.state in TERMINAL_STATES:
