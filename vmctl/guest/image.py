@@ -323,8 +323,8 @@ def _needed_mib(tree: Path) -> tuple[int, int]:
                 blocks += 1
     data = blocks * 4096 * 1.08  # extent and directory overhead
     inodes = _inode_count(files) * 256
-    journal = 32 * MIB
-    return int((data + inodes + journal) / MIB) + 16, files
+    journal = (4 if data < 100 * MIB else 16 if data < 900 * MIB else 64) * MIB  # mke2fs's defaults, rounded up
+    return int((data + inodes + journal) / MIB) + 4, files
 
 
 def _inode_count(files: int) -> int:
