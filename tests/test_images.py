@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -182,7 +181,7 @@ def test_fleet_accepts_overlays_and_refuses_real_sharing(assets: guest.GuestAsse
 async def test_two_sandboxes_share_one_base_through_overlays(assets: guest.GuestAssets, busybox_root: Path,
                                                              tmp_path: Path) -> None:  # fmt: skip
     data = tmp_path / "data.img"
-    subprocess.run(["mke2fs", "-q", "-t", "ext4", str(data), "16M"], check=True)
+    await anyio.run_process(["mke2fs", "-q", "-t", "ext4", str(data), "16M"])
     before = {p: sha256(p) for p in (busybox_root, data)}
     config = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, image=busybox_root, image_overlay=True,
                            memory_mib=256, devices=[BlockDevice(path=data, overlay=True, id="data")])  # fmt: skip
@@ -255,3 +254,13 @@ async def test_snapshot_keeps_what_was_written_to_an_overlay_disk(assets: guest.
             assert (await restored.exec(["cat", "/root/note"], check=True)).text == "kept\n"
             await restored.exec(["sh", "-c", "echo changed > /root/note && sync"], check=True)
     assert sha256(busybox_root) == before
+
+
+def test_cli_image_build_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vmctl.cli import main
+
+    (tmp_path / "root" / "etc").mkdir(parents=True)
+    assert main(["guest", "build", "--debian"]) == 2  # an image source without --image
+    assert "add --image" in capsys.readouterr().err
+    assert main(["guest", "build", "--image", "--from-dir", str(tmp_path / "root")]) == 1
+    assert "no /bin/sh" in capsys.readouterr().err
