@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from vmctl import detachedcli, host
 from vmctl.config import SandboxConfig
 from vmctl.errors import ConfigError, VmctlError
-from vmctl.guest import ensure_default_assets
+from vmctl.guest import ImageProgress, build_image, ensure_default_assets
+from vmctl.guest.image import DEFAULT_SUITE, describe
 from vmctl.log import configure
 from vmctl.sandbox import Sandbox
 from vmctl.state import state_diagram
@@ -31,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     b = gsub.add_parser("build", help="build (or reuse) the default guest kernel and initramfs")
     b.add_argument("--rebuild", action="store_true", help="build again even if the cache has it")
     b.add_argument("--image", action="store_true", help="also build an ext4 root filesystem image")
+    b.add_argument("--debian", action="store_true", help="with --image: a Debian minbase root made by mmdebstrap")
+    b.add_argument("--packages", default="", help="with --debian: packages to add, comma-separated (python3,git)")
+    b.add_argument("--suite", default=DEFAULT_SUITE, help=f"with --debian: the Debian suite (default {DEFAULT_SUITE})")
+    b.add_argument("--mirror", default=None, help="with --debian: a mirror URL or sources file (default: the host's)")
+    b.add_argument("--from-tar", type=Path, default=None, metavar="ROOTFS.tar",
+                   help="with --image: a root filesystem tarball (e.g. from docker export)")  # fmt: skip
+    b.add_argument("--from-dir", type=Path, default=None, metavar="DIR", help="with --image: a root filesystem directory")
+    b.add_argument("--size", type=int, default=None, metavar="MiB", help="image size (default: content + margin)")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
 
     d = sub.add_parser("doctor", help="report what this host offers")
@@ -67,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _guest_build(args: argparse.Namespace) -> int:
+    if args.debian or args.from_tar is not None or args.from_dir is not None:
+        return await _image_build(args)
+    if args.packages or args.size is not None:
+        print("vmctl guest build: --packages and --size go with --image --debian / --from-tar / --from-dir",
+              file=sys.stderr)  # fmt: skip
+        return 2
     assets = await ensure_default_assets(rebuild=args.rebuild, image=args.image)
     if args.json:
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(assets).items()}))
@@ -75,6 +92,37 @@ async def _guest_build(args: argparse.Namespace) -> int:
         print(f"initrd  {assets.initrd}  ({len(assets.modules)} modules, {assets.initrd.stat().st_size // 1024} KiB)")
         if assets.image is not None:
             print(f"image   {assets.image}  (ext4, boot it with the initrd above)")
+    return 0
+
+
+async def _image_build(args: argparse.Namespace) -> int:
+    """A root filesystem image with real software, with live progress on stderr (rich)."""
+    if not args.image:
+        print("vmctl guest build: --debian, --from-tar and --from-dir build an image: add --image", file=sys.stderr)
+        return 2
+    packages = [p.strip() for p in args.packages.split(",") if p.strip()]
+    console = Console(stderr=True)
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[step]:<9}"), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:  # fmt: skip
+        task = bar.add_task("the default guest (kernel, initramfs)", step="guest")
+        assets = await ensure_default_assets(rebuild=args.rebuild)  # the kernel and initramfs that boot it
+
+        def show(event: ImageProgress) -> None:
+            bar.update(task, description=event.message[:100], step=event.step)
+            if not console.is_terminal and event.message:
+                console.print(f"{event.step}: {event.message}", highlight=False)
+
+        built = await build_image(debian=args.debian, from_tar=args.from_tar, from_dir=args.from_dir,
+                                  packages=packages, suite=args.suite, mirror=args.mirror, size_mib=args.size,
+                                  rebuild=args.rebuild, progress=show)  # fmt: skip
+    if args.json:
+        print(json.dumps({**describe(built), "kernel": str(assets.kernel), "initrd": str(assets.initrd)}))
+    else:
+        how = "from the cache" if built.cached else f"built in {built.build_seconds:.1f} s"
+        print(f"image   {built.image}  ({built.source}, {built.size_bytes // (1024 * 1024)} MiB, {how})")
+        print(f"kernel  {assets.kernel}")
+        print(f"initrd  {assets.initrd}")
+        print("boot it with all three: SandboxConfig(kernel=..., initrd=..., image=..., image_overlay=True)")
     return 0
 
 

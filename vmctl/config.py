@@ -103,6 +103,8 @@ class SandboxConfig:
     kernel: Path = None  # type: ignore[assignment]
     initrd: Path | None = None
     image: Path | None = None
+    #: the image is a read-only base under a per-sandbox qcow2 overlay (see BlockDevice.overlay)
+    image_overlay: bool = False
     firmware: Path | None = None
     qemu_binary: Path | None = None
     # machine
@@ -307,6 +309,8 @@ def _validate(c: SandboxConfig) -> list[Problem]:
     if isinstance(c.initrd, Path) and c.image is not None and not initrd_switches_root(c.initrd):
         bad("image", "set initrd or image, not both (only vmctl's default initramfs may come with an image: "
                      "it loads the disk drivers and switches to the image)")  # fmt: skip
+    if c.image_overlay is True and c.image is None:
+        bad("image_overlay", "puts the image under a per-sandbox overlay: set image too")
     if c.image is not None and c.disable_block_devices:
         bad("disable_block_devices", "an image root filesystem needs block devices; unset one of them")
     if c.accel not in get_args(Accel):

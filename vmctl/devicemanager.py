@@ -184,6 +184,9 @@ class DeviceManager:
                    "vsock": caps.network_hotplug, "serial": True}.get(device.kind, caps.network_hotplug)  # fmt: skip
         if not allowed:
             raise NotSupported(f"this sandbox cannot hotplug {device.kind} devices (see capabilities())")
+        if isinstance(device, BlockDevice) and device.overlay:
+            raise NotSupported("overlay disks are cold-plugged only: put it in SandboxConfig(devices=[...]), "
+                               "or hotplug a disk without overlay=True")  # fmt: skip
         problems = device.problems(self.queue.ctx)
         if problems:
             raise ConfigError(problems)

@@ -186,7 +186,12 @@ def _placed(props: dict[str, Any], where: Placement) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class BlockDevice(Device):
-    """A disk image file. The guest sees it as /dev/vdX (virtio-blk) or /dev/sdX (virtio-scsi)."""
+    """A disk image file. The guest sees it as /dev/vdX (virtio-blk) or /dev/sdX (virtio-scsi).
+
+    With ``overlay=True`` the image is a read-only base under a per-sandbox qcow2 overlay that
+    takes the guest's writes (QEMU's backing chain): many sandboxes can share one base. The
+    overlay lives in the sandbox's run directory and goes with it, unless ``overlay_file`` names
+    where to keep it (an existing one is used again: the disk as that sandbox left it)."""
 
     kind: ClassVar[str] = "block"
     path: Path = field(default=Path())
@@ -195,9 +200,13 @@ class BlockDevice(Device):
     driver: BlockDriver | None = None
     format: ImageFormat | None = None
     io_thread: bool | None = None
+    overlay: bool = False
+    overlay_file: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", expand_path(self.path).absolute())
+        if isinstance(self.overlay_file, str | os.PathLike):
+            object.__setattr__(self, "overlay_file", expand_path(self.overlay_file).absolute())
 
     def problems(self, ctx: DeviceContext) -> list[Problem]:
         out = super().problems(ctx)
@@ -208,6 +217,16 @@ class BlockDevice(Device):
             return out
         if self.format is not None and self.format not in get_args(ImageFormat):
             out.append(Problem("block.format", f"{self.format!r}: use one of {', '.join(get_args(ImageFormat))}"))
+        if self.overlay and self.read_only:
+            out.append(Problem("block.overlay", "an overlay takes a disk's writes; a read_only disk needs none: "
+                                                "set one of them"))  # fmt: skip
+        if self.overlay_file is not None:
+            if not self.overlay:
+                out.append(Problem("block.overlay_file", "names where an overlay is kept: set overlay=True too"))
+            elif not probe(self.overlay_file.parent, "dir"):
+                out.append(Problem("block.overlay_file", f"directory {self.overlay_file.parent} does not exist"))
+            elif self.overlay_file == self.path:
+                out.append(Problem("block.overlay_file", "must not be the base image itself"))
         driver = self.driver or ctx.block_driver
         if driver == "virtio-mmio" and ctx.pci:
             out.append(Problem("block.driver", "virtio-mmio needs machine='microvm'"))
@@ -228,16 +247,29 @@ class BlockDevice(Device):
         return self.format or "raw"
 
     def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
-        file_node: dict[str, Any] = {"driver": "file", "filename": str(self.path), "node-name": f"{dev_id}-file",
-                                     "read-only": self.read_only}  # fmt: skip
-        fmt: dict[str, Any] = {"driver": self.image_format(), "file": f"{dev_id}-file", "node-name": f"{dev_id}-fmt",
-                               "read-only": self.read_only}  # fmt: skip
-        if fmt["driver"] == "qcow2":
-            fmt["backing"] = None  # a qcow2 never opens a backing file named inside the image
+        """The file and format nodes; with an overlay, the base's two (read-only) first, then the
+        overlay's, whose ``backing`` is the base's node: QEMU never follows a backing file name
+        written inside an image, and the base is never opened for writing."""
+        if not self.overlay:
+            return self._nodes(dev_id, self.path, self.image_format(), ctx, read_only=self.read_only)
+        assert self.overlay_file is not None, "the sandbox fills in the overlay file (with_defaults)"
+        base = self._nodes(f"{dev_id}-base", self.path, self.image_format(), ctx, read_only=True)
+        top = self._nodes(dev_id, self.overlay_file, "qcow2", ctx, read_only=False, backing=f"{dev_id}-base-fmt")
+        return base + top
+
+    @staticmethod
+    def _nodes(name: str, path: Path, fmt_driver: str, ctx: DeviceContext, *, read_only: bool,
+               backing: str | None = None) -> list[Backend]:  # fmt: skip
+        file_node: dict[str, Any] = {"driver": "file", "filename": str(path), "node-name": f"{name}-file",
+                                     "read-only": read_only}  # fmt: skip
+        fmt: dict[str, Any] = {"driver": fmt_driver, "file": f"{name}-file", "node-name": f"{name}-fmt",
+                               "read-only": read_only}  # fmt: skip
+        if fmt_driver == "qcow2":
+            fmt["backing"] = backing  # a qcow2 never opens a backing file named inside the image
         if ctx.cache_set:
             cache = {"direct": ctx.cache_direct, "no-flush": ctx.cache_noflush}
             file_node["cache"] = fmt["cache"] = cache
-        return [Backend("blockdev", file_node, f"{dev_id}-file"), Backend("blockdev", fmt, f"{dev_id}-fmt")]
+        return [Backend("blockdev", file_node, f"{name}-file"), Backend("blockdev", fmt, f"{name}-fmt")]
 
     def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
         driver = self.effective_driver(ctx)
@@ -612,10 +644,12 @@ def id_prefix(device: Device) -> str:
 
 
 def with_defaults(device: Device, dev_id: str, sandbox_id: str, run_dir: Path) -> Device:
-    """Fill what a device leaves to vmctl: a serial port's socket (in the run directory), a NIC's
-    MAC (stable per sandbox and device). Cold plug and hotplug both come through here."""
+    """Fill what a device leaves to vmctl: a serial port's socket and a disk's overlay (in the run
+    directory), a NIC's MAC (stable per sandbox and device). Cold plug and hotplug both come through here."""
     if isinstance(device, SerialPort) and device.socket is None:
         return dataclasses.replace(device, socket=run_dir / f"{dev_id}.sock")
     if isinstance(device, NetworkDevice | VhostUserNetDevice) and device.mac is None:
         return dataclasses.replace(device, mac=stable_mac(sandbox_id, dev_id))
+    if isinstance(device, BlockDevice) and device.overlay and device.overlay_file is None:
+        return dataclasses.replace(device, overlay_file=run_dir / f"{dev_id}.overlay.qcow2")
     return device

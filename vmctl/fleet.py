@@ -74,17 +74,28 @@ class Member:
 
 
 def refuse_shared_writable_disks(configs: list[SandboxConfig]) -> None:
-    """Members opening one image read-write would be refused by QEMU's locks (or corrupt it)."""
-    seen: dict[str, int] = {}
+    """Members opening one image read-write would be refused by QEMU's locks (or corrupt it).
+
+    Overlay disks share only their base, read-only; each member writes its own overlay, so they
+    are accepted. A kept ``overlay_file`` named by more than one member is a shared writable disk,
+    and so is a base that another member opens read-write."""
+    writers: dict[str, int] = {}
+    bases: set[str] = set()
     for config in configs:
-        paths = [str(config.image)] if config.image else []
-        paths += [str(d.path) for d in config.devices if isinstance(d, BlockDevice) and not d.read_only]
-        for path in paths:
-            seen[path] = seen.get(path, 0) + 1
-    shared = sorted(p for p, n in seen.items() if n > 1)
+        disks = [BlockDevice(path=config.image, overlay=config.image_overlay)] if config.image else []
+        disks += [d for d in config.devices if isinstance(d, BlockDevice) and not d.read_only]
+        for disk in disks:
+            if disk.overlay:
+                bases.add(str(disk.path))
+                if disk.overlay_file is None:
+                    continue
+            path = str(disk.overlay_file if disk.overlay else disk.path)
+            writers[path] = writers.get(path, 0) + 1
+    shared = sorted(p for p, n in writers.items() if n > 1 or p in bases)
     if shared:
         raise FleetError(f"members would share writable disks {shared}: give each its own copy, "
-                         "or mark data disks read_only")  # fmt: skip
+                         "mark data disks read_only, or use overlays (image_overlay=True, "
+                         "BlockDevice(overlay=True)) over a shared read-only base")  # fmt: skip
 
 
 class Fleet:

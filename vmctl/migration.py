@@ -8,6 +8,11 @@ leaves nothing that looks like a snapshot.
 
 A VM template keeps guest RAM in its memory file and its device state beside a record of its
 config; a clone whose config differs is refused (naming each field), never cold-booted instead.
+
+Overlay disks (copy-on-write over a read-only base) are part of what a guest is: a snapshot keeps
+each overlay in ``overlays/<id>.qcow2``, a template next to its state file
+(``<state>.<id>.qcow2``), and a restore or a clone starts from a copy of its own. They are copied
+after the VM's state is saved, while QEMU has the disks flushed and inactive.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmctl import overlays
 from vmctl.config import SandboxConfig
 from vmctl.errors import ConfigError, InvalidArgument, Problem, QMPError
 from vmctl.hotplug import PluggedDevice, row_device
@@ -27,6 +33,7 @@ from vmctl.paths import remove_tree
 
 SNAPSHOT_STATE = "state"
 SNAPSHOT_RECORD = "sandbox.json"
+SNAPSHOT_OVERLAYS = "overlays"
 SNAPSHOT_VERSION = 1
 _TEMPLATE_FIELDS = ("boot_to_be_template", "boot_from_template", "memory_path", "devices_state_path", "accel")
 
@@ -42,6 +49,10 @@ class Snapshot:
     @property
     def state(self) -> Path:
         return self.directory / SNAPSHOT_STATE
+
+    def overlay(self, dev_id: str) -> Path:
+        """Where this snapshot keeps the overlay of disk ``dev_id``."""
+        return self.directory / SNAPSHOT_OVERLAYS / f"{dev_id}.qcow2"
 
     def restored_devices(self) -> list[PlacedDevice]:
         out = []
@@ -71,6 +82,7 @@ async def write_snapshot(hv: Hypervisor, target: Path, *, sandbox_id: str, confi
             if type(exc) is not QMPError:  # a command error or a lost connection says enough
                 raise
             raise QMPError(f"snapshot to {target} failed: {exc}") from exc
+        await overlays.save(((d.id, d.device) for d in devices), lambda i: partial / SNAPSHOT_OVERLAYS / f"{i}.qcow2")
         record = {"vmctl_snapshot": SNAPSHOT_VERSION, "sandbox_id": sandbox_id, "config": config.to_mapping(),
                   "devices": [d.to_row() for d in devices if d.hotplugged and d.device is not None]}  # fmt: skip
         (partial / SNAPSHOT_RECORD).write_text(json.dumps(record, indent=2))
@@ -107,8 +119,17 @@ def _template_identity(config: SandboxConfig) -> dict[str, Any]:
     return {k: v for k, v in config.to_mapping().items() if k not in _TEMPLATE_FIELDS}
 
 
-def write_template_record(config: SandboxConfig) -> None:
+def template_overlay(config: SandboxConfig, dev_id: str) -> Path:
+    """Where a template keeps the overlay of disk ``dev_id`` (next to its device state)."""
     assert config.devices_state_path is not None
+    state = config.devices_state_path
+    return state.with_name(f"{state.name}.{dev_id}.qcow2")
+
+
+async def write_template_record(config: SandboxConfig, devices: Sequence[PluggedDevice] = ()) -> None:
+    """The template's config record and its overlay disks (after its state was saved)."""
+    assert config.devices_state_path is not None
+    await overlays.save(((d.id, d.device) for d in devices), lambda i: template_overlay(config, i))
     _template_record(config.devices_state_path).write_text(json.dumps(_template_identity(config)))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vmctl import detached as registry
-from vmctl import migration
+from vmctl import migration, overlays
 from vmctl.agent import AgentClient
 from vmctl.config import SandboxConfig
 from vmctl.devicemanager import DeviceManager
@@ -63,6 +63,8 @@ class Origin:
         if config.boot_from_template:
             migration.check_template_matches(config)
         cold = cold_devices(config, paths, self.sandbox_id)  # worked out once: command line and table alike
+        if self.snapshot is not None or config.boot_from_template:
+            cold = overlays.in_run_dir(cold, paths.run_dir)  # a copy of their own, made by prepare_disks
         if self.record is not None:
             return LaunchPlan(Start.ATTACH, attach_pid=self.record.pid, detached=True, devices=cold)
         if self.snapshot is not None:
@@ -71,6 +73,19 @@ class Origin:
         if config.boot_from_template:
             return LaunchPlan(Start.CLONE, incoming=config.devices_state_path, detached=self.detached, devices=cold)
         return LaunchPlan(Start.BOOT, detached=self.detached, devices=cold)
+
+    async def prepare_disks(self, plan: LaunchPlan) -> None:
+        """Make the overlay disks' overlays before QEMU opens them: empty on a boot, copies of
+        the snapshot's or the template's on a restore or a clone (an attach finds them in use)."""
+        if plan.start is Start.ATTACH:
+            return
+        snapshot, config = self.snapshot, self.config
+        if snapshot is not None:
+            await overlays.prepare(plan.devices, source=snapshot.overlay)
+        elif plan.start is Start.CLONE:
+            await overlays.prepare(plan.devices, source=lambda dev_id: migration.template_overlay(config, dev_id))
+        else:
+            await overlays.prepare(plan.devices)
 
     async def adopt(self, hv: Hypervisor, agent: AgentClient, devices: DeviceManager) -> tuple[Trigger, str] | None:
         """Rebuild what a sandbox not booted here had: an attached one's run state and devices

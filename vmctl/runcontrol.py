@@ -76,10 +76,12 @@ class RunControl:
             except VmctlError as exc:
                 self._log.warning("could not resume after the snapshot", error=str(exc))
 
-    async def become_template(self, config: SandboxConfig, timeout: float | None) -> None:
-        """Boot-to-be-template: pause at the ready point and save the device state for clones."""
+    async def become_template(self, config: SandboxConfig, devices: Sequence[PluggedDevice],
+                              timeout: float | None) -> None:  # fmt: skip
+        """Boot-to-be-template: pause at the ready point and save the device state for clones
+        (and the overlay disks, which clones start from)."""
         assert config.devices_state_path is not None
         await self.pause(timeout)
         await self._hv.save_state(config.devices_state_path, skip_shared=True)
-        migration.write_template_record(config)
+        await migration.write_template_record(config, devices)
         self._log.info("template saved", devices_state=str(config.devices_state_path))

@@ -244,7 +244,7 @@ class Sandbox:
                 confirmation = await self._launch(self._tg)
             self._machine.fire(*confirmation)
             if self._config.boot_to_be_template:
-                await self._live().control.become_template(self._config, DEFAULT_CALL_TIMEOUT)
+                await self._live().control.become_template(self._config, self.devices, DEFAULT_CALL_TIMEOUT)
             if self.detached:
                 self._save_record()
         except BaseException as exc:
@@ -261,6 +261,7 @@ class Sandbox:
         """Everything a start does before the guest is confirmed: run dir, plan, QEMU, devices."""
         paths = self._origin.claim_paths()
         plan = self._origin.plan(paths)
+        await self._origin.prepare_disks(plan)
         agent = self._events.agent = AgentClient(paths.agent_socket)
         self._hv = hv = self._backend(self._config, paths, self.id, self._events, self.log, plan=plan, agent=agent)
         if self._config.boot_to_be_template and not hv.capabilities().templates:

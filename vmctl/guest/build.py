@@ -112,6 +112,27 @@ def _guest_file(name: str) -> bytes:
     return resources.files("vmctl.guest").joinpath("files", name).read_bytes()
 
 
+#: Where vmctl's own files go in an image built from another root filesystem (see guest_payload)
+PAYLOAD_DIR = "usr/lib/vmctl"
+
+
+def guest_payload() -> list[tuple[str, bytes, int]]:
+    """What vmctl adds to a root filesystem it did not make (``vmctl.guest.build_image``): the
+    init (``/init``, where the initramfs switches to), the agent and a static busybox, as
+    ``(path in the image, content, permission bits)``. Busybox goes to ``/usr/lib/vmctl`` so the
+    distribution's own ``/bin`` stays as it is; the init finds it there and puts its applets
+    last on ``PATH``, to fill gaps only. The one place that says what the guest side is made of."""
+    if not BUSYBOX.is_file():
+        raise HostError("building the guest needs a static busybox: apt-get install busybox-static")
+    busybox = BUSYBOX.read_bytes()
+    _require_static(busybox)
+    return [
+        ("init", _guest_file("init"), 0o755),
+        ("sbin/vmctl-agent", _guest_file("vmctl-agent"), 0o755),
+        (f"{PAYLOAD_DIR}/busybox", busybox, 0o755),
+    ]
+
+
 async def ensure_default_assets(*, rebuild: bool = False, image: bool = False) -> GuestAssets:
     """Return the default guest, building it first if the cache has no build for these inputs.
 

@@ -118,7 +118,7 @@ def cold_devices(config: SandboxConfig, paths: RunPaths, sandbox_id: str) -> lis
     out = []
     listed = list(config.devices)
     if config.image is not None:  # the root disk comes first, so the guest names it vda / sda
-        listed.insert(0, BlockDevice(path=config.image, id=ROOT_DISK_ID))
+        listed.insert(0, BlockDevice(path=config.image, id=ROOT_DISK_ID, overlay=config.image_overlay))
     for device in listed:
         dev_id = device.id
         while dev_id is None or (dev_id in used and device.id is None):
