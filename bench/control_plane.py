@@ -246,7 +246,8 @@ def paced_period(n: int, rate: float) -> float:
     return 2 * n / rate
 
 
-async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, seconds: float) -> dict[str, Any]:
+async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, seconds: float,
+                           freeze: bool = False) -> dict[str, Any]:  # fmt: skip
     import random
 
     import anyio
@@ -315,6 +316,9 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
     for machine in machines:
         machine.fire(Trigger.START)
         machine.fire(Trigger.GUEST_READY)
+    if freeze:  # what an application can do once its long-lived objects exist (see the README)
+        gc.collect()
+        gc.freeze()
     rss_connected = rss_kib()
     async with anyio.create_task_group() as background:
         for i in range(n):
@@ -337,7 +341,8 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
     threads = threading.active_count()
     for session in sessions:
         await session.close()
-    return result_record("vmctl (1 loop, QmpSession)", n, connect_s, phases, rss_start, rss_connected, rss_after,
+    name = "vmctl, gc.freeze() after start-up" if freeze else "vmctl (1 loop, QmpSession)"
+    return result_record(name, n, connect_s, phases, rss_start, rss_connected, rss_after,
                          vsz_start, vm_size_kib(), threads)  # fmt: skip
 
 
@@ -493,10 +498,10 @@ def result_record(name: str, n: int, connect_s: float, phases: Phases, rss_start
 def controller_main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.CRITICAL)
     options = (args.dir, args.sandboxes, args.rounds, args.paced_rate, args.paced_seconds)
-    if args.role == "vmctl":
+    if args.role in ("vmctl", "vmctl-frozen"):
         import anyio
 
-        record = anyio.run(vmctl_controller, *options)
+        record = anyio.run(vmctl_controller, *options, args.role == "vmctl-frozen")
     else:
         record = legacy_controller(*options)
     print(json.dumps(record), flush=True)
@@ -570,7 +575,10 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=2, help="peer processes hosting the fake QMP servers")
     parser.add_argument("--noise-interval", type=float, default=1.0, help="seconds between RTC_CHANGE per VM")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--role", choices=["main", "peer", "vmctl", "legacy"], default="main", help=argparse.SUPPRESS)
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="also run vmctl with gc.freeze() after start-up and compare the two")
+    parser.add_argument("--role", choices=["main", "peer", "vmctl", "vmctl-frozen", "legacy"], default="main",
+                        help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
@@ -579,7 +587,7 @@ def main() -> None:
     if args.role == "peer":
         asyncio.run(run_peer(args.dir, args.first, args.count, args.noise_interval))
         return
-    if args.role in ("vmctl", "legacy"):
+    if args.role in ("vmctl", "vmctl-frozen", "legacy"):
         controller_main(args)
         return
     needed = args.sandboxes * 5 + 100  # the baseline's threads each hold an event loop (epoll + self-pipe)
@@ -595,6 +603,9 @@ def main() -> None:
         print(f"vmctl done (load average {vmctl['loadavg'][0]:.1f})", flush=True)
         baseline = run_controller("legacy", args, directory)
         print(f"baseline done (load average {baseline['loadavg'][0]:.1f})", flush=True)
+        frozen = run_controller("vmctl-frozen", args, directory) if args.gc_freeze else None
+        if frozen is not None:
+            print(f"vmctl with gc.freeze() done (load average {frozen['loadavg'][0]:.1f})", flush=True)
     finally:
         for peer in peers:
             assert peer.stdin is not None
@@ -608,6 +619,9 @@ def main() -> None:
         shutil.rmtree(directory, ignore_errors=True)
     print()
     print(table(vmctl, baseline))
+    if frozen is not None:
+        print()
+        print(table(vmctl, frozen).replace("baseline / vmctl", "frozen / plain"))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = args.out / f"control-plane-{stamp}.json"
@@ -630,6 +644,7 @@ def main() -> None:
         },
         "vmctl": vmctl,
         "baseline": baseline,
+        "vmctl_gc_frozen": frozen,
     }
     path.write_text(json.dumps(record, indent=2))
     print(f"\nwrote {path}")

@@ -16,6 +16,20 @@ import structlog
 LEVEL_ENV = "VMCTL_LOG_LEVEL"
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written, not when a logger was made: test
+    runners and daemons swap it, and a logger must not keep writing to a closed one."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+STDERR: Any = _Stderr()
+
+
 def get_logger(name: str, **bound: Any) -> Any:
     """The application's structlog setup if it has one; else warnings and errors on stderr.
 
@@ -25,7 +39,7 @@ def get_logger(name: str, **bound: Any) -> Any:
         return structlog.get_logger(name).bind(**bound)
     level = logging.getLevelName(os.environ.get(LEVEL_ENV, "warning").upper())
     return structlog.wrap_logger(
-        structlog.PrintLogger(sys.stderr),
+        structlog.PrintLogger(STDERR),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
@@ -49,6 +63,6 @@ def configure(*, json: bool = False, level: str = "warning") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(STDERR),
         cache_logger_on_first_use=False,
     )
