@@ -47,7 +47,7 @@ __all__ = ["AgentClient", "Channel", "ExecResult", "GuestBlockDevice", "GuestCom
 
 TIMEOUT_GRACE = 5.0
 #: Output credit per stream a request starts with (and the unit in which credit is granted back).
-WINDOW = 256 * 1024
+WINDOW = 1024 * 1024
 #: Output a process may have buffered unread in the controller before the guest is made to wait
 #: (``sb.process``), and the most an ``exec`` collects before it kills the command.
 DEFAULT_OUTPUT_LIMIT = 64 * 1024 * 1024
@@ -525,12 +525,14 @@ class AgentClient:
     async def ping(self) -> None:
         await self.request(T.PING)
 
-    async def exec(self, argv: Argv, *, stdin: bytes = b"", timeout: float | None = None, env: Env = None,
+    async def exec(self, argv: Argv, *, stdin: bytes | str = b"", timeout: float | None = None, env: Env = None,
                    cwd: str | os.PathLike[str] | None = None,
                    output_limit: int = DEFAULT_OUTPUT_LIMIT) -> ExecResult:  # fmt: skip
-        """Run ``argv`` in the guest; ``timeout`` kills it there (result has ``timed_out``).
-        Output over ``output_limit`` kills it too and raises :class:`OutputLimitExceeded`."""
+        """Run ``argv`` in the guest, ``env`` added to its environment, in ``cwd``: exit code, stdout,
+        stderr. ``timeout`` kills it there (result has ``timed_out``); output over ``output_limit``
+        kills it too and raises :class:`OutputLimitExceeded`."""
         args = encode_argv(argv)
+        stdin = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
         spawn = proto.spawn_payload(args, encode_env(env), encode_path(cwd, "cwd"),
                                     0 if timeout is None else max(1, math.ceil(timeout * 1000)), WINDOW)  # fmt: skip
         check_timeout(timeout)
