@@ -411,7 +411,7 @@ class Sandbox:
         return ProcessContext(lambda: self._start_process(argv, **options))
 
     @requires(Trigger.EXEC)
-    async def _start_process(self, argv: Argv, **options: Any) -> GuestProcess:
+    async def _start_process(self, /, argv: Argv, **options: Any) -> GuestProcess:
         return await self._guest_call(guestproc.start(self._live().agent, argv, guard=self._guest_call, **options))
 
     @requires(Trigger.EXEC)
