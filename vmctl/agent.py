@@ -315,17 +315,20 @@ class Channel:
     def take(self, stream: int, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` of what ``stream`` buffered (may be empty)."""
         chunks = self._chunks[stream]
-        if not chunks:
-            return b""
-        first = chunks.popleft()
-        if len(first) > max_bytes:
-            chunks.appendleft(first[max_bytes:])
-            first = first[:max_bytes]
-        self._buffered[stream] -= len(first)
+        parts: list[bytes] = []
+        size = 0
+        while chunks and size < max_bytes:
+            first = chunks.popleft()
+            if size + len(first) > max_bytes:
+                chunks.appendleft(first[max_bytes - size:])
+                first = first[:max_bytes - size]
+            parts.append(first)
+            size += len(first)
+        self._buffered[stream] -= size
         self._grant(stream)
         if self.limit is not None:
             self._grant(3 - stream)  # room again for the other stream's owed credit
-        return first
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def take_all(self, stream: int) -> bytes:
         data = b"".join(self._chunks[stream])
