@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import gc
 import json
 import os
@@ -53,13 +52,13 @@ import anyio
 from plain import PlainVm, plain_vm  # noqa: E402  (bench/ is run as scripts)
 
 from vmctl import Param, Sandbox, SandboxConfig, guest, host
+from vmctl import agentproto as proto
 from vmctl.fleet import Fleet, FleetEvent, FleetEventKind
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 MODES = ("plain-seq", "plain-threads", "vmctl-cold", "vmctl-clone")
 EXEC_TIMEOUT = 120.0
-TRUE_WORDS = base64.b64encode(b"'true'").decode()  # the agent's argv field: shell-quoted, base64
 
 
 # -- measurements ---------------------------------------------------------------------------------
@@ -126,11 +125,18 @@ def qemu_pids_under(marker: str) -> list[int]:
 
 async def plain_first_exec(vm: PlainVm) -> None:
     """`true` through the agent protocol by hand (what vmctl's exec sends)."""
-    vm.agent_writer.write(f"EXEC 1 0 - {TRUE_WORDS}\n".encode())
+    spawn = proto.spawn_payload([b"true"], {}, b"", 0, 1 << 20)
+    vm.agent_writer.write(proto.pack(proto.T.SPAWN, 1, spawn) + proto.pack(proto.T.EOF, 1))
     await vm.agent_writer.drain()
-    reply = (await vm.agent_reader.readline()).split()
-    if reply[:4] != [b"R", b"1", b"0", b"0"]:
-        raise RuntimeError(f"unexpected agent reply to exec true: {reply!r}")
+    while True:  # STARTED, EOF x2, then EXIT
+        length, kind, _, _ = proto.unpack_header(await vm.agent_reader.readexactly(proto.HEADER_SIZE))
+        payload = await vm.agent_reader.readexactly(length)
+        if kind == proto.T.EXIT:
+            if proto.parse_exit(payload) != (0, False):
+                raise RuntimeError(f"unexpected exit of exec true: {payload!r}")
+            return
+        if kind == proto.T.ERROR:
+            raise RuntimeError(f"the agent refused exec true: {payload!r}")
 
 
 async def plain_sequential(config: SandboxConfig, n: int, boot_timeout: float) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from qemu.qmp import EventListener, QMPClient
 
 from vmctl import SandboxConfig, host
+from vmctl import agentproto as proto
 from vmctl.hypervisors.base import RunPaths
 from vmctl.hypervisors.cmdline import build_command
 
@@ -34,7 +35,9 @@ class PlainVm:
 
 
 @asynccontextmanager
-async def plain_vm(config: SandboxConfig) -> AsyncIterator[PlainVm]:
+async def plain_vm(config: SandboxConfig, *, legacy: bool = False) -> AsyncIterator[PlainVm]:
+    """A VM started the plain way. ``legacy``: the guest runs the old shell agent (line protocol);
+    otherwise the C agent's framed protocol (vmctl/agentproto.py)."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
     paths = RunPaths(run_dir, run_dir)
     resolved = config.replace(accel="tcg", qemu_binary=host.find_qemu(config.qemu_binary))
@@ -57,12 +60,18 @@ async def plain_vm(config: SandboxConfig) -> AsyncIterator[PlainVm]:
         await qmp.connect(str(paths.qmp_socket))
         reader, writer = await asyncio.open_unix_connection(str(paths.agent_socket))
         await qmp.execute("cont")
-        line = await reader.readline()
-        if not line.startswith(b"READY"):
-            raise RuntimeError(f"expected the agent's READY line, got {line!r}")
+        if legacy:
+            line = await reader.readline()
+            if not line.startswith(b"READY"):
+                raise RuntimeError(f"expected the agent's READY line, got {line!r}")
+        else:
+            length, kind, _, _ = proto.unpack_header(await reader.readexactly(proto.HEADER_SIZE))
+            await reader.readexactly(length)
+            if kind != proto.T.READY:
+                raise RuntimeError(f"expected the agent's READY frame, got type {kind:#x}")
         ready = True
         yield PlainVm(qmp, reader, writer, time.perf_counter() - started, proc)
-        writer.write(b"POWEROFF 0\n")
+        writer.write(b"POWEROFF 0\n" if legacy else proto.pack(proto.T.POWEROFF, 1))
         await writer.drain()
         await asyncio.to_thread(proc.wait, 30)
     except Exception as exc:
@@ -109,11 +118,13 @@ async def plain_disk_add(vm: PlainVm, disk: Path, dev: str, request_id: str) -> 
     await vm.qmp.execute("blockdev-add", {"driver": "raw", "file": f"{dev}-file", "node-name": f"{dev}-fmt"})
     await vm.qmp.execute("device_add", {"driver": "virtio-blk-pci", "id": dev, "drive": f"{dev}-fmt",
                                         "serial": dev, "bus": "rp0"})  # fmt: skip
-    vm.agent_writer.write(f"WAITDEV {request_id} virtio {dev} 300\n".encode())
+    rid = int.from_bytes(request_id.encode()[:8].ljust(8, b"\0"), "little")
+    vm.agent_writer.write(proto.pack(proto.T.WAITDEV, rid, proto.u32(300) + b"virtio\0" + dev.encode()))
     await vm.agent_writer.drain()
-    line = await vm.agent_reader.readline()
-    if not line.startswith(f"R {request_id} 0 ".encode()):
-        raise PlainVmError(f"the guest did not show disk {dev}: {line!r}")
+    length, kind, _, got = proto.unpack_header(await vm.agent_reader.readexactly(proto.HEADER_SIZE))
+    payload = await vm.agent_reader.readexactly(length)
+    if kind != proto.T.RESULT or got != rid or payload[:1] != b"\1":
+        raise PlainVmError(f"the guest did not show disk {dev}: type {kind:#x} {payload!r}")
 
 
 async def plain_disk_remove(vm: PlainVm, dev: str, deleted: EventListener) -> None:

@@ -249,15 +249,20 @@ async def test_guest_ignoring_the_unplug_request_times_out_and_keeps_the_slot(
 
 @pytest.mark.qemu
 async def test_hung_guest_agent_gives_a_timeout_and_stop_still_works(make_config: MakeConfig) -> None:
-    """The agent's main loop is SIGSTOPped inside the guest (the exec that does it is answered by
-    the agent's separate writer). An exec with a timeout raises VmctlTimeout naming the command;
+    """The agent is SIGSTOPped inside the guest (by a background child of an exec, once that exec
+    was answered; the test waits until pings go unanswered). An exec with a timeout raises VmctlTimeout naming the command;
     one without a timeout waits until stop() ends the sandbox and then gets a GuestError; stop()
     falls back from the agent's power-off to QMP quit within its timeout."""
     callers = Callers()
     async with Sandbox(make_config()) as sb:
         agent = sb.hypervisor.agent
-        # $PPID is the agent subshell running this request; field 4 of its stat is the agent's main loop
-        await sb.exec(["sh", "-c", "kill -STOP $(cut -d' ' -f4 /proc/$PPID/stat)"], check=True)
+        # $PPID is the agent; the background child stops it after the exec's answer went out
+        await sb.exec(["sh", "-c", "(sleep 0.2; kill -STOP $PPID) </dev/null >/dev/null 2>&1 &"], check=True)
+        while True:
+            with anyio.move_on_after(1) as scope:
+                await agent.ping()
+            if scope.cancelled_caught:
+                break
         with pytest.raises(VmctlTimeout, match="did not answer exec .*echo.* within 1s"):
             await sb.exec(["echo", "hello"], timeout=1)
         assert agent.pending == 0 and sb.state is S.RUNNING

@@ -7,7 +7,6 @@ another exception, never a hang (every network case is bounded), never a leaked 
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
@@ -30,9 +29,28 @@ from hypothesis import strategies as st
 from tests.conftest import assert_no_stray_tasks, socket_fd_count
 from vmctl import Sandbox, SandboxConfig, SandboxState
 from vmctl import agent as agent_module
-from vmctl.agent import AgentClient, ExecResult, GuestError, parse_block_devices, parse_cpu_list, parse_memory
+from vmctl import agentproto as proto
+from vmctl.agent import (
+    GUEST_FRAMES,
+    AgentClient,
+    ExecResult,
+    GuestError,
+    parse_block_devices,
+    parse_cpu_list,
+    parse_memory,
+)
+from vmctl.agentproto import T
 from vmctl.devices import DEVICE_TYPES
-from vmctl.errors import ConfigError, QMPDisconnected, QMPError, SandboxFailed, VmctlError, VmctlTimeout
+from vmctl.errors import (
+    ConfigError,
+    GuestDisconnected,
+    OutputLimitExceeded,
+    QMPDisconnected,
+    QMPError,
+    SandboxFailed,
+    VmctlError,
+    VmctlTimeout,
+)
 from vmctl.fleetspec import FLEET_FIELDS, FleetSpec, load_fleet_spec
 from vmctl.hypervisors.base import RunPaths
 from vmctl.hypervisors.cmdline import build_command
@@ -371,12 +389,12 @@ def test_unreadable_fleet_spec_files_are_config_errors(tmp_path: Path) -> None:
             SandboxConfig.from_toml(path)
 
 
-# -- guest-agent replies ---------------------------------------------------------------------
+# -- guest-agent frames ----------------------------------------------------------------------
 
 
 @asynccontextmanager
-async def agent_peer(respond: Callable[[SocketStream, str], Awaitable[None]]) -> AsyncIterator[AgentClient]:
-    """An AgentClient connected to a fake agent that reads one request line and calls
+async def agent_peer(respond: Callable[[SocketStream, int], Awaitable[None]]) -> AsyncIterator[AgentClient]:
+    """An AgentClient connected to a fake agent that reads one request frame and calls
     ``respond(stream, request_id)``; the fake closes the connection when ``respond`` returns."""
     with short_dir() as directory:
         path = directory / "agent.sock"
@@ -385,8 +403,9 @@ async def agent_peer(respond: Callable[[SocketStream, str], Awaitable[None]]) ->
         async def serve() -> None:
             async with listener, await listener.accept() as stream:
                 reader = BufferedByteReceiveStream(stream)
-                request = await reader.receive_until(b"\n", 1 << 20)
-                await respond(stream, request.decode().split(" ")[1])
+                length, _, _, request_id = proto.unpack_header(await reader.receive_exactly(proto.HEADER_SIZE))
+                await reader.receive_exactly(length)
+                await respond(stream, request_id)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(serve)
@@ -398,34 +417,39 @@ async def agent_peer(respond: Callable[[SocketStream, str], Awaitable[None]]) ->
                 tg.cancel_scope.cancel()
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode() if data else "-"
-
-
-reply_parts = st.tuples(
-    st.sampled_from(["R", "OK", "PONG", "ERR", "READY", "r", "", "\x00"]),
-    st.sampled_from(["{id}", "{id}", "999", "", "{id}{id}", "-1", "x" * 300]),
-    st.sampled_from(["0", "1", "-1", "x", "99999999999999999999999", "", "0x1", "١"]),
-    st.sampled_from(["0", "1", "x", ""]),
-    st.sampled_from(["-", b64(b"out"), "!!!", "", "QUJD=", "QUJ", "=" * 8, "\u00e9"]),
-    st.sampled_from(["-", b64(b"err"), "%%", ""]),
-    st.sampled_from([(), ("extra",), ("a", "b")]),
-)
-garbage_line = st.one_of(
-    st.builds(lambda p: " ".join([*p[:6], *p[6]]).encode(), reply_parts),
-    st.binary(max_size=200).filter(lambda b: b"\n" not in b),
+THEIRS = 0x7FFF_FFFF_0000_0001  # an id of nobody's request
+frame_parts = st.tuples(
+    st.sampled_from([*map(int, proto.T), 0, 0x3F, 0x7F, 0xFF]),
+    st.sampled_from([0, 1, 2, 3, 255]),
+    st.sampled_from(["mine", "mine", "theirs", 0]),
+    st.one_of(st.binary(max_size=40), st.sampled_from([b"", proto.i32(0) + b"\0", proto.i32(7) + b"\1",
+                                                        proto.u32(5), b"\xff" * 5])),
+)  # fmt: skip
+hostile = st.one_of(
+    st.builds(lambda p: ("frame", p), frame_parts),
+    st.builds(lambda b: ("raw", b), st.binary(min_size=1, max_size=60)),
 )
 
 
-@settings(max_examples=60, deadline=None)
-@given(lines=st.lists(garbage_line, min_size=1, max_size=4))
-def test_garbage_agent_replies_give_a_result_or_a_guest_error(lines: list[bytes]) -> None:
-    """The fake agent answers an exec with garbage lines and hangs up: the caller gets a result
-    (if a line happens to be a well-formed reply to it) or a GuestError, at once."""
+def render(item: tuple[str, Any], request_id: int) -> bytes:
+    kind, value = item
+    if kind == "raw":
+        return bytes(value)
+    frame_type, stream, who, payload = value
+    rid = request_id if who == "mine" else THEIRS if who == "theirs" else 0
+    return proto.HEADER.pack(len(payload), frame_type, stream, 0, rid) + payload
+
+
+@settings(max_examples=80, deadline=None)
+@given(items=st.lists(hostile, min_size=1, max_size=6))
+def test_hostile_agent_frames_give_a_result_or_a_guest_error(items: list[tuple[str, Any]]) -> None:
+    """The fake agent answers an exec with hostile frames (any type, stream, id and payload, or
+    raw garbage) and hangs up: the caller gets a result (if the frames happen to make one) or a
+    GuestError, at once."""
 
     async def main() -> None:
-        async def respond(stream: SocketStream, request_id: str) -> None:
-            await stream.send(b"".join(line.replace(b"{id}", request_id.encode()) + b"\n" for line in lines))
+        async def respond(stream: SocketStream, request_id: int) -> None:
+            await stream.send(b"".join(render(item, request_id) for item in items))
 
         async with agent_peer(respond) as client:
             with anyio.fail_after(5):
@@ -442,16 +466,16 @@ def test_garbage_agent_replies_give_a_result_or_a_guest_error(lines: list[bytes]
 
 
 @settings(max_examples=40, deadline=None)
-@given(lines=st.lists(garbage_line, max_size=4), code=st.integers(0, 255), out=st.binary(max_size=100))
-def test_replies_for_other_requests_do_not_disturb_a_pending_one(lines: list[bytes], code: int, out: bytes) -> None:
+@given(items=st.lists(frame_parts, max_size=4), code=st.integers(-300, 300), out=st.binary(max_size=100))
+def test_frames_for_other_requests_do_not_disturb_a_pending_one(items: list[Any], code: int, out: bytes) -> None:
     async def main() -> None:
-        async def respond(stream: SocketStream, request_id: str) -> None:
-            for line in lines:  # garbage for other ids (never READY, which means the agent restarted)
-                line = line.replace(b"{id}", b"9999")
-                fields = line.split(b" ")
-                if fields[0] != b"READY" and (len(fields) < 2 or fields[1] != request_id.encode()):
-                    await stream.send(line + b"\n")
-            await stream.send(f"R {request_id} {code} 0 {b64(out)} -\n".encode())
+        async def respond(stream: SocketStream, request_id: int) -> None:
+            for frame_type, stream_no, _, payload in items:  # well-formed frames of known types, for another id
+                if frame_type in GUEST_FRAMES and stream_no <= 2:
+                    await stream.send(proto.pack(frame_type, THEIRS, payload, stream_no))
+            await stream.send(proto.pack(T.DATA, request_id, out, 1) + proto.pack(T.EOF, request_id, b"", 1)
+                              + proto.pack(T.EOF, request_id, b"", 2)
+                              + proto.pack(T.EXIT, request_id, proto.i32(code) + b"\0"))  # fmt: skip
             await anyio.sleep_forever()
 
         async with agent_peer(respond) as client:
@@ -463,37 +487,60 @@ def test_replies_for_other_requests_do_not_disturb_a_pending_one(lines: list[byt
     anyio.run(main)
 
 
-async def test_an_endless_agent_line_is_a_guest_error() -> None:
-    async def respond(stream: SocketStream, request_id: str) -> None:
-        chunk = b"x" * (1 << 20)
-        for _ in range(65):  # one line longer than the 64 MiB the client accepts
+async def test_a_huge_frame_is_a_guest_error_at_once() -> None:
+    """A header announcing more than the 1 MiB limit fails the connection without reading on."""
+
+    async def respond(stream: SocketStream, request_id: int) -> None:
+        await stream.send(proto.HEADER.pack(proto.MAX_PAYLOAD + 1, T.DATA, 1, 0, request_id))
+        await anyio.sleep_forever()
+
+    async with agent_peer(respond) as client:
+        with anyio.fail_after(5), pytest.raises(GuestError, match="broke the protocol.*limit"):
+            await client.exec(["true"])
+        assert client.pending == 0
+        with pytest.raises(GuestError, match="broke the protocol"):
+            await client.ping()  # the connection stays failed
+    await assert_no_stray_tasks()
+
+
+async def test_an_endless_stream_of_output_is_an_output_limit_error() -> None:
+    """A guest that sends output without end (ignoring credit) cannot fill the controller."""
+
+    async def respond(stream: SocketStream, request_id: int) -> None:
+        chunk = proto.pack(T.DATA, request_id, b"x" * proto.CHUNK, 1)
+        for _ in range(80):
             await stream.send(chunk)
         await anyio.sleep_forever()
 
     async with agent_peer(respond) as client:
-        with anyio.fail_after(20), pytest.raises(GuestError, match="longer than 64 MiB"):
-            await client.exec(["true"])
+        with anyio.fail_after(20), pytest.raises(OutputLimitExceeded, match="output limit"):
+            await client.exec(["true"], output_limit=4 * 1024 * 1024)
         assert client.pending == 0
     await assert_no_stray_tasks()
 
 
 @pytest.mark.parametrize(
-    ("reply", "match"),
+    ("frames", "match"),
     [
-        ("R {id} 0 0 !!notbase64!! -", "malformed reply"),
-        ("R {id} 0 0 QUJ -", "malformed reply"),
-        ("R {id} zero 0 - -", "malformed reply"),
-        ("R {id} 0", "malformed reply"),
-        ("ERR {id} no such request", "refused"),
-        ("PONG {id}", "malformed reply"),
-        ("READY other-boot\nREADY again", "restarted"),
+        ([(0x7F, 0, b"")], "unknown type 0x7f"),
+        ([(T.DATA, 7, b"x")], "stream 7"),
+        ([(T.EXIT, 0, b"\0\0\0")], "malformed frame.*EXIT"),
+        ([(T.ERROR, 0, b"\1")], "malformed frame.*errno"),
+        ([(T.CREDIT, 0, b"12345")], "malformed frame.*CREDIT"),
+        ([(T.ERROR, 0, proto.i32(2) + b"/x: No such file or directory")], "No such file"),
+        ([(T.SPAWN, 0, b"")], "unknown type 0x02"),
+        ([(T.CREDIT, 1, proto.u32(5))], "unexpected frame"),
+        ([(T.READY, 0, proto.u32(1) + b"b1"), (T.READY, 0, proto.u32(1) + b"b2")], "restarted"),
+        ([(T.READY, 5, b"")], "malformed READY"),
     ],
 )
-async def test_malformed_agent_replies_are_guest_errors(reply: str, match: str) -> None:
-    async def respond(stream: SocketStream, request_id: str) -> None:
-        if reply.startswith("READY"):
-            await stream.send(b"READY first-boot\n")
-        await stream.send(reply.replace("{id}", request_id).encode() + b"\n")
+async def test_malformed_agent_frames_are_guest_errors(frames: list[tuple[int, int, bytes]], match: str) -> None:
+    async def respond(stream: SocketStream, request_id: int) -> None:
+        for frame_type, stream_no, payload in frames:
+            rid = 0 if frame_type == T.READY and payload else request_id
+            if frame_type == T.READY and not payload:
+                rid = 5
+            await stream.send(proto.pack(frame_type, rid, payload, stream_no))
         await anyio.sleep_forever()
 
     async with agent_peer(respond) as client:
@@ -502,11 +549,21 @@ async def test_malformed_agent_replies_are_guest_errors(reply: str, match: str) 
         assert client.pending == 0
 
 
+async def test_truncated_frame_then_hang_up_is_a_disconnect() -> None:
+    async def respond(stream: SocketStream, request_id: int) -> None:
+        await stream.send(proto.pack(T.EXIT, request_id, proto.i32(0) + b"\0")[:10])
+
+    async with agent_peer(respond) as client:
+        with anyio.fail_after(5), pytest.raises(GuestDisconnected):
+            await client.exec(["true"])
+        assert client.pending == 0
+
+
 async def test_a_reply_under_the_wrong_id_is_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent_module, "TIMEOUT_GRACE", 0.05)
 
-    async def respond(stream: SocketStream, request_id: str) -> None:
-        await stream.send(f"R {request_id}0 0 0 - -\n".encode())
+    async def respond(stream: SocketStream, request_id: int) -> None:
+        await stream.send(proto.pack(T.EXIT, request_id + 1, proto.i32(0) + b"\0"))
         await anyio.sleep_forever()
 
     async with agent_peer(respond) as client:

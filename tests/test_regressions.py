@@ -260,30 +260,36 @@ async def test_l_each_waiter_gets_its_own_exception(make_config) -> None:
 
 @pytest.mark.timeout(180)
 async def test_m1_agent_answers_every_unknown_request(make_config) -> None:
-    """The agent protocol (guest/files/vmctl-agent) promises an answer per request; an unknown op
-    gets `ERR id unknown request`. Not reachable through Sandbox (vmctl only sends ops the agent
-    knows, and holds the agent socket), so this speaks the protocol itself on a detached
+    """The agent protocol (vmctl/agentproto.py) promises an answer per request; an unknown frame
+    type gets an ERROR frame for its id. Not reachable through Sandbox (vmctl only sends requests
+    the agent knows, and holds the agent socket), so this speaks the protocol itself on a detached
     sandbox's agent socket once vmctl let go of it. Three unknown requests, then a PING: the
-    agent's single writer sends replies in order, so PONG marks the end. Base: every unknown
-    request's reply goes through the same file `$W/x$$.reply`, so replies are overwritten and lost."""
+    agent answers in order, so PONG marks the end. Base (the shell agent): every unknown
+    request's reply went through the same file, so replies were overwritten and lost."""
+    from vmctl import agentproto as proto
+
     sandbox_id = "m1probe"
     async with Sandbox(make_config(), id=sandbox_id, detached=True) as sb:
         agent_socket = sb.run_dir / "agent.sock"  # type: ignore[operator]
-    replies: list[str] = []
+    replies: list[tuple[int, int, bytes]] = []
     try:
         with anyio.fail_after(60):
             async with await anyio.connect_unix(agent_socket) as stream:
-                await stream.send(b"FOO u1\nFOO u2\nFOO u3\nPING p1\n")
+                await stream.send(b"".join(proto.pack(0x3E, n) for n in (1, 2, 3)) + proto.pack(proto.T.PING, 4))
                 buffer = b""
-                while not any(line.startswith("PONG p1") for line in replies):
+                while not any(kind == proto.T.PONG for kind, _, _ in replies):
                     buffer += await stream.receive()
-                    *lines, buffer = buffer.split(b"\n")
-                    replies += [line.decode(errors="replace") for line in lines]
+                    while len(buffer) >= proto.HEADER_SIZE:
+                        length, kind, _, rid = proto.unpack_header(buffer[:proto.HEADER_SIZE])
+                        if len(buffer) < proto.HEADER_SIZE + length:
+                            break
+                        replies.append((kind, rid, buffer[proto.HEADER_SIZE:proto.HEADER_SIZE + length]))
+                        buffer = buffer[proto.HEADER_SIZE + length:]
     finally:
         async with Sandbox.attach(sandbox_id) as again:
             await again.stop()
-    errs = sorted(line for line in replies if line.startswith("ERR"))
-    assert errs == ["ERR u1 unknown request", "ERR u2 unknown request", "ERR u3 unknown request"], replies
+    errs = sorted((rid, proto.parse_error(payload)[1]) for kind, rid, payload in replies if kind == proto.T.ERROR)
+    assert errs == [(n, "unknown request type 0x3e") for n in (1, 2, 3)], replies
 
 
 # -- (m2) a slow transitions() subscriber is bounded -----------------------------------------------

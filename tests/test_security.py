@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,7 +23,8 @@ import pytest
 
 from tests.conftest import assert_no_stray_tasks
 from vmctl import ConfigError, HostError, InvalidArgument, Sandbox, SandboxConfig, SandboxState, paths
-from vmctl.agent import AgentClient, shell_words, split_shell_words
+from vmctl.agent import AgentClient
+from vmctl.agentproto import parse_spawn, spawn_payload
 from vmctl.devices import BlockDevice, NetworkDevice, SerialPort
 from vmctl.hypervisors.base import RunPaths
 from vmctl.hypervisors.cmdline import SECCOMP, build_command
@@ -364,14 +364,11 @@ def test_network_strings_that_could_add_options_are_refused(tmp_path: Path, devi
 NASTY = ["$(id)", "`id`", "'", "'\\''", '"', "a b", "x\ny\n", "*", "~", "-n", "--", "", "\\", "$HOME", ";reboot"]
 
 
-def test_exec_argv_survives_the_guest_shell_verbatim() -> None:
-    """The agent splits argv with ``eval "set -- $words"``: run exactly that in a POSIX shell."""
+def test_exec_argv_reaches_the_guest_verbatim() -> None:
+    """argv travels as NUL-terminated strings that the C agent hands to execvp: no shell parses it."""
     args = [a.encode() for a in NASTY] + [b"\xff\xfe", "é".encode()]
-    words = shell_words(args)
-    assert split_shell_words(words) == args
-    script = 'eval "set -- $1"; for a in "$@"; do printf "%s\\0" "$a"; done'
-    out = subprocess.run(["sh", "-c", script, "sh", words], capture_output=True, check=True).stdout
-    assert out.split(b"\0")[:-1] == args
+    env = {b"A": b"$(id) ;x", b"B": b""}
+    assert parse_spawn(spawn_payload(args, env, b"/tmp", 0, 1)) == (args, env, b"/tmp", 0, 1)
 
 
 async def test_exec_refuses_what_cannot_be_passed_verbatim() -> None:

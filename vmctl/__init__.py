@@ -21,12 +21,14 @@ from vmctl.errors import (
     GuestCommandFailed,
     GuestDisconnected,
     GuestError,
+    GuestOSError,
     HostError,
     HotplugError,
     HotplugTimeout,
     IllegalTransition,
     InvalidArgument,
     NotSupported,
+    OutputLimitExceeded,
     Problem,
     QMPCommandError,
     QMPDisconnected,
@@ -39,6 +41,7 @@ from vmctl.errors import (
     VmctlTimeout,
 )
 from vmctl.fleet import Fleet, FleetEvent, FleetEventKind, Outcome
+from vmctl.guestproc import GuestProcess, GuestStdin, GuestStream, ProcessContext
 from vmctl.hotplug import DeviceState, PluggedDevice
 from vmctl.hypervisors.base import Capabilities
 from vmctl.params import Param, deserialize_params, serialize_params
@@ -64,6 +67,10 @@ __all__ = [
     "GuestCommandFailed",
     "GuestDisconnected",
     "GuestError",
+    "GuestOSError",
+    "GuestProcess",
+    "GuestStdin",
+    "GuestStream",
     "GuestMemory",
     "HostError",
     "HotplugError",
@@ -72,8 +79,10 @@ __all__ = [
     "InvalidArgument",
     "NetworkDevice",
     "NotSupported",
+    "OutputLimitExceeded",
     "Outcome",
     "Param",
+    "ProcessContext",
     "PluggedDevice",
     "Problem",
     "QMPCommandError",

@@ -15,6 +15,8 @@
      +-- GuestError             the guest agent failed or answered nonsense
      |    +-- GuestCommandFailed    exec(check=True) and the command failed
      |    +-- GuestDisconnected     the agent connection is gone (the guest or QEMU went away)
+     |    +-- GuestOSError          the guest refused a file or process request: errno and its reason
+     |    +-- OutputLimitExceeded   a command wrote more than its output limit; it was killed
      +-- HotplugError           a hotplug or unplug request failed (refused, no slot left, ...)
      +-- InvalidArgument        (also a ValueError) a call's argument is unusable
      +-- FleetError             (also a ValueError) a fleet could not do what was asked
@@ -117,6 +119,20 @@ class GuestError(VmctlError):
 
 class GuestDisconnected(GuestError):
     """The agent connection is gone: the guest, QEMU or this controller's hold on it ended."""
+
+
+class GuestOSError(GuestError):
+    """The guest refused a request with an OS error (a missing path, a full disk, no permission):
+    ``errno`` is the guest's error number and ``reason`` its text (strerror)."""
+
+    def __init__(self, errno: int, reason: str, message: str) -> None:
+        self.errno = errno
+        self.reason = reason
+        super().__init__(message)
+
+
+class OutputLimitExceeded(GuestError):
+    """A command's output went over its ``output_limit``; the command was killed in the guest."""
 
 
 class GuestCommandFailed(GuestError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +25,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from vmctl import detached as registry
-from vmctl import migration
-from vmctl.agent import AgentClient, ExecResult, GuestBlockDevice, GuestMemory
+from vmctl import guestfiles, guestproc, migration
+from vmctl.agent import DEFAULT_OUTPUT_LIMIT, AgentClient, Argv, Env, ExecResult, GuestBlockDevice, GuestMemory
 from vmctl.config import SandboxConfig
 from vmctl.console import ConsoleFanout
 from vmctl.devicemanager import DeviceManager
@@ -39,6 +39,8 @@ from vmctl.errors import (
     VmctlError,
 )
 from vmctl.events import SandboxEvents
+from vmctl.guestfiles import GuestPath
+from vmctl.guestproc import GuestProcess, ProcessContext
 from vmctl.hotplug import PluggedDevice
 from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor
 from vmctl.hypervisors.microvm import MicrovmHypervisor
@@ -117,8 +119,6 @@ class Sandbox:
         self._stack: AsyncExitStack | None = None
         self._graceful_exit = True
 
-    # -- context manager ---------------------------------------------------------------------
-
     async def __aenter__(self) -> Sandbox:
         if self._stack is not None:
             raise VmctlError("this Sandbox is already open")
@@ -139,8 +139,7 @@ class Sandbox:
         await self._close_stack(graceful=exc_type is None)
 
     async def _close_stack(self, *, graceful: bool) -> None:
-        # Our own failures never pass through the task group (anyio would wrap them in an
-        # ExceptionGroup): the stack always closes cleanly and the caller's exception goes on as is.
+        # Our failures never pass through the task group (no ExceptionGroup): the caller's goes on as is.
         stack, self._stack = self._stack, None
         if stack is None:
             return
@@ -150,8 +149,7 @@ class Sandbox:
     async def _teardown(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.stop_timeout + TEARDOWN_GRACE):
             try:
-                # A detached sandbox this block started is detached only if the block ended
-                # normally (a failure leaves nothing behind); one it attached to is always let go.
+                # A detached sandbox is kept if the block ended normally or attached to it (else stopped).
                 keep = self._graceful_exit or self._origin.attaching
                 if self.detached and keep and self.state in (SandboxState.RUNNING, SandboxState.PAUSED):
                     await self.detach()
@@ -162,8 +160,6 @@ class Sandbox:
         with anyio.CancelScope(shield=True):
             await self._release()
         self._tg = None
-
-    # -- introspection -------------------------------------------------------------------------
 
     @property
     def state(self) -> SandboxState:
@@ -231,8 +227,6 @@ class Sandbox:
             raise VmctlError("the sandbox has not been started")
         return self._parts
 
-    # -- lifecycle -----------------------------------------------------------------------------
-
     async def start(self, *, timeout: float | None = None) -> None:
         """Launch QEMU and return once the guest agent reports ready (state RUNNING)."""
         if self._tg is None:
@@ -249,10 +243,9 @@ class Sandbox:
                 self._save_record()
         except BaseException as exc:
             timed_out = isinstance(exc, TimeoutError) and not isinstance(exc, VmctlError)
+            reason = f"guest not ready within {limit}s" if timed_out else f"start failed: {exc!s}"[:2000]
             with anyio.CancelScope(shield=True):
-                await self._abort_start(
-                    exc, f"guest not ready within {limit}s" if timed_out else f"start failed: {exc!s}"[:2000]
-                )
+                await self._abort_start(exc, reason)
             if timed_out:
                 raise ready_timeout(limit, self.config.accel, self.console_tail) from None
             raise
@@ -323,9 +316,7 @@ class Sandbox:
                 await self._release()
 
     async def _release(self) -> None:
-        """Kill and reap QEMU unless it is kept, close connections, end pumps, remove the run dir.
-
-        Runs once; a second call waits for the first to finish."""
+        """Kill and reap QEMU unless kept, close connections, end pumps, remove the run dir (once)."""
         if self._released is not None:
             await self._released.wait()
             return
@@ -346,8 +337,6 @@ class Sandbox:
         finally:
             self._released.set()
 
-    # -- run state -------------------------------------------------------------------------------
-
     @requires(Trigger.PAUSE)
     async def pause(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> None:
         """Pause the vCPUs; returns once QEMU confirms with a STOP event (state PAUSED)."""
@@ -360,11 +349,8 @@ class Sandbox:
 
     @requires(Trigger.SNAPSHOT)
     async def snapshot(self, directory: str | Path, *, timeout: float = 300.0) -> Path:
-        """Save memory, device state and the device table to ``directory`` (which must not exist).
-
-        A running sandbox is paused for the save and resumed; a paused one stays paused. A failed
-        or cancelled save leaves no directory that looks like a snapshot, and the sandbox as it
-        was. :meth:`restore` starts it again, from any process, with every device it had."""
+        """Save memory, device state and the device table to ``directory`` (which must not exist);
+        a failed or cancelled save leaves none (see :mod:`vmctl.migration`)."""
         target = migration.check_target(directory)
         return await self._guest_call(self._live().control.snapshot(
             target, sandbox_id=self.id, config=self.config, devices=self.devices, timeout=timeout))  # fmt: skip
@@ -380,10 +366,8 @@ class Sandbox:
     @classmethod
     def attach(cls, sandbox_id: str, *, start_timeout: float = DEFAULT_START_TIMEOUT,
                stop_timeout: float = DEFAULT_STOP_TIMEOUT) -> Sandbox:  # fmt: skip
-        """The detached sandbox ``sandbox_id`` (from any process), to use with ``async with``: entering
-        reconnects and rebuilds its state and devices from QEMU; leaving detaches again unless
-        :meth:`stop` was called. :class:`SandboxNotFound` if its QEMU is gone, :class:`SandboxBusy`
-        if another controller holds it."""
+        """The detached sandbox ``sandbox_id`` (from any process), for ``async with``; leaving detaches
+        again unless :meth:`stop` was called. :class:`SandboxNotFound`, :class:`SandboxBusy`."""
         record = registry.find(sandbox_id)  # checks the id before it names anything
         config = SandboxConfig.from_mapping(record.config)
         sandbox = cls(config, id=sandbox_id, detached=True, start_timeout=start_timeout, stop_timeout=stop_timeout)
@@ -407,24 +391,49 @@ class Sandbox:
             return await self._watcher.wait_for(*states)
 
     def transitions(self) -> AsyncIterator[Transition]:
-        """Every transition from the moment of this call, as it happens; ends after a terminal
-        state. A reader more than 1000 behind loses the oldest (counted in ``.dropped``)."""
+        """Every transition from now on, ending after a terminal one (bounded: see ``.dropped``)."""
         return self._watcher.transitions()
 
     def console_lines(self) -> AsyncIterator[str]:
         """Console output lines from the moment of this call; ends when the sandbox is torn down."""
         return self._console.follow()
 
-    # -- guest ---------------------------------------------------------------------------------
+    @requires(Trigger.EXEC)
+    async def exec(self, argv: Argv, *, stdin: bytes | str = b"", timeout: float | None = None, check: bool = False,
+                   env: Env = None, cwd: str | None = None) -> ExecResult:  # fmt: skip
+        """Run ``argv`` in the guest (see :meth:`AgentClient.exec`); ``check`` raises unless it exits 0."""
+        result = await self._guest_call(self._live().agent.exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd))
+        return result.check() if check else result
+
+    def process(self, argv: Argv, *, env: Env = None, cwd: str | None = None, timeout: float | None = None,
+                output_limit: int = DEFAULT_OUTPUT_LIMIT) -> ProcessContext:  # fmt: skip
+        """``async with sb.process(argv) as p``: a command with live streams (:mod:`vmctl.guestproc`)."""
+        options = {"env": env, "cwd": cwd, "timeout": timeout, "output_limit": output_limit}
+        return ProcessContext(lambda: self._start_process(argv, **options))
 
     @requires(Trigger.EXEC)
-    async def exec(self, argv: Sequence[str | bytes], *, stdin: bytes | str = b"", timeout: float | None = None,
-                   check: bool = False) -> ExecResult:  # fmt: skip
-        """Run ``argv`` in the guest: exit code, stdout and stderr. ``timeout`` kills it in the guest
-        (``timed_out``); ``check`` raises :class:`~vmctl.GuestCommandFailed` unless it exits 0."""
-        data = stdin.encode() if isinstance(stdin, str) else stdin
-        result = await self._guest_call(self._live().agent.exec(argv, stdin=data, timeout=timeout))
-        return result.check() if check else result
+    async def _start_process(self, /, argv: Argv, **options: Any) -> GuestProcess:
+        return await self._guest_call(guestproc.start(self._live().agent, argv, guard=self._guest_call, **options))
+
+    @requires(Trigger.EXEC)
+    async def write_file(self, path: GuestPath, data: bytes, *, mode: int = 0o644) -> None:
+        """Write ``data`` to ``path`` in the guest, atomically (:mod:`vmctl.guestfiles`)."""
+        await self._guest_call(guestfiles.write_file(self._live().agent, path, data, mode=mode))
+
+    @requires(Trigger.EXEC)
+    async def read_file(self, path: GuestPath) -> bytes:
+        """The contents of ``path`` in the guest."""
+        return await self._guest_call(guestfiles.read_file(self._live().agent, path))
+
+    @requires(Trigger.EXEC)
+    async def upload(self, local: str | Path, remote: GuestPath) -> list[Path]:
+        """Copy a local file or tree into the guest, modes kept; returns what was not copied."""
+        return await self._guest_call(guestfiles.upload(self._live().agent, local, remote))
+
+    @requires(Trigger.EXEC)
+    async def download(self, remote: GuestPath, local: str | Path) -> list[str]:
+        """Copy a guest file or tree to ``local``, modes kept; returns what was not copied."""
+        return await self._guest_call(guestfiles.download(self._live().agent, remote, local))
 
     @requires(Trigger.EXEC)
     async def guest_block_devices(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> list[GuestBlockDevice]:
@@ -453,12 +462,9 @@ class Sandbox:
                 raise self._events.failed() from exc
             raise
 
-    # -- devices -------------------------------------------------------------------------------
-
     @requires(Trigger.HOTPLUG)
     async def hotplug(self, device: Device, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> PluggedDevice:
-        """Plug ``device``; returns once QEMU took it and the guest sees it (``guest_path``: the
-        guest's name for it, such as ``/dev/vdb`` or ``eth1``). ``timeout`` bounds the whole call."""
+        """Plug ``device``; returns once QEMU took it and the guest sees it (``guest_path``)."""
         return await self._guest_call(self._live().devices.hotplug(device, timeout))
 
     @requires(Trigger.HOTPLUG)
@@ -479,8 +485,6 @@ class Sandbox:
     async def vcpu_thread_ids(self) -> dict[int, int]:
         """vCPU index -> host thread id (for pinning or cgroup placement)."""
         return await self.hypervisor.vcpu_thread_ids()
-
-    # -- what the hypervisor reports (the Events protocol) -------------------------------------
 
     def _request(self, trigger: Trigger) -> None:
         if self._machine.state is SandboxState.FAILED:

@@ -16,7 +16,7 @@ faults are scriptable::
 
 from __future__ import annotations
 
-import base64
+import errno
 import inspect
 import json
 import socket
@@ -31,7 +31,9 @@ import anyio
 from anyio.abc import SocketListener, SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from vmctl.agent import ExecResult, split_shell_words, unb64
+from vmctl import agentproto as proto
+from vmctl.agent import ExecResult
+from vmctl.agentproto import T, pack
 from vmctl.config import SandboxConfig
 from vmctl.hypervisors.base import VmProcess
 from vmctl.hypervisors.qemu import QemuHypervisor
@@ -113,6 +115,8 @@ class FakeQemu:
         self.reply_faults = dict(reply_faults or {})
         self.received: list[dict[str, Any]] = []
         self.processes: list[FakeProcess] = []
+        #: the fake guest's files (path -> (data, mode)), for write_file / read_file
+        self.files: dict[str, tuple[bytes, int]] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> QemuHypervisor:
         hv = QemuHypervisor(*args, launcher=_FakeLauncher(self), **kwargs)
@@ -178,6 +182,56 @@ class _FakeLauncher:
             process.kill()  # not handed over yet: nobody else would reap it
             raise
         return process
+
+
+class _FakeSession:
+    """A process (run by ``exec_handler`` once its stdin ended) or a file being written."""
+
+    _pids = iter(range(1000, 1 << 30))
+
+    def __init__(self, process: FakeProcess, frame: proto.Frame, tg: TaskGroup,
+                 send: Callable[..., Awaitable[None]]) -> None:  # fmt: skip
+        self.process = process
+        self.frame = frame
+        self.tg = tg
+        self.stdin = bytearray()
+        self.done = False
+        self.scope = anyio.CancelScope()
+
+    async def opened(self, send: Callable[..., Awaitable[None]]) -> None:
+        if self.frame.type == T.SPAWN:
+            await send(T.STARTED, self.frame.id, proto.i32(next(self._pids)))
+        else:
+            await send(T.CREDIT, self.frame.id, proto.u32(proto.STDIN_WINDOW), proto.STDIN)
+
+    async def on_frame(self, frame: proto.Frame, send: Callable[..., Awaitable[None]]) -> None:
+        if frame.type == T.DATA and frame.stream == proto.STDIN:
+            self.stdin += frame.payload
+            await send(T.CREDIT, frame.id, proto.u32(len(frame.payload)), proto.STDIN)
+        elif frame.type == T.EOF and frame.stream == proto.STDIN:
+            self.done = True
+            if self.frame.type == T.SPAWN:
+                self.tg.start_soon(self.run, send)
+            else:
+                path = self.frame.payload[4:].decode(errors="replace")
+                self.process.fake.files[path] = (bytes(self.stdin), int.from_bytes(self.frame.payload[:4], "little"))
+                await send(T.RESULT, frame.id)
+        elif frame.type == T.CLOSE:
+            self.done = True
+            self.scope.cancel()
+
+    async def run(self, send: Callable[..., Awaitable[None]]) -> None:
+        argv = proto.parse_spawn(self.frame.payload)[0]
+        with self.scope:
+            outcome = self.process.fake.exec_handler(argv, bytes(self.stdin))
+            result = await outcome if inspect.isawaitable(outcome) else outcome
+            assert isinstance(result, ExecResult)
+            rid = self.frame.id
+            for number, data in ((proto.STDOUT, result.stdout), (proto.STDERR, result.stderr)):
+                for pos in range(0, len(data), proto.CHUNK):
+                    await send(T.DATA, rid, data[pos:pos + proto.CHUNK], number)
+                await send(T.EOF, rid, b"", number)
+            await send(T.EXIT, rid, proto.i32(result.exit_code) + bytes([result.timed_out]))
 
 
 class FakeProcess:
@@ -434,59 +488,82 @@ class FakeProcess:
     # -- agent and console -----------------------------------------------------------------
 
     async def _serve_agent(self, stream: SocketStream) -> None:
+        """The agent protocol (:mod:`vmctl.agentproto`): enough of it for tests. Output is sent
+        without waiting for credit; stdin is credited back as it arrives."""
         lock = anyio.Lock()
 
-        async def reply(text: str) -> None:
+        async def send(kind: int, request_id: int, payload: bytes = b"", stream_no: int = 0) -> None:
             async with lock:
-                await stream.send(text.encode() + b"\n")
+                await stream.send(pack(kind, request_id, payload, stream_no))
 
         async with anyio.create_task_group() as tg:
             if self.fake.ready_delay is not None:
 
                 async def ready() -> None:
                     await anyio.sleep(self.fake.ready_delay or 0)
-                    await reply("READY fake-boot-id")
+                    await send(T.READY, 0, proto.u32(proto.PROTOCOL_VERSION) + b"fake-boot-id")
 
                 tg.start_soon(ready)
             reader = BufferedByteReceiveStream(stream)
+            sessions: dict[int, _FakeSession] = {}
             try:
                 while True:
-                    fields = (await reader.receive_until(b"\n", 1 << 26)).decode().split(" ")
-                    tg.start_soon(self._agent_request, fields, reply)
-            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    length, kind, stream_no, request_id = proto.unpack_header(
+                        await reader.receive_exactly(proto.HEADER_SIZE))  # fmt: skip
+                    payload = await reader.receive_exactly(length) if length else b""
+                    frame = proto.Frame(kind, request_id, payload, stream_no)
+                    session = sessions.get(request_id)
+                    if session is not None and kind in (T.DATA, T.EOF, T.CLOSE, T.SIGNAL, T.CREDIT):
+                        await session.on_frame(frame, send)
+                        if session.done:
+                            del sessions[request_id]
+                    elif kind in (T.SPAWN, T.FWRITE):
+                        sessions[request_id] = _FakeSession(self, frame, tg, send)
+                        await sessions[request_id].opened(send)
+                    elif kind not in (T.DATA, T.EOF, T.CLOSE, T.SIGNAL, T.CREDIT):
+                        tg.start_soon(self._agent_request, frame, send)
+            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                    proto.ProtocolError):  # fmt: skip
                 tg.cancel_scope.cancel()
 
-    async def _agent_request(self, fields: list[str], reply: Callable[[str], Awaitable[None]]) -> None:
-        op, request_id = fields[0], fields[1]
-        if op == "PING":
-            await reply(f"PONG {request_id}")
-        elif op == "EXEC":
-            argv = split_shell_words(unb64(fields[4]))
-            outcome = self.fake.exec_handler(argv, unb64(fields[3]))
-            result = await outcome if inspect.isawaitable(outcome) else outcome
-            assert isinstance(result, ExecResult)
-            out, err = base64.b64encode(result.stdout).decode(), base64.b64encode(result.stderr).decode()
-            await reply(f"R {request_id} {result.exit_code} {int(result.timed_out)} {out} {err}")
-        elif op == "QUERY":
-            text = {"block": b"", "cpus": b"0\n", "memory": b"MemTotal: 200000 kB\nMemFree: 150000 kB\n"
-                    b"MemAvailable: 160000 kB\n"}.get(fields[2], b"")  # fmt: skip
-            await reply(f"R {request_id} 0 0 {base64.b64encode(text).decode()} ")
-        elif op == "WAITDEV":
-            name = self.guest_name(fields[2], fields[3])
-            if name is None:
-                await anyio.sleep(int(fields[4]) / 10)
-                name = self.guest_name(fields[2], fields[3])
-            encoded = base64.b64encode((name or "").encode()).decode()
-            await reply(f"R {request_id} {0 if name else 1} 0 {encoded} ")
-        elif op == "WAITGONE":
-            gone = self.guest_name(fields[2], fields[3]) is None
-            await reply(f"R {request_id} {0 if gone else 1} 0  ")
-        elif op == "POWEROFF":
-            await reply(f"OK {request_id}")
+    async def _agent_request(self, frame: proto.Frame, send: Callable[..., Awaitable[None]]) -> None:
+        op, request_id, payload = frame.type, frame.id, frame.payload
+        if op == T.PING:
+            await send(T.PONG, request_id)
+        elif op == T.QUERY:
+            text = {b"block": b"", b"cpus": b"0\n", b"memory": b"MemTotal: 200000 kB\nMemFree: 150000 kB\n"
+                    b"MemAvailable: 160000 kB\n"}.get(payload)  # fmt: skip
+            if text is None:
+                await send(T.ERROR, request_id, proto.i32(errno.EINVAL) + b"unknown query")
+            else:
+                await send(T.RESULT, request_id, text)
+        elif op in (T.WAITDEV, T.WAITGONE):
+            tenths = int.from_bytes(payload[:4], "little")
+            bus, _, key = payload[4:].decode().partition("\0")
+            name = self.guest_name(bus, key)
+            if op == T.WAITDEV:
+                if name is None:
+                    await anyio.sleep(tenths / 10)
+                    name = self.guest_name(bus, key)
+                await send(T.RESULT, request_id, bytes([name is not None]) + (name or "").encode())
+            else:
+                await send(T.RESULT, request_id, bytes([name is None]))
+        elif op == T.FREAD:
+            path = payload[4:].decode(errors="replace")
+            if path not in self.fake.files:
+                await send(T.ERROR, request_id, proto.i32(errno.ENOENT) + f"{path}: No such file or directory".encode())
+                return
+            data, mode = self.fake.files[path]
+            await send(T.RESULT, request_id, proto.u32(mode) + len(data).to_bytes(8, "little"))
+            for pos in range(0, len(data), proto.CHUNK):
+                await send(T.DATA, request_id, data[pos:pos + proto.CHUNK], proto.STDOUT)
+            await send(T.EOF, request_id, b"", proto.STDOUT)
+        elif op == T.POWEROFF:
+            await send(T.RESULT, request_id)
             await self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
             self.exit(0)
         else:
-            await reply(f"ERR {request_id} unknown request")
+            await send(T.ERROR, request_id, proto.i32(errno.EINVAL) + f"unknown request type 0x{op:02x}".encode())
 
     async def _serve_console(self, stream: SocketStream) -> None:
         self._console = stream

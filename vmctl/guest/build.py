@@ -1,8 +1,11 @@
 """Build the default guest: Debian's cloud kernel plus a busybox initramfs with the vmctl agent.
 
-The result lives in the user cache under a key made of every input (kernel package and version,
-busybox binary, our init and agent scripts, the module list, this builder's format version), so
-a second call with nothing changed returns at once, and any change produces a fresh build.
+The agent is a small C program (``files/vmctl-agent.c``) compiled here with ``gcc -static``, so
+the same binary runs in the busybox initramfs and on any disk-image guest. The result lives in
+the user cache under a key made of every input (kernel package and version, busybox binary, our
+init script, the agent's source and ``gcc --version``, the module list, this builder's format
+version), so a second call with nothing changed returns at once, and any change produces a fresh
+build.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from vmctl.paths import cache_dir
 
 log = get_logger("vmctl.guest")
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
+AGENT_SOURCE = "vmctl-agent.c"
+AGENT_BINARY = "vmctl-agent"
+GCC_PACKAGES = "apt-get install gcc libc6-dev"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 KERNEL_PACKAGE_ENV = "VMCTL_KERNEL_PACKAGE"
 BUSYBOX = Path("/bin/busybox")
@@ -65,7 +71,7 @@ ROOT_IMAGE = "root.img"
 ROOT_IMAGE_MIB = 64
 
 
-def _root_tree(busybox: bytes) -> list[cpio.Entry]:
+def _root_tree(busybox: bytes, agent: bytes) -> list[cpio.Entry]:
     """The busybox root shared by the initramfs and the disk image."""
     entries = [cpio.dir_entry(d) for d in
                ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "etc", "lib", "lib/modules",
@@ -74,13 +80,13 @@ def _root_tree(busybox: bytes) -> list[cpio.Entry]:
         cpio.file_entry("bin/busybox", busybox, 0o755),
         cpio.symlink_entry("bin/sh", "busybox"),
         cpio.file_entry("init", _guest_file("init"), 0o755),
-        cpio.file_entry("sbin/vmctl-agent", _guest_file("vmctl-agent"), 0o755),
+        cpio.file_entry("sbin/vmctl-agent", agent, 0o755),
         cpio.file_entry("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
         cpio.file_entry("etc/group", b"root:x:0:\n"),
     ]
 
 
-async def _build_root_image(target: Path) -> None:
+async def _build_root_image(target: Path, agent: bytes) -> None:
     """ext4 image of the busybox root, built without privileges by ``mke2fs -d``."""
     if shutil.which("mke2fs") is None:
         raise HostError("building the root image needs mke2fs: apt-get install e2fsprogs")
@@ -88,7 +94,7 @@ async def _build_root_image(target: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix=".image-", dir=target.parent))
     try:
         tree = work / "tree"
-        for entry in [*_root_tree(busybox), cpio.file_entry("etc/vmctl-disk-root", b"")]:
+        for entry in [*_root_tree(busybox, agent), cpio.file_entry("etc/vmctl-disk-root", b"")]:
             path = tree / entry.name
             if stat.S_ISDIR(entry.mode):
                 path.mkdir(parents=True, exist_ok=True)
@@ -116,19 +122,21 @@ def _guest_file(name: str) -> bytes:
 PAYLOAD_DIR = "usr/lib/vmctl"
 
 
-def guest_payload() -> list[tuple[str, bytes, int]]:
+async def guest_payload() -> list[tuple[str, bytes, int]]:
     """What vmctl adds to a root filesystem it did not make (``vmctl.guest.build_image``): the
-    init (``/init``, where the initramfs switches to), the agent and a static busybox, as
-    ``(path in the image, content, permission bits)``. Busybox goes to ``/usr/lib/vmctl`` so the
-    distribution's own ``/bin`` stays as it is; the init finds it there and puts its applets
-    last on ``PATH``, to fill gaps only. The one place that says what the guest side is made of."""
+    init (``/init``, where the initramfs switches to), the agent (compiled with the default
+    guest, which is built first if need be) and a static busybox, as ``(path in the image,
+    content, permission bits)``. Busybox goes to ``/usr/lib/vmctl`` so the distribution's own
+    ``/bin`` stays as it is; the init finds it there and puts its applets last on ``PATH``, to fill
+    gaps only. The one place that says what the guest side is made of."""
     if not BUSYBOX.is_file():
         raise HostError("building the guest needs a static busybox: apt-get install busybox-static")
     busybox = BUSYBOX.read_bytes()
     _require_static(busybox)
+    assets = await _ensure_kernel_and_initrd(rebuild=False)
     return [
         ("init", _guest_file("init"), 0o755),
-        ("sbin/vmctl-agent", _guest_file("vmctl-agent"), 0o755),
+        ("sbin/vmctl-agent", (assets.directory / AGENT_BINARY).read_bytes(), 0o755),
         (f"{PAYLOAD_DIR}/busybox", busybox, 0o755),
     ]
 
@@ -145,7 +153,7 @@ async def ensure_default_assets(*, rebuild: bool = False, image: bool = False) -
         return assets
     root_img = assets.directory / ROOT_IMAGE
     if rebuild or not root_img.is_file():
-        await _build_root_image(root_img)
+        await _build_root_image(root_img, (assets.directory / AGENT_BINARY).read_bytes())
     return dataclasses.replace(assets, image=root_img)
 
 
@@ -154,7 +162,8 @@ async def _ensure_kernel_and_initrd(*, rebuild: bool) -> GuestAssets:
     package, version = await _kernel_package()
     busybox = BUSYBOX.read_bytes()
     _require_static(busybox)
-    key = _cache_key(package, version, busybox)
+    gcc_version = await _require_gcc()
+    key = _cache_key(package, version, busybox, gcc_version)
     target = cache_dir() / "guest" / key
     manifest = target / "manifest.json"
     if manifest.is_file() and not rebuild:
@@ -170,7 +179,8 @@ async def _ensure_kernel_and_initrd(*, rebuild: bool) -> GuestAssets:
         await anyio.run_process(["dpkg-deb", "-x", str(debs[0]), str(work / "pkg")])
         out = work / "out"
         out.mkdir()
-        assets = await anyio.to_thread.run_sync(_assemble, work / "pkg", out, busybox, package, key)
+        agent = await _compile_agent(out / AGENT_BINARY)
+        assets = await anyio.to_thread.run_sync(_assemble, work / "pkg", out, busybox, agent, package, key)
         if rebuild and target.exists():
             shutil.rmtree(target)
         try:
@@ -204,6 +214,31 @@ def _require_tools() -> None:
         raise HostError("building the guest needs a static busybox: apt-get install busybox-static")
 
 
+async def _require_gcc() -> str:
+    """``gcc --version``'s first line (part of the cache key); :class:`HostError` without gcc or a
+    static C library."""
+    if shutil.which("gcc") is None:
+        raise HostError(f"building the guest agent needs gcc: {GCC_PACKAGES}")
+    found = await anyio.run_process(["gcc", "-print-file-name=libc.a"], check=False)
+    libc = found.stdout.decode().strip()
+    if found.returncode != 0 or not os.path.isabs(libc) or not os.path.isfile(libc):
+        raise HostError(f"building the guest agent needs the static C library (libc.a): {GCC_PACKAGES}")
+    version = await anyio.run_process(["gcc", "--version"], check=False)
+    return version.stdout.decode(errors="replace").strip()
+
+
+async def _compile_agent(target: Path) -> bytes:
+    """``gcc -static -O2`` of the agent's C source into ``target``; its bytes."""
+    source = target.with_name(AGENT_SOURCE)
+    source.write_bytes(_guest_file(AGENT_SOURCE))
+    done = await anyio.run_process(["gcc", "-static", "-O2", "-s", "-o", str(target), str(source)], check=False)
+    source.unlink()
+    if done.returncode != 0:
+        detail = done.stderr.decode(errors="replace").strip()[-2000:]
+        raise HostError(f"compiling the guest agent failed ({GCC_PACKAGES}?): {detail}")
+    return target.read_bytes()
+
+
 def _require_static(busybox: bytes) -> None:
     if b"ld-linux" in busybox[:8192]:
         raise HostError(f"{BUSYBOX} is dynamically linked; install the static one: apt-get install busybox-static")
@@ -227,11 +262,11 @@ async def _kernel_package() -> tuple[str, str]:
     return package, match.group(1).decode()
 
 
-def _cache_key(package: str, version: str, busybox: bytes) -> str:
+def _cache_key(package: str, version: str, busybox: bytes, gcc_version: str) -> str:
     h = hashlib.sha256()
-    for part in (FORMAT_VERSION, package, version, ",".join(GUEST_MODULES)):
+    for part in (FORMAT_VERSION, package, version, ",".join(GUEST_MODULES), gcc_version):
         h.update(part.encode() + b"\0")
-    for blob in (busybox, _guest_file("init"), _guest_file("vmctl-agent")):
+    for blob in (busybox, _guest_file("init"), _guest_file(AGENT_SOURCE)):
         h.update(hashlib.sha256(blob).digest())
     return h.hexdigest()[:16]
 
@@ -248,7 +283,7 @@ def _load(manifest: Path) -> GuestAssets:
     )
 
 
-def _assemble(pkg: Path, out: Path, busybox: bytes, package: str, key: str) -> GuestAssets:
+def _assemble(pkg: Path, out: Path, busybox: bytes, agent: bytes, package: str, key: str) -> GuestAssets:
     vmlinuz = sorted((pkg / "boot").glob("vmlinuz-*"))
     module_roots = sorted((pkg / "lib" / "modules").glob("*"))
     if not vmlinuz or not module_roots:
@@ -260,7 +295,7 @@ def _assemble(pkg: Path, out: Path, busybox: bytes, package: str, key: str) -> G
         {_module_name(Path(line)) for line in builtin_file.read_text().split()} if builtin_file.exists() else set()
     )
     order = _load_order([m for m in GUEST_MODULES if m not in builtin], available)
-    entries = _root_tree(busybox) + [
+    entries = _root_tree(busybox, agent) + [
         cpio.chardev_entry("dev/console", 5, 1),
         cpio.chardev_entry("dev/null", 1, 3, 0o666),
         cpio.file_entry("etc/vmctl-initramfs", b"this initramfs switches to root= when given\n"),

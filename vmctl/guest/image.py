@@ -104,7 +104,7 @@ async def build_image(*, debian: bool = False, from_tar: str | os.PathLike[str] 
     if size_mib is not None and (isinstance(size_mib, bool) or not isinstance(size_mib, int) or size_mib < 16):
         raise InvalidArgument(f"size_mib: {size_mib!r}: give a whole number of MiB, at least 16")
     _require_tools(debian=debian)
-    payload = guest_payload()
+    payload = await guest_payload()
     inputs: dict[str, Any] = {"format": IMAGE_FORMAT_VERSION, "size_mib": size_mib,
                               "payload": [[p, hashlib.sha256(d).hexdigest(), m] for p, d, m in payload]}  # fmt: skip
     tar = dirsrc = None

@@ -1,0 +1,180 @@
+"""Processes in the guest with live streams: ``async with sb.process(argv) as p``.
+
+A process is a channel of the agent client (:mod:`vmctl.agent`): the guest sends stdout and
+stderr as the command writes them, each within the credit the controller granted; credit goes
+back as the caller reads, and at once while less than ``output_limit`` is buffered unread, so a
+caller that reads slowly (or only one of the two streams) makes the command wait in its pipe,
+never fills the controller's memory, and loses nothing. stdin goes the other way within the
+guest's credit. Leaving the block, or cancelling it, kills the command's process group in the
+guest (SIGKILL) and frees the channel; a failing sandbox fails every stream at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal as signals
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import ByteReceiveStream, ByteSendStream
+
+from vmctl import agentproto as proto
+from vmctl.agent import (
+    DEFAULT_OUTPUT_LIMIT,
+    WINDOW,
+    AgentClient,
+    Argv,
+    Channel,
+    Env,
+    check_timeout,
+    encode_argv,
+    encode_env,
+    encode_path,
+)
+from vmctl.agentproto import T, pack
+from vmctl.errors import InvalidArgument
+
+__all__ = ["GuestProcess", "GuestStdin", "GuestStream", "ProcessContext"]
+
+R = TypeVar("R")
+Guard = Callable[[Awaitable[Any]], Awaitable[Any]]
+
+
+async def _unguarded(call: Awaitable[R]) -> R:
+    return await call
+
+
+class GuestStream(ByteReceiveStream):
+    """A command's stdout or stderr, delivered while it runs: ``async for chunk in stream``."""
+
+    def __init__(self, channel: Channel, number: int, guard: Guard) -> None:
+        self._channel = channel
+        self._number = number
+        self._guard = guard
+        self._closed = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        data: bytes = await self._guard(self._channel.receive(self._number, max_bytes))
+        return data
+
+    async def read_all(self) -> bytes:
+        """Everything up to the end of the stream."""
+        return b"".join([chunk async for chunk in self])
+
+    async def aclose(self) -> None:
+        self._closed = True
+
+
+class GuestStdin(ByteSendStream):
+    """A command's stdin: ``await stdin.send(data)`` (waits for the guest's credit), ``aclose()``
+    ends it. :class:`anyio.BrokenResourceError` once the command no longer reads it."""
+
+    def __init__(self, channel: Channel, guard: Guard) -> None:
+        self._channel = channel
+        self._guard = guard
+        self._closed = False
+
+    async def send(self, item: bytes) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        await self._guard(self._channel.send(bytes(item)))
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if not self._channel.finished:
+                self._channel.send_eof()
+
+
+class GuestProcess:
+    """A command running in the guest. ``stdout`` and ``stderr`` stream its output, ``stdin`` feeds
+    it; :meth:`wait` returns its exit code (128 + N when a signal N ended it)."""
+
+    def __init__(self, client: AgentClient, channel: Channel, pid: int, guard: Guard) -> None:
+        self._client = client
+        self._channel = channel
+        self._guard = guard
+        #: the command's pid in the guest
+        self.pid = pid
+        self.stdin = GuestStdin(channel, guard)
+        self.stdout = GuestStream(channel, proto.STDOUT, guard)
+        self.stderr = GuestStream(channel, proto.STDERR, guard)
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the command ended, else None."""
+        return self._channel.exit[0] if self._channel.exit else None
+
+    @property
+    def timed_out(self) -> bool:
+        """The guest killed the command at its ``timeout``."""
+        return bool(self._channel.exit and self._channel.exit[1])
+
+    async def wait(self) -> int:
+        """Wait for the command to end (its output streams end first); its exit code."""
+        code, _ = await self._guard(self._channel.wait_exit())
+        return int(code)
+
+    async def signal(self, sig: int | signals.Signals) -> None:
+        """Send ``sig`` to the command (not to its children); nothing happens if it already ended."""
+        if not 0 < int(sig) < 65:
+            raise InvalidArgument(f"signal: {sig!r} is not a signal number")
+        if self._channel.exit is None:
+            self._client.post(pack(T.SIGNAL, self._channel.id, proto.i32(int(sig))))
+            await self._guard(self._client.flush())
+
+    async def kill(self) -> None:
+        await self.signal(signals.SIGKILL)
+
+    async def aclose(self) -> None:
+        """Kill the command's process group in the guest unless it ended, and free its channel."""
+        self._client.release(self._channel)
+
+    async def __aenter__(self) -> GuestProcess:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:  # fmt: skip
+        await self.aclose()
+
+
+async def start(client: AgentClient, argv: Argv, *, env: Env = None, cwd: str | os.PathLike[str] | None = None,
+                timeout: float | None = None, output_limit: int = DEFAULT_OUTPUT_LIMIT,
+                guard: Guard = _unguarded) -> GuestProcess:  # fmt: skip
+    """Start ``argv`` in the guest; returns once the guest started it (its pid known)."""
+    args = encode_argv(argv)
+    check_timeout(timeout)
+    if output_limit < WINDOW:
+        raise InvalidArgument(f"output_limit: at least {WINDOW} bytes")
+    timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000))
+    payload = proto.spawn_payload(args, encode_env(env), encode_path(cwd, "cwd"), timeout_ms, WINDOW)
+    channel = client.open_channel(credit_out=proto.STDIN_WINDOW, limit=output_limit)
+    try:
+        client.post(pack(T.SPAWN, channel.id, payload))
+        reply = await guard(channel.wait_reply())
+        pid = int.from_bytes(reply.payload[:4], "little", signed=True)
+    except BaseException:
+        client.release(channel)
+        raise
+    return GuestProcess(client, channel, pid, guard)
+
+
+class ProcessContext:
+    """What ``sb.process(...)`` returns: ``async with`` starts the command and kills it on exit."""
+
+    def __init__(self, starting: Callable[[], Awaitable[GuestProcess]]) -> None:
+        self._starting = starting
+        self._process: GuestProcess | None = None
+
+    async def __aenter__(self) -> GuestProcess:
+        self._process = await self._starting()
+        return self._process
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:  # fmt: skip
+        if self._process is not None:
+            await self._process.aclose()
