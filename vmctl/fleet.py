@@ -11,13 +11,10 @@ optional callback.
 from __future__ import annotations
 
 import enum
-import shutil
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -27,9 +24,9 @@ from vmctl.config import SandboxConfig
 from vmctl.devices import BlockDevice
 from vmctl.errors import FleetError
 from vmctl.hypervisors.base import Backend
-from vmctl.paths import runtime_dir
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState
+from vmctl.template import boot_template
 
 T = TypeVar("T")
 
@@ -138,16 +135,10 @@ class Fleet:
 
     async def _boot_template(self, stack: AsyncExitStack) -> None:
         """Boot one sandbox to be the template (it saves its state and stops); members clone it."""
-        work = Path(tempfile.mkdtemp(prefix="fleet-template-", dir=runtime_dir()))
-        stack.callback(shutil.rmtree, work, True)  # after every member is gone
-        files = {"memory_path": work / "template.mem", "devices_state_path": work / "template.state"}
         started = time.monotonic()
-        template = Sandbox(self._configs[0].replace(boot_to_be_template=True, **files), id=f"{self._id_prefix}-template",
-                           backend=self._backend, start_timeout=self._start_timeout)  # fmt: skip
-        async with template:
-            pass
+        clone = await boot_template(self._configs[0], stack, id=f"{self._id_prefix}-template",
+                                    backend=self._backend, start_timeout=self._start_timeout)  # fmt: skip
         self.template_seconds = time.monotonic() - started
-        clone = self._configs[0].replace(boot_from_template=True, **files)
         self.members = self._make_members([clone] * len(self._configs))
 
     # -- introspection -----------------------------------------------------------------------
