@@ -27,6 +27,8 @@ from vmctl.errors import (
     IllegalTransition,
     InvalidArgument,
     NotSupported,
+    PoolError,
+    PoolTimeout,
     Problem,
     QMPCommandError,
     QMPDisconnected,
@@ -42,6 +44,7 @@ from vmctl.fleet import Fleet, FleetEvent, FleetEventKind, Outcome
 from vmctl.hotplug import DeviceState, PluggedDevice
 from vmctl.hypervisors.base import Capabilities
 from vmctl.params import Param, deserialize_params, serialize_params
+from vmctl.pool import PoolEvent, PoolEventKind, PoolStats, SandboxPool
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState, Transition, Trigger
 
@@ -74,6 +77,11 @@ __all__ = [
     "NotSupported",
     "Outcome",
     "Param",
+    "PoolError",
+    "PoolEvent",
+    "PoolEventKind",
+    "PoolStats",
+    "PoolTimeout",
     "PluggedDevice",
     "Problem",
     "QMPCommandError",
@@ -84,6 +92,7 @@ __all__ = [
     "SandboxConfig",
     "SandboxBusy",
     "SandboxFailed",
+    "SandboxPool",
     "SandboxNotFound",
     "SandboxState",
     "SerialPort",
