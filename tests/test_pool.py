@@ -26,11 +26,6 @@ from vmctl.testing import FakeQemu, fake_config
 K = PoolEventKind
 
 
-def recorder() -> tuple[list[PoolEvent], object]:
-    events: list[PoolEvent] = []
-    return events, events.append
-
-
 async def test_acquire_hands_out_a_ready_sandbox_once_and_the_pool_refills(tmp_path: Path) -> None:
     events: list[PoolEvent] = []
     fake = FakeQemu(exec_handler=lambda argv, stdin: ExecResult(0, argv[0], b""))
@@ -104,14 +99,20 @@ async def test_failed_starts_are_reported_and_retried_with_backoff(tmp_path: Pat
 
 async def test_a_ready_sandbox_that_dies_is_replaced(tmp_path: Path) -> None:
     events: list[PoolEvent] = []
+    died = anyio.Event()
+
+    def on_event(event: PoolEvent) -> None:
+        events.append(event)
+        if event.kind is K.DIED:
+            died.set()
+
     fake = FakeQemu()
-    async with SandboxPool(fake_config(tmp_path), size=1, template=False, backend=fake,
-                           on_event=events.append) as pool:  # fmt: skip
+    async with SandboxPool(fake_config(tmp_path), size=1, template=False, backend=fake, on_event=on_event) as pool:
         await pool.wait_ready(timeout=5)
         fake.crash(-9, stderr="boom")
         with anyio.fail_after(5):
-            while not any(e.kind is K.DIED for e in events) or pool.ready < 1:
-                await anyio.sleep(0.01)
+            await died.wait()
+        await pool.wait_ready(timeout=5)
         async with pool.acquire(timeout=5) as sb:
             assert sb.id == "pool-1" and (await sb.exec(["true"])).ok
     assert [e.sandbox_id for e in events if e.kind is K.DIED] == ["pool-0"]
@@ -188,11 +189,10 @@ async def test_cancelling_an_acquire_at_every_step_loses_no_sandbox(tmp_path: Pa
     async with SandboxPool(config, size=1, template=False, backend=fake) as pool:
         for steps in range(0, 400, 7):
             await pool.wait_ready(timeout=5)
-            got: list[str] = []
 
             async def acquire_and_hold() -> None:
                 async with pool.acquire() as sb:
-                    got.append(sb.id)
+                    assert sb.state is SandboxState.RUNNING
                     await anyio.sleep(0.001)
 
             await cancel_after_steps(acquire_and_hold, steps)
