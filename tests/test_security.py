@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import assert_no_stray_tasks
 from vmctl import ConfigError, HostError, InvalidArgument, Sandbox, SandboxConfig, SandboxState, paths
-from vmctl.agent import AgentClient, shell_words, split_shell_words
+from vmctl.agent import AgentClient, argv_field, parse_argv_field, shell_words, split_shell_words
 from vmctl.devices import BlockDevice, NetworkDevice, SerialPort
 from vmctl.hypervisors.base import RunPaths
 from vmctl.hypervisors.cmdline import SECCOMP, build_command
@@ -374,6 +374,21 @@ def test_exec_argv_survives_the_guest_shell_verbatim() -> None:
     assert out.split(b"\0")[:-1] == args
 
 
+def test_plain_argv_words_survive_the_agents_line_splitting_verbatim() -> None:
+    """Printable argv goes as plain words, the rest of the EXEC line: run the agent's own steps."""
+    printable = [a.encode() for a in NASTY if "\n" not in a] + [b"  two  spaces  ", b"-"]
+    field = argv_field(printable, plain=True)
+    assert field.startswith("'") and parse_argv_field(field) == printable
+    script = ('set -f; line="EXEC id1 0 - $1"; set -- $line; rest=${line#* * * * }; '
+              'eval "set -- $rest"; for a in "$@"; do printf "%s\\0" "$a"; done')  # fmt: skip
+    out = subprocess.run(["sh", "-c", script, "sh", field], capture_output=True, check=True).stdout
+    assert out.split(b"\0")[:-1] == printable
+    for unprintable in ([b"x\ny"], ["é".encode()], [b"\t"]):
+        assert not argv_field(unprintable, plain=True).startswith("'"), "base64 for the rest"
+        assert parse_argv_field(argv_field(unprintable, plain=True)) == unprintable
+    assert not argv_field([b"true"], plain=False).startswith("'"), "an older agent gets base64"
+
+
 async def test_exec_refuses_what_cannot_be_passed_verbatim() -> None:
     agent = AgentClient(Path("/nonexistent"))
     with pytest.raises(InvalidArgument, match="NUL"):
@@ -416,5 +431,9 @@ async def test_real_qemu_runs_confined_as_us_and_exec_is_verbatim(make_config: M
             assert result.stdout == literal.encode() and result.exit_code == 0
             result = await sb.exec(["sh", "-c", 'for a in "$@"; do printf "[%s]" "$a"; done', "sh", *NASTY])
             assert result.stdout == "".join(f"[{a}]" for a in NASTY).encode()
+            assert sb.hypervisor.agent.plain_argv, "the default guest's agent takes plain words"
+            printable = [a for a in NASTY if "\n" not in a]
+            result = await sb.exec(["sh", "-c", 'for a in "$@"; do printf "[%s]" "$a"; done', "sh", *printable])
+            assert result.stdout == "".join(f"[{a}]" for a in printable).encode()
     finally:
         os.close(sentinel)

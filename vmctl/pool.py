@@ -16,7 +16,9 @@ and resets after a success, so a broken config never spins.
 
 Members are template clones when the machine offers templates (every machine but ``microvm``):
 the pool boots one template sandbox first, whose files live in a private run directory and go
-with the pool. Otherwise each member cold-boots.
+with the pool. Otherwise each member cold-boots. A member counts as ready once its guest has run
+``true``: that proves the agent answers, and a guest's first command (slower, on fresh
+copy-on-write pages) is not on the acquirer's clock.
 
 Bookkeeping is synchronous (as httpcore's pool does it): taking a ready member and releasing it
 are single steps with no await inside, so a cancelled ``acquire`` never loses a sandbox or hands
@@ -46,6 +48,8 @@ from vmctl.log import get_logger
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState
 from vmctl.template import boot_template
+
+WARM_UP_TIMEOUT = 30.0
 
 
 class PoolEventKind(enum.Enum):
@@ -322,6 +326,10 @@ class SandboxPool:
                     started = time.monotonic()
                     try:
                         await stack.enter_async_context(sandbox)
+                        # a member is ready once its agent has run a command: that proves it
+                        # works, and the guest's first exec (slow: fresh copy-on-write pages)
+                        # is not on an acquirer's clock
+                        await sandbox.exec(["true"], timeout=WARM_UP_TIMEOUT, check=True)
                     except Exception as exc:  # noqa: BLE001 - reported, counted, retried after a backoff
                         self._start_failed(member, exc)
                         return

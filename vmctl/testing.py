@@ -31,7 +31,7 @@ import anyio
 from anyio.abc import SocketListener, SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from vmctl.agent import ExecResult, split_shell_words, unb64
+from vmctl.agent import ARGV_WORDS, ExecResult, parse_argv_field, unb64
 from vmctl.config import SandboxConfig
 from vmctl.hypervisors.base import VmProcess
 from vmctl.hypervisors.qemu import QemuHypervisor
@@ -445,7 +445,7 @@ class FakeProcess:
 
                 async def ready() -> None:
                     await anyio.sleep(self.fake.ready_delay or 0)
-                    await reply("READY fake-boot-id")
+                    await reply(f"READY fake-boot-id {ARGV_WORDS}")
 
                 tg.start_soon(ready)
             reader = BufferedByteReceiveStream(stream)
@@ -459,9 +459,9 @@ class FakeProcess:
     async def _agent_request(self, fields: list[str], reply: Callable[[str], Awaitable[None]]) -> None:
         op, request_id = fields[0], fields[1]
         if op == "PING":
-            await reply(f"PONG {request_id}")
+            await reply(f"PONG {request_id} {ARGV_WORDS}")
         elif op == "EXEC":
-            argv = split_shell_words(unb64(fields[4]))
+            argv = parse_argv_field(" ".join(fields[4:]))
             outcome = self.fake.exec_handler(argv, unb64(fields[3]))
             result = await outcome if inspect.isawaitable(outcome) else outcome
             assert isinstance(result, ExecResult)
