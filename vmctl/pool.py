@@ -335,6 +335,12 @@ class SandboxPool:
                         return
                 self._start_succeeded(member, time.monotonic() - started)
                 await self._hold(member)
+                # Nobody will see this guest again: skip the guest's own power-off (no grace
+                # period) and have QEMU quit at once; the block's exit then only cleans up.
+                try:
+                    await sandbox.stop(timeout=0)
+                except Exception as exc:  # noqa: BLE001 - the block's exit still tears it down
+                    self.log.warning("stopping a released sandbox failed", sandbox=sandbox.id, error=repr(exc))
         finally:
             self._members.remove(member)
             self._emit(PoolEventKind.STOPPED, sandbox.id, str(sandbox.state))
