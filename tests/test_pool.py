@@ -224,3 +224,29 @@ async def test_a_real_warm_pool_hands_out_fresh_clones(assets: guest.GuestAssets
     assert first.state is SandboxState.STOPPED and second.state is SandboxState.STOPPED
     assert [e.kind for e in events][0] is K.TEMPLATE
     assert qemu_processes(str(runtime_dir)) == []
+
+
+@pytest.mark.qemu
+async def test_cancelling_a_real_pool_while_the_template_boots_or_the_clones_start(
+    assets: guest.GuestAssets, runtime_dir: Path
+) -> None:
+    config = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, memory_mib=256)
+    with anyio.move_on_after(1.0) as scope:  # QEMU runs, the template's guest is booting
+        async with SandboxPool(config, size=2):
+            pytest.fail("the template takes longer than that")
+    assert scope.cancelled_caught
+    assert qemu_processes(str(runtime_dir)) == [] and list(runtime_dir.iterdir()) == []
+
+    kinds: list[PoolEventKind] = []
+    with anyio.CancelScope() as scope:
+
+        def on_event(event: PoolEvent) -> None:
+            kinds.append(event.kind)
+            if event.kind is K.STARTING and kinds.count(K.STARTING) == 2:
+                scope.cancel()  # both clones are starting (one may be ready already)
+
+        async with SandboxPool(config, size=2, on_event=on_event) as pool:
+            await pool.wait_ready()
+            pytest.fail("cancelled while the clones start")
+    assert kinds[0] is K.TEMPLATE and kinds.count(K.STOPPED) == 2
+    assert qemu_processes(str(runtime_dir)) == [] and list(runtime_dir.iterdir()) == []
