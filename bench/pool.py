@@ -58,7 +58,7 @@ async def settle(pool: SandboxPool) -> None:
     """Wait until the pool is full and quiet: K ready, nothing starting or being destroyed."""
     await pool.wait_ready(timeout=300)
     with anyio.fail_after(120):
-        while (s := pool.stats()).starting or s.stopping or s.ready < pool.size:
+        while (s := pool.stats()).starting or s.stopping or s.ready < pool.size:  # noqa: ASYNC110 - a bench polls
             await anyio.sleep(0.02)
     await anyio.sleep(0.2)  # let the guests' own start-up work die down
 
