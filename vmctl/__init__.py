@@ -29,6 +29,8 @@ from vmctl.errors import (
     InvalidArgument,
     NotSupported,
     OutputLimitExceeded,
+    PoolError,
+    PoolTimeout,
     Problem,
     QMPCommandError,
     QMPDisconnected,
@@ -45,6 +47,7 @@ from vmctl.guestproc import GuestProcess, GuestStdin, GuestStream, ProcessContex
 from vmctl.hotplug import DeviceState, PluggedDevice
 from vmctl.hypervisors.base import Capabilities
 from vmctl.params import Param, deserialize_params, serialize_params
+from vmctl.pool import PoolEvent, PoolEventKind, PoolStats, SandboxPool
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState, Transition, Trigger
 
@@ -82,6 +85,11 @@ __all__ = [
     "OutputLimitExceeded",
     "Outcome",
     "Param",
+    "PoolError",
+    "PoolEvent",
+    "PoolEventKind",
+    "PoolStats",
+    "PoolTimeout",
     "ProcessContext",
     "PluggedDevice",
     "Problem",
@@ -93,6 +101,7 @@ __all__ = [
     "SandboxConfig",
     "SandboxBusy",
     "SandboxFailed",
+    "SandboxPool",
     "SandboxNotFound",
     "SandboxState",
     "SerialPort",

@@ -20,10 +20,12 @@
      +-- HotplugError           a hotplug or unplug request failed (refused, no slot left, ...)
      +-- InvalidArgument        (also a ValueError) a call's argument is unusable
      +-- FleetError             (also a ValueError) a fleet could not do what was asked
+     +-- PoolError              a sandbox pool could not do what was asked (closed, bad arguments)
      +-- NotSupported           the backend or machine cannot do this
      +-- VmctlTimeout           (also a TimeoutError) something did not happen in time
           +-- ReadyTimeout      the guest did not report ready in time
           +-- HotplugTimeout    (also a HotplugError) QEMU or the guest did not acknowledge in time
+          +-- PoolTimeout       (also a PoolError) no pooled sandbox became free in time
 
 Cancellation is never wrapped: ``anyio.get_cancelled_exc_class()`` always propagates as is.
 """
@@ -157,6 +159,10 @@ class FleetError(VmctlError, ValueError):
     """A fleet could not do what was asked (bad arguments, or with ``fail_fast``: a member failed)."""
 
 
+class PoolError(VmctlError):
+    """A sandbox pool could not do what was asked (it is closed, or an argument is unusable)."""
+
+
 class NotSupported(VmctlError):
     """The backend or machine type cannot do what was asked."""
 
@@ -171,3 +177,12 @@ class ReadyTimeout(VmctlTimeout):
 
 class HotplugTimeout(HotplugError, VmctlTimeout):
     """QEMU or the guest did not acknowledge a hotplug request in time."""
+
+
+class PoolTimeout(PoolError, VmctlTimeout):
+    """No pooled sandbox was ready within an ``acquire`` timeout; ``last_error`` is the last start
+    failure, if any (a pool whose starts keep failing times out with the reason)."""
+
+    def __init__(self, message: str, *, last_error: BaseException | None = None) -> None:
+        self.last_error = last_error
+        super().__init__(message)

@@ -6,18 +6,20 @@ by an error, or by cancellation) tears every member down. Boots go through a cap
 a member that fails to boot is recorded with its error while the others go on, unless
 ``fail_fast`` asks to stop them all. Progress is reported as :class:`FleetEvent` values to an
 optional callback.
+
+By default ``async with`` returns once every boot finished. With ``wait=False`` it returns at
+once, and :meth:`Fleet.as_ready` hands out members as they become ready, so work starts at the
+first ready guest rather than after the slowest boot. :meth:`Fleet.restart` replaces one member's
+sandbox (stopped, then a new one with the same id started in the member's own task).
 """
 
 from __future__ import annotations
 
 import enum
-import shutil
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -27,9 +29,10 @@ from vmctl.config import SandboxConfig
 from vmctl.devices import BlockDevice
 from vmctl.errors import FleetError
 from vmctl.hypervisors.base import Backend
-from vmctl.paths import runtime_dir
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState
+from vmctl.template import boot_template
+from vmctl.waiting import deadline
 
 T = TypeVar("T")
 
@@ -42,6 +45,7 @@ class FleetEventKind(enum.Enum):
     DONE = "done"
     ERROR = "error"
     STOPPED = "stopped"
+    RESTARTING = "restarting"
 
 
 @dataclass(frozen=True)
@@ -64,13 +68,21 @@ class Outcome(Generic[T]):
         return self.error is None
 
 
-@dataclass
+@dataclass(eq=False)
 class Member:
+    """One place in the fleet: its current sandbox (a restart puts a new one here) and its boot."""
+
     index: int
     sandbox: Sandbox
     boot_seconds: float | None = None
     boot_error: BaseException | None = None
     boot_done: bool = False
+    restarts: int = 0  # how many times restart() replaced the sandbox
+    _restarting: bool = field(default=False, repr=False)
+    # one set per run of the member task (made when it starts: events need the event loop)
+    _booted: anyio.Event | None = field(default=None, repr=False)
+    _stop: anyio.Event | None = field(default=None, repr=False)
+    _gone: anyio.Event | None = field(default=None, repr=False)
 
 
 def refuse_shared_writable_disks(configs: list[SandboxConfig]) -> None:
@@ -113,6 +125,7 @@ class Fleet:
         start_timeout: float = 300.0,
         backend: Backend | None = None,
         template: bool = False,
+        wait: bool = True,
     ) -> None:
         configs = [config] * (size or 1) if isinstance(config, SandboxConfig) else list(config)
         if size is not None and not isinstance(config, SandboxConfig) and size != len(configs):
@@ -126,6 +139,9 @@ class Fleet:
             raise FleetError("template: members started from one template share one config")
         self._configs = configs
         self._template = template
+        #: ``async with`` waits for every boot (False: use :meth:`as_ready`)
+        self.wait = wait
+        self._member_configs = configs
         self._id_prefix, self._backend, self._start_timeout = id_prefix, backend, start_timeout
         #: how long the template took to boot and save (template fleets only)
         self.template_seconds: float | None = None
@@ -139,9 +155,12 @@ class Fleet:
         self._booting = 0  # set when the members exist (after the template, if any)
         self._all_booted: anyio.Event | None = None
         self._closing: anyio.Event | None = None
+        self._changed: anyio.Event | None = None  # replaced on every boot outcome (as_ready waits on it)
+        self._ready_log: list[Member] = []  # members in the order they became ready
         self._first_failure: BaseException | None = None
 
     def _make_members(self, configs: list[SandboxConfig]) -> list[Member]:
+        self._member_configs = configs
         return [
             Member(i, Sandbox(c, id=f"{self._id_prefix}-{i}", backend=self._backend, start_timeout=self._start_timeout))
             for i, c in enumerate(configs)
@@ -149,16 +168,10 @@ class Fleet:
 
     async def _boot_template(self, stack: AsyncExitStack) -> None:
         """Boot one sandbox to be the template (it saves its state and stops); members clone it."""
-        work = Path(tempfile.mkdtemp(prefix="fleet-template-", dir=runtime_dir()))
-        stack.callback(shutil.rmtree, work, True)  # after every member is gone
-        files = {"memory_path": work / "template.mem", "devices_state_path": work / "template.state"}
         started = time.monotonic()
-        template = Sandbox(self._configs[0].replace(boot_to_be_template=True, **files), id=f"{self._id_prefix}-template",
-                           backend=self._backend, start_timeout=self._start_timeout)  # fmt: skip
-        async with template:
-            pass
+        clone = await boot_template(self._configs[0], stack, id=f"{self._id_prefix}-template",
+                                    backend=self._backend, start_timeout=self._start_timeout)  # fmt: skip
         self.template_seconds = time.monotonic() - started
-        clone = self._configs[0].replace(boot_from_template=True, **files)
         self.members = self._make_members([clone] * len(self._configs))
 
     # -- introspection -----------------------------------------------------------------------
@@ -187,6 +200,7 @@ class Fleet:
     async def __aenter__(self) -> Fleet:
         self._all_booted = anyio.Event()
         self._closing = anyio.Event()
+        self._changed = anyio.Event()
         stack = AsyncExitStack()
         await stack.__aenter__()
         self._stack = stack
@@ -196,9 +210,10 @@ class Fleet:
             self._booting = len(self.members)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             for member in self.members:
-                self._tg.start_soon(self._run_member, member, name=member.sandbox.id)
-            await self._all_booted.wait()
-            if self.fail_fast and self._first_failure is not None:
+                self._start_member(member)
+            if self.wait:
+                await self._all_booted.wait()
+            if self.wait and self.fail_fast and self._first_failure is not None:
                 raise FleetError(f"a member failed to boot: {self._first_failure}") from self._first_failure
         except BaseException:
             if self._tg is not None:
@@ -216,11 +231,26 @@ class Fleet:
             return
         assert self._closing is not None
         self._closing.set()
+        for member in self.members:
+            if member._stop is not None:
+                member._stop.set()
+        self._notify()
         await stack.__aexit__(None, None, None)  # members tear down in their own tasks
 
-    async def _run_member(self, member: Member) -> None:
+    def _start_member(self, member: Member) -> None:
+        """Start the task that owns ``member.sandbox`` (synchronous: no await between the checks
+        of a caller and the start)."""
+        assert self._tg is not None
+        member._booted, member._stop, member._gone = anyio.Event(), anyio.Event(), anyio.Event()
+        self._tg.start_soon(self._run_member, member, member._stop, member._gone, name=member.sandbox.id)
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def _run_member(self, member: Member, stop: anyio.Event, gone: anyio.Event) -> None:
         """Own one sandbox from boot to teardown; never let its failure reach the group."""
-        assert self._closing is not None
         sandbox = member.sandbox
         try:
             async with AsyncExitStack() as stack:
@@ -235,27 +265,98 @@ class Fleet:
                         self._note_failure(exc)
                     else:
                         member.boot_seconds = time.monotonic() - started
+                        self._ready_log.append(member)
                         self._emit(FleetEventKind.READY, sandbox, f"{member.boot_seconds:.2f}s")
                 self._boot_finished(member)
                 if member.boot_error is None:
-                    await self._closing.wait()
+                    await stop.wait()  # the fleet closes, or restart() wants this sandbox gone
         finally:
             self._boot_finished(member)  # also when cancelled while booting
             self._emit(FleetEventKind.STOPPED, sandbox, str(sandbox.state))
+            gone.set()
 
     def _boot_finished(self, member: Member) -> None:
         if member.boot_done:
             return
         member.boot_done = True
+        if member._booted is not None:
+            member._booted.set()
         self._booting -= 1
         if self._booting == 0 and self._all_booted is not None:
             self._all_booted.set()
+        self._notify()
 
     def _note_failure(self, exc: BaseException) -> None:
         if self._first_failure is None:
             self._first_failure = exc
         if self.fail_fast and self._all_booted is not None:
             self._all_booted.set()  # __aenter__ raises and closes everyone
+
+    def _check_open(self) -> None:
+        if self._stack is None:
+            raise FleetError("the fleet is not open: use it inside 'async with Fleet(...) as fleet:'")
+
+    # -- readiness and restarts -----------------------------------------------------------------
+
+    async def as_ready(self) -> AsyncIterator[Member]:
+        """Members as they become ready (their :class:`Member`, with ``.sandbox``), in that order.
+
+        Members whose boot fails are not yielded (they are in :attr:`failed` with their
+        ``boot_error``); with ``fail_fast`` the first such failure raises :class:`FleetError`
+        here instead. The iteration ends once no boot is under way and every ready member was
+        yielded. A member restarted meanwhile is yielded again when its new sandbox is ready.
+        With ``wait=True`` (the default) every boot is already done: this yields the ready
+        members in the order they became ready.
+        """
+        self._check_open()
+        seen = 0
+        while True:
+            while seen < len(self._ready_log):
+                seen += 1
+                yield self._ready_log[seen - 1]
+            if self.fail_fast and self._first_failure is not None:
+                raise FleetError(f"a member failed to boot: {self._first_failure}") from self._first_failure
+            if self._booting == 0:
+                return
+            assert self._changed is not None
+            await self._changed.wait()
+
+    async def restart(self, index: int, *, timeout: float | None = None) -> Sandbox:
+        """Stop member ``index`` and start it again: a new sandbox with the same id, in the
+        member's own task. Returns the new sandbox once it is ready; if it fails to boot, raises
+        :class:`FleetError` (the member is then in :attr:`failed`, and may be restarted again).
+        Events: ``restarting``, ``stopped`` (the old sandbox), ``booting``, ``ready`` or
+        ``boot-failed``. Cancelled (or timed out) after the old sandbox stopped, the new one goes
+        on booting in the fleet."""
+        self._check_open()
+        member = self.members[index]
+        if member._gone is None or member._stop is None:
+            raise FleetError(f"member {index} has not started yet")
+        if member._restarting:
+            raise FleetError(f"member {index} is already restarting")
+        old = member.sandbox
+        self._emit(FleetEventKind.RESTARTING, old)
+        member._restarting = True
+        with deadline(timeout, f"restart of {old.id}"):
+            try:
+                member._stop.set()
+                await member._gone.wait()
+                assert self._closing is not None
+                if self._closing.is_set():
+                    raise FleetError("the fleet closed during the restart")
+                member.sandbox = Sandbox(self._member_configs[index], id=old.id, backend=self._backend,
+                                         start_timeout=self._start_timeout)  # fmt: skip
+                member.boot_seconds, member.boot_error, member.boot_done = None, None, False
+                member.restarts += 1
+                self._booting += 1
+                self._start_member(member)
+                assert member._booted is not None
+                await member._booted.wait()
+            finally:
+                member._restarting = False
+        if member.boot_error is not None:
+            raise FleetError(f"{old.id} failed to boot again: {member.boot_error}") from member.boot_error
+        return member.sandbox
 
     # -- work ---------------------------------------------------------------------------------
 
@@ -268,6 +369,8 @@ class Fleet:
         outcomes: list[Outcome[T] | None] = [None] * len(self.members)
 
         async def one(member: Member, tg: TaskGroup) -> None:
+            if member._booted is not None:
+                await member._booted.wait()  # with wait=False a member may still be booting
             sandbox = member.sandbox
             if member.boot_error is not None:
                 outcomes[member.index] = Outcome(error=member.boot_error)

@@ -1,0 +1,30 @@
+"""One template sandbox for many clones, as fleets and pools use it.
+
+The template boots once (``boot_to_be_template``), saves its state and stops; its two files live
+in a private directory under the runtime dir, removed when the caller's exit stack closes (after
+every clone is gone). The returned config starts a clone of it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from vmctl.config import SandboxConfig
+from vmctl.hypervisors.base import Backend
+from vmctl.paths import runtime_dir
+from vmctl.sandbox import Sandbox
+
+
+async def boot_template(config: SandboxConfig, stack: AsyncExitStack, *, id: str,  # noqa: A002
+                        backend: Backend | None, start_timeout: float) -> SandboxConfig:  # fmt: skip
+    """Boot ``config`` to be a template whose files go when ``stack`` closes; the clones' config."""
+    work = Path(tempfile.mkdtemp(prefix=f"{id}-", dir=runtime_dir()))
+    stack.callback(shutil.rmtree, work, True)  # registered first: runs after everything else
+    files = {"memory_path": work / "template.mem", "devices_state_path": work / "template.state"}
+    async with Sandbox(config.replace(boot_to_be_template=True, **files), id=id, backend=backend,
+                       start_timeout=start_timeout):  # fmt: skip
+        pass
+    return config.replace(boot_from_template=True, **files)
