@@ -264,3 +264,19 @@ def test_cli_image_build_errors(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "add --image" in capsys.readouterr().err
     assert main(["guest", "build", "--image", "--from-dir", str(tmp_path / "root")]) == 1
     assert "no /bin/sh" in capsys.readouterr().err
+
+
+async def test_the_workloads_walkthrough(debian_image: guest.BuiltImage, assets: guest.GuestAssets, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """examples/python_job.py as the README shows it (a pool of 2 here to spare the CI machine):
+    a Debian image with python3, a pool from it, a script uploaded, its output read while it
+    runs, the file it wrote downloaded, and the sandbox gone afterwards."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("python_job", Path(__file__).parent.parent / "examples" / "python_job.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    result = await example.main(pool_size=2)
+    assert result.startswith("python 3.11") and "6 * 7 = 42" in result

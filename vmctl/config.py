@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from vmctl import host
-from vmctl.devices import BlockDriver, Device, DeviceContext, device_from_mapping, device_to_mapping, expand_path, probe
+from vmctl.devices import (
+    BlockDevice,
+    BlockDriver,
+    Device,
+    DeviceContext,
+    device_from_mapping,
+    device_to_mapping,
+    expand_path,
+    probe,
+)
 from vmctl.errors import ConfigError, Problem
 from vmctl.params import Param, normalize_params, serialize_params
 
@@ -563,3 +572,24 @@ def _check_templates(c: SandboxConfig, bad: Any) -> None:
     if (c.boot_to_be_template or c.boot_from_template) and c.shared_memory:
         bad("shared_memory", "templates keep guest memory in memory_path (a clone maps it privately); "
                              "vhost-user devices cannot be combined with templates")  # fmt: skip
+
+
+def shared_writable_disks(configs: list[SandboxConfig]) -> list[str]:
+    """Disk files more than one of ``configs`` would open read-write (QEMU's locks refuse that).
+
+    Overlay disks share only their base, read-only; each sandbox writes its own overlay, so they
+    are fine. A kept ``overlay_file`` named more than once is shared and writable, and so is a
+    base that another sandbox opens read-write."""
+    writers: dict[str, int] = {}
+    bases: set[str] = set()
+    for config in configs:
+        disks = [BlockDevice(path=config.image, overlay=config.image_overlay)] if config.image else []
+        disks += [d for d in config.devices if isinstance(d, BlockDevice) and not d.read_only]
+        for disk in disks:
+            if disk.overlay:
+                bases.add(str(disk.path))
+                if disk.overlay_file is None:
+                    continue
+            path = str(disk.overlay_file if disk.overlay else disk.path)
+            writers[path] = writers.get(path, 0) + 1
+    return sorted(p for p, n in writers.items() if n > 1 or p in bases)

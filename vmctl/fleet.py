@@ -25,8 +25,7 @@ from typing import Any, Generic, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
-from vmctl.config import SandboxConfig
-from vmctl.devices import BlockDevice
+from vmctl.config import SandboxConfig, shared_writable_disks
 from vmctl.errors import FleetError
 from vmctl.hypervisors.base import Backend
 from vmctl.sandbox import Sandbox
@@ -86,24 +85,8 @@ class Member:
 
 
 def refuse_shared_writable_disks(configs: list[SandboxConfig]) -> None:
-    """Members opening one image read-write would be refused by QEMU's locks (or corrupt it).
-
-    Overlay disks share only their base, read-only; each member writes its own overlay, so they
-    are accepted. A kept ``overlay_file`` named by more than one member is a shared writable disk,
-    and so is a base that another member opens read-write."""
-    writers: dict[str, int] = {}
-    bases: set[str] = set()
-    for config in configs:
-        disks = [BlockDevice(path=config.image, overlay=config.image_overlay)] if config.image else []
-        disks += [d for d in config.devices if isinstance(d, BlockDevice) and not d.read_only]
-        for disk in disks:
-            if disk.overlay:
-                bases.add(str(disk.path))
-                if disk.overlay_file is None:
-                    continue
-            path = str(disk.overlay_file if disk.overlay else disk.path)
-            writers[path] = writers.get(path, 0) + 1
-    shared = sorted(p for p, n in writers.items() if n > 1 or p in bases)
+    """Members opening one image read-write would be refused by QEMU's locks (or corrupt it)."""
+    shared = shared_writable_disks(configs)
     if shared:
         raise FleetError(f"members would share writable disks {shared}: give each its own copy, "
                          "mark data disks read_only, or use overlays (image_overlay=True, "

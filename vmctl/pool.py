@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from vmctl.config import SandboxConfig
-from vmctl.devices import BlockDevice
+from vmctl.config import SandboxConfig, shared_writable_disks
 from vmctl.errors import PoolError, PoolTimeout, VmctlError
 from vmctl.hypervisors.base import Backend
 from vmctl.log import get_logger
@@ -50,6 +49,7 @@ from vmctl.state import SandboxState
 from vmctl.template import boot_template
 
 WARM_UP_TIMEOUT = 30.0
+RELEASE_LIMIT = 30.0  # seconds a release waits for the sandbox to be gone
 
 
 class PoolEventKind(enum.Enum):
@@ -98,6 +98,7 @@ class _Member:
     sandbox: Sandbox
     phase: _Phase = _Phase.STARTING
     released: anyio.Event = field(default_factory=anyio.Event)
+    gone: anyio.Event = field(default_factory=anyio.Event)  # its sandbox stopped and cleaned up
 
 
 class SandboxPool:
@@ -123,11 +124,10 @@ class SandboxPool:
             raise PoolError("max_concurrent_starts: must be at least 1")
         if backoff <= 0 or max_backoff < backoff:
             raise PoolError("backoff: must be positive and at most max_backoff")
-        writable = [str(config.image)] if config.image else []
-        writable += [str(d.path) for d in config.devices if isinstance(d, BlockDevice) and not d.read_only]
-        if writable:
-            raise PoolError(f"members would share writable disks {writable}: a pooled config may only "
-                            "have read-only disks")  # fmt: skip
+        shared = shared_writable_disks([config, config])
+        if shared:
+            raise PoolError(f"members would share writable disks {shared}: a pooled config may only have "
+                            "read-only disks and overlays (image_overlay=True, BlockDevice(overlay=True))")  # fmt: skip
         self.size = size
         self.max_concurrent_starts = max_concurrent_starts
         #: members are clones of one template (default: wherever the machine offers templates)
@@ -258,13 +258,16 @@ class SandboxPool:
         """A running sandbox for the block, for this caller alone; destroyed after the block.
 
         Waits while none is ready; after ``timeout`` seconds raises :class:`PoolTimeout`. Leaving
-        the block hands the sandbox back to its member task, which stops it (the block does not
-        wait for that; leaving the pool's block does)."""
+        the block hands the sandbox back to its member task, which stops it at once, and returns
+        when it is gone (QEMU and its files)."""
         member = await self._take(timeout)
         try:
             yield member.sandbox
         finally:
             self._give_back(member)
+            # the block ends when the sandbox is gone (QEMU quits at once: tens of milliseconds)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_LIMIT):
+                await member.gone.wait()
 
     async def _take(self, timeout: float | None) -> _Member:
         with anyio.move_on_after(math.inf if timeout is None else timeout):
@@ -343,6 +346,7 @@ class SandboxPool:
                     self.log.warning("stopping a released sandbox failed", sandbox=sandbox.id, error=repr(exc))
         finally:
             self._members.remove(member)
+            member.gone.set()
             self._emit(PoolEventKind.STOPPED, sandbox.id, str(sandbox.state))
 
     def _start_failed(self, member: _Member, exc: Exception) -> None:
