@@ -216,8 +216,14 @@ async def test_k_guest_query_on_a_hung_agent_times_out(make_config) -> None:
     """With the agent's main loop SIGSTOPped, guest_memory(timeout=2) raises VmctlTimeout.
     Base: guest_memory() takes no timeout (TypeError), and without one it waits forever."""
     async with Sandbox(make_config(), stop_timeout=3) as sb:
-        # $PPID is the agent subshell running this request; field 4 of its stat is the agent's main loop
-        await sb.exec(["sh", "-c", "kill -STOP $(cut -d' ' -f4 /proc/$PPID/stat)"], check=True)
+        # $PPID is the agent; the background child stops it after the exec's answer went out
+        await sb.exec(["sh", "-c", "(sleep 0.2; kill -STOP $PPID) </dev/null >/dev/null 2>&1 &"], check=True)
+        agent = sb.hypervisor.agent
+        while True:  # until the agent stops answering (nothing to wait on but its silence)
+            with anyio.move_on_after(1) as scope:
+                await agent.ping()
+            if scope.cancelled_caught:
+                break
         with anyio.fail_after(30), pytest.raises(VmctlTimeout):
             await sb.guest_memory(timeout=2)  # type: ignore[call-arg]
         assert sb.state is SandboxState.RUNNING

@@ -74,6 +74,13 @@ class Origin:
             return LaunchPlan(Start.CLONE, incoming=config.devices_state_path, detached=self.detached, devices=cold)
         return LaunchPlan(Start.BOOT, detached=self.detached, devices=cold)
 
+    async def prepare(self) -> tuple[RunPaths, LaunchPlan]:
+        """The run directory, the launch plan, and the disks that plan needs made."""
+        paths = self.claim_paths()
+        plan = self.plan(paths)
+        await self.prepare_disks(plan)
+        return paths, plan
+
     async def prepare_disks(self, plan: LaunchPlan) -> None:
         """Make the overlay disks' overlays before QEMU opens them: empty on a boot, copies of
         the snapshot's or the template's on a restore or a clone (an attach finds them in use)."""

@@ -252,9 +252,7 @@ class Sandbox:
 
     async def _launch(self, tg: TaskGroup) -> tuple[Trigger, str]:
         """Everything a start does before the guest is confirmed: run dir, plan, QEMU, devices."""
-        paths = self._origin.claim_paths()
-        plan = self._origin.plan(paths)
-        await self._origin.prepare_disks(plan)
+        paths, plan = await self._origin.prepare()
         agent = self._events.agent = AgentClient(paths.agent_socket)
         self._hv = hv = self._backend(self._config, paths, self.id, self._events, self.log, plan=plan, agent=agent)
         if self._config.boot_to_be_template and not hv.capabilities().templates:
