@@ -80,14 +80,6 @@ def tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
     return None
 
 
-def qemu_firmware(qemu: Path, name: str) -> Path | None:
-    """A firmware file shipped with ``qemu`` (``<prefix>/share/qemu/NAME``), if it is there."""
-    for share in (qemu.resolve().parent.parent / "share" / "qemu", Path("/usr/share/qemu")):
-        if (share / name).is_file():
-            return share / name
-    return None
-
-
 def find_qemu(binary: str | os.PathLike[str] | None = None) -> Path:
     """The QEMU binary to use: the one given, or ``qemu-system-x86_64`` on PATH."""
     if binary is not None:
