@@ -42,9 +42,9 @@ async def clones_once(alone: int, at_once: int, pss_clones: int, extra: dict[str
     base = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, vcpus=1, memory_mib=256, **extra)
     try:
         t = time.perf_counter()
-        async with Sandbox(base.replace(boot_to_be_template=True, **paths)):
-            pass
-        template_s = time.perf_counter() - t
+        async with Sandbox(base.replace(boot_to_be_template=True, **paths)) as template:
+            template_s = time.perf_counter() - t  # a cold boot, plus saving the device state
+            template_pss = _pss_mib(template.pid)  # a cold-booted guest's QEMU (its RAM is the shared file)
         clone_cfg = base.replace(boot_from_template=True, **paths)
 
         async def clone_until_answer(out: list[dict[str, Any]], hold: anyio.Event | None = None,
@@ -78,7 +78,7 @@ async def clones_once(alone: int, at_once: int, pss_clones: int, extra: dict[str
         async with anyio.create_task_group() as tg:
             for _ in range(pss_clones):
                 tg.start_soon(clone_until_answer, [], hold, pss, up)
-        return {"template_s": template_s, "alone": single, "at_once": together, "pss_mib": pss,
+        return {"template_s": template_s, "template_pss_mib": template_pss, "alone": single, "at_once": together, "pss_mib": pss,
                 "accel": single[0]["accel"] if single else None}  # fmt: skip
     finally:
         for p in work.iterdir():
@@ -125,7 +125,7 @@ def main(rounds: int, old: str, alone: int, at_once: int, pss_clones: int, varia
     load = f"load average {min(x[0] for x in loads):.1f}-{max(x[0] for x in loads):.1f} (1 min)"
     print(f"\ntemplate clones, {rounds} rounds, accel {','.join(accel)}, 256 MiB, {load}")
     print(f"{'':14}{'alone p50':>11}{f'{at_once} at once p50':>16}{f'{at_once} at once max':>16}"
-          f"{f'PSS/clone ({pss_clones})':>17}{'template':>10}")  # fmt: skip
+          f"{f'PSS/clone ({pss_clones})':>17}{'template s':>11}{'tpl PSS':>9}")  # fmt: skip
     table: dict[str, dict[str, float]] = {}
     for name, ss in samples.items():
         row = {
@@ -134,10 +134,11 @@ def main(rounds: int, old: str, alone: int, at_once: int, pss_clones: int, varia
             "at_once_max": med([max(c["answer"] for c in s["at_once"]) for s in ss if s["at_once"]]),
             "pss": med([p for s in ss for p in s["pss_mib"]]),
             "template": med([s["template_s"] for s in ss]),
+            "template_pss": med([s["template_pss_mib"] for s in ss]),
         }
         table[name] = row
         print(f"{name:14}{row['alone']:11.3f}{row['at_once']:16.3f}{row['at_once_max']:16.3f}{row['pss']:17.1f}"
-              f"{row['template']:10.2f}")  # fmt: skip
+              f"{row['template']:11.2f}{row['template_pss']:9.1f}")  # fmt: skip
     if "new" in samples:
         keys = sorted({k for s in samples["new"] for c in s["alone"] for k in c["steps"]},
                       key=lambda k: med([c["steps"].get(k, 0) for s in samples["new"] for c in s["alone"]]))  # fmt: skip
