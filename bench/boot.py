@@ -3,9 +3,9 @@
 Each sample is one boot in a fresh process, timed inside it: ``new`` is this tree's vmctl,
 ``old`` the vmctl of ``--old REF`` (default ff3b471, before the fast boot path), unpacked with
 ``git archive`` into a cache directory, with its own default guest and command line. Variants of
-``new`` split the time before the kernel's clock starts: ``new-seabios`` boots the same unpacked
-kernel with SeaBIOS instead of qboot, ``new-bzimage`` the compressed bzImage with SeaBIOS (the
-decompressor runs in the guest). Variants alternate within every round, so drift in machine load
+``new`` split the time before the kernel's clock starts: ``new-bzimage`` boots the compressed
+bzImage (its decompressor runs in the guest), ``new-qboot`` the unpacked kernel with QEMU's qboot
+firmware instead of SeaBIOS. Variants alternate within every round, so drift in machine load
 hits them alike; every table prints the load average and the accelerator used.
 
 Breakdown per boot (seconds, host clock from the ``Sandbox`` call): ``qemu`` until QEMU runs the
@@ -13,7 +13,7 @@ guest (``cont``), ``pre-kernel`` until the guest kernel's clock starts (host tim
 minus the guest's ``/proc/uptime``), ``to-init`` the kernel's ``Run /init`` (dmesg), ``modules``
 init's module loading (new guest only: /run/vmctl-boot-times), ``ready`` the agent's READY.
 
-    python bench/boot.py --rounds 5 [--machines q35,microvm] [--old ff3b471] [--variants new,old]
+    python bench/boot.py --rounds 5 [--machines q35,microvm] [--old ff3b471] [--variants new,old,new-bzimage]
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
-SEABIOS = "/usr/share/seabios/bios-256k.bin"
-VARIANTS = ("new", "old", "new-seabios", "new-bzimage")
+QBOOT = "/usr/share/qemu/qboot.rom"
+VARIANTS = ("new", "old", "new-bzimage", "new-qboot")
 
 
 async def boot_once(machine: str, memory: int, variant: str) -> dict[str, object]:
@@ -42,10 +42,10 @@ async def boot_once(machine: str, memory: int, variant: str) -> dict[str, object
 
     assets = await guest.ensure_default_assets()
     config = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, vcpus=1, memory_mib=memory, machine=machine)
-    if variant == "new-seabios":
-        config = config.replace(firmware=SEABIOS)
+    if variant == "new-qboot":
+        config = config.replace(firmware=QBOOT)
     elif variant == "new-bzimage":
-        config = config.replace(firmware=SEABIOS, kernel=getattr(assets, "bzimage", None) or assets.kernel)
+        config = config.replace(kernel=getattr(assets, "bzimage", None) or assets.kernel)
     started = time.perf_counter()
     async with Sandbox(config) as sb:
         ready = time.perf_counter() - started
