@@ -47,13 +47,21 @@ def test_accel_option_carries_the_tb_size(make_config: MakeConfig, tmp_path: Pat
 def test_firmware_and_kernel_parameters(make_config: MakeConfig, tmp_path: Path) -> None:
     assert "-bios" not in argv_for(make_config(), tmp_path), "QEMU's own firmware (measured: qboot gains nothing)"
     line = kernel_cmdline(make_config().replace(accel="tcg"))
-    assert all(p in line.split() for p in FAST_BOOT_PARAMS) and "tsc=reliable" in line
+    assert all(p in line.split() for p in FAST_BOOT_PARAMS) and {"tsc=reliable", "nolapic_timer"} <= set(line.split())
     assert "tsc=reliable" not in kernel_cmdline(make_config().replace(accel="kvm"))
+    assert "nolapic_timer" not in kernel_cmdline(make_config(machine="microvm").replace(accel="tcg")), "no HPET there"
     from vmctl.devices import SerialPort
 
     assert "vmctl.cold_devices=1" in kernel_cmdline(make_config(devices=[SerialPort(name="x")]))
     assert "vmctl.cold_devices=1" not in line
     assert make_config(kernel_params=["swiotlb=force"]).kernel_cmdline().endswith("swiotlb=force"), "yours come last"
+
+
+def test_resumed_guests_go_without_the_initramfs(make_config: MakeConfig, tmp_path: Path) -> None:
+    assert "-initrd" in argv_for(make_config(), tmp_path)
+    resolved = make_config().replace(accel="tcg", qemu_binary=Path(sys.executable))
+    restore = build_command(resolved, RunPaths(tmp_path, tmp_path), "t", FDS, incoming=True)
+    assert "-initrd" not in restore and "-kernel" in restore, "the kernel stays: its option ROM is in the state"
 
 
 def test_default_guest_kernel_is_an_unpacked_pvh_image(assets: guest.GuestAssets) -> None:

@@ -54,7 +54,11 @@ def _clock_params(config: SandboxConfig) -> list[str]:
         return []
     khz = host.tsc_khz()
     out = [f"tsc_early_khz={khz}"] if khz else []
-    return out + (["tsc=reliable"] if config.accel == "tcg" else [])
+    if config.accel != "tcg":
+        return out
+    # the local APIC timer's calibration counts 100 ms against the PM timer at every boot; q35 and
+    # pc give the guest an HPET that serves as its tick instead (measured: /init 0.08 s sooner)
+    return out + ["tsc=reliable"] + (["nolapic_timer"] if config.machine != "microvm" else [])
 
 
 def accel_option(config: SandboxConfig) -> str:
@@ -90,7 +94,9 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
     if c.mlock:
         argv += ["-overcommit", "mem-lock=on"]
     argv += ["-kernel", str(c.kernel), "-append", kernel_cmdline(c)]
-    if c.initrd is not None:
+    if c.initrd is not None and not (c.boot_from_template or incoming):
+        # a guest that resumes from saved state never reads its initramfs again, and QEMU would
+        # keep a private copy of it in memory (fw_cfg): clones and restores go without
         argv += ["-initrd", str(c.initrd)]
     if c.firmware is not None:
         argv += ["-bios", str(c.firmware)]
