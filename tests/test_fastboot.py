@@ -52,8 +52,10 @@ def test_firmware_and_kernel_parameters(make_config: MakeConfig, tmp_path: Path)
     assert "nolapic_timer" not in kernel_cmdline(make_config(machine="microvm").replace(accel="tcg")), "no HPET there"
     from vmctl.devices import SerialPort
 
-    assert "vmctl.cold_devices=1" in kernel_cmdline(make_config(devices=[SerialPort(name="x")]))
-    assert "vmctl.cold_devices=1" not in line
+    assert "vmctl.sync_modules=1" in kernel_cmdline(make_config(devices=[SerialPort(name="x")]))
+    template = make_config(boot_to_be_template=True, memory_path=tmp_path / "m", devices_state_path=tmp_path / "s")
+    assert "vmctl.sync_modules=1" in kernel_cmdline(template), "clones must not inherit half-loaded modules"
+    assert "vmctl.sync_modules=1" not in line
     assert make_config(kernel_params=["swiotlb=force"]).kernel_cmdline().endswith("swiotlb=force"), "yours come last"
 
 

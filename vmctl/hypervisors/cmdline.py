@@ -37,8 +37,10 @@ def kernel_cmdline(config: SandboxConfig) -> str:
     if config.memory_hotplug_possible:
         base.append("memhp_default_state=online_movable")  # hot-added memory stays removable
     base += _clock_params(config)
-    if config.devices:  # the guest loads every driver before its agent starts (see guest/files/init)
-        base.append("vmctl.cold_devices=1")
+    # the guest loads every driver before its agent starts (see guest/files/init) when devices are
+    # there from boot, or when a template is saved at ready: else each clone would finish the job
+    if config.devices or config.boot_to_be_template:
+        base.append("vmctl.sync_modules=1")
     if config.image is not None:
         root = "/dev/sda" if config.device_context().pci and config.block_driver == "virtio-scsi" else "/dev/vda"
         base += [f"root={root}", "rootfstype=ext4", "rw"]
