@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from accel import pin_accel, pinned
 from plain import PlainVm, plain_vm  # noqa: E402  (bench/ is run as scripts)
 
 from vmctl import Param, Sandbox, SandboxConfig, guest, host
@@ -268,9 +269,8 @@ async def vmctl_fleet(config: SandboxConfig, n: int, *, template: bool, max_star
 
 def worker(mode: str, n: int, memory: int, max_starts: int, start_timeout: float,
            kernel_params: list[str]) -> dict[str, Any]:  # fmt: skip
-    os.environ["VMCTL_ACCEL"] = "tcg"
     assets = anyio.run(guest.ensure_default_assets)
-    config = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, vcpus=1, memory_mib=memory, accel="tcg",
+    config = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, vcpus=1, memory_mib=memory, accel=pinned(),
                            kernel_params=tuple(Param(p) for p in kernel_params))  # fmt: skip
     if mode == "plain-seq":
         return anyio.run(plain_sequential, config, n, start_timeout)
@@ -290,7 +290,7 @@ def run_worker(mode: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Run one (mode, N) in a fresh process with private dirs; kill whatever QEMU it left."""
     work = Path(tempfile.mkdtemp(prefix="bf-", dir="/tmp"))
     (work / "tmp").mkdir()
-    env = dict(os.environ, VMCTL_ACCEL="tcg", VMCTL_RUNTIME_DIR=str(work / "rt"), TMPDIR=str(work / "tmp"))
+    env = dict(os.environ, VMCTL_RUNTIME_DIR=str(work / "rt"), TMPDIR=str(work / "tmp"))
     max_starts = args.max_concurrent_starts or n
     start_timeout = args.start_timeout or 120.0 + 40.0 * n
     limit = args.worker_timeout or 300.0 + 120.0 * n
@@ -364,7 +364,7 @@ def machine_info() -> dict[str, Any]:
         "running_in_vm": host.running_in_vm(),
         "qemu": str(qemu),
         "qemu_version": anyio.run(host.qemu_version, qemu),
-        "accel": "tcg",
+        "accel": pinned(),
         "python": platform.python_version(),
         "git_commit": commit,
         "loadavg_start": os.getloadavg(),
@@ -399,7 +399,7 @@ def print_report(results: list[dict[str, Any]], info: dict[str, Any], memory: in
     from rich.table import Table
 
     plain_seq = {r["n"]: r["total_s"] for r in results if r["mode"] == "plain-seq" and r.get("ok")}
-    table = Table(title=f"N sandboxes until each answered a first exec of `true` ({memory} MiB, 1 vCPU, TCG, "
+    table = Table(title=f"N sandboxes until each answered a first exec of `true` ({memory} MiB, 1 vCPU, {info['accel'].upper()}, "
                         f"{info['cores']} cores, QEMU {info['qemu_version']}, extra kernel params: {kernel_params or 'none'})")  # fmt: skip
     for name, justify in [("mode", "left"), ("N", "right"), ("total s", "right"), ("per-sandbox s", "right"),
                           ("median own s", "right"), ("÷ plain-seq", "right"), ("PSS MiB/sb", "right"),
@@ -436,6 +436,7 @@ def print_report(results: list[dict[str, Any]], info: dict[str, Any], memory: in
 
 
 def main(args: argparse.Namespace) -> int:
+    anyio.run(pin_accel)  # every worker process inherits it
     sizes = [int(s) for s in args.sizes.split(",")]
     modes = args.modes.split(",")
     unknown = set(modes) - set(MODES)

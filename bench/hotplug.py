@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import anyio
+from accel import pin_accel
 from plain import plain_disk_add, plain_disk_remove, plain_vm  # noqa: E402  (bench/ is run as scripts)
 from qemu.qmp import EventListener
 
@@ -72,7 +73,7 @@ async def plain_rounds(config: SandboxConfig, disk: Path, rounds: int) -> dict[s
 
 
 async def main(rounds: int) -> None:
-    os.environ.setdefault("VMCTL_ACCEL", "tcg")
+    accel = await pin_accel()
     assets = await guest.ensure_default_assets()
     RESULTS.mkdir(exist_ok=True)
     disks = []
@@ -93,7 +94,7 @@ async def main(rounds: int) -> None:
         for disk in disks:
             disk.unlink(missing_ok=True)
     table = {name: {k: summary(v) for k, v in r.items()} for name, r in runs.items()}
-    print(f"disk hotplug, virtio-blk on a PCIe root port, TCG, {platform.node()}, times in ms")
+    print(f"disk hotplug, virtio-blk on a PCIe root port, {accel.upper()}, load average {os.getloadavg()[0]:.1f}, {platform.node()}, times in ms")
     print(f"{'':26} {'add p50':>8} {'add p95':>8} {'rm p50':>8} {'rm p95':>8} {'n':>4}")
     for name, t in table.items():
         a, r = t["add"], t["remove"]

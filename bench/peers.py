@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from accel import pin_accel, pinned  # noqa: E402  (bench/ is run as scripts)
 from plain import plain_disk_add, plain_disk_remove, plain_vm  # noqa: E402  (bench/ is run as scripts)
 from qemu.qmp import EventListener
 
@@ -257,6 +258,7 @@ def print_table(peers: dict[str, dict[str, Any]], sizes: list[int]) -> dict[str,
 
 
 async def main(rounds: int, sizes: list[int], skip_libvirt: bool) -> None:
+    await pin_accel()  # every peer process inherits it
     await guest.ensure_default_assets()
     load_start = os.getloadavg()
     peers: dict[str, dict[str, Any]] = {}
@@ -273,7 +275,7 @@ async def main(rounds: int, sizes: list[int], skip_libvirt: bool) -> None:
         else:
             peers[peer] = result
     print(f"\nvmctl and its peers, {time.strftime('%Y-%m-%d')}, {platform.node()}, QEMU {await qemu_version()}, "
-          f"TCG, q35, 1 vCPU, 256 MiB, {rounds} rounds, {os.cpu_count()} cores")  # fmt: skip
+          f"{pinned().upper()}, q35, 1 vCPU, 256 MiB, {rounds} rounds, {os.cpu_count()} cores")  # fmt: skip
     ratios = print_table(peers, sizes)
     out = RESULTS / f"peers-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "rounds": rounds, "sizes": sizes,
@@ -297,9 +299,8 @@ def peak_rss_kib() -> int:
 
 async def run_one(peer: str, rounds: int, sizes: list[int], out: Path) -> None:
     """One peer in this (fresh) process, so its CPU and memory are its own."""
-    os.environ.setdefault("VMCTL_ACCEL", "tcg")
     assets = await guest.ensure_default_assets()
-    config = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, vcpus=1, memory_mib=256, accel="tcg",
+    config = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, vcpus=1, memory_mib=256, accel=pinned(),
                            block_driver="virtio-blk", pci_bridges=3)  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     disk = RESULTS / f".peers-disk-{os.getpid()}.img"

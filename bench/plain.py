@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from accel import pinned  # (bench/ is run as scripts)
 from qemu.qmp import EventListener, QMPClient
 
 from vmctl import SandboxConfig, host
@@ -40,7 +41,7 @@ async def plain_vm(config: SandboxConfig, *, legacy: bool = False) -> AsyncItera
     otherwise the C agent's framed protocol (vmctl/agentproto.py)."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
     paths = RunPaths(run_dir, run_dir)
-    resolved = config.replace(accel="tcg", qemu_binary=host.find_qemu(config.qemu_binary))
+    resolved = config.replace(accel=pinned(), qemu_binary=host.find_qemu(config.qemu_binary))
     argv = build_command(resolved, paths, "plain", {"qmp": 0, "console": 0, "agent": 0})
     sockets = {"qmp": paths.qmp_socket, "console0": paths.console_socket, "agent0": paths.agent_socket}
     argv = [re.sub(r"socket,id=(\w+),fd=0", lambda m: f"socket,id={m.group(1)},path={sockets[m.group(1)]}", a)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from accel import pin_accel  # (bench/ is run as scripts)
 
 from vmctl import BlockDevice, IllegalTransition, Sandbox, SandboxConfig, SandboxState, guest
 from vmctl.paths import runtime_dir
@@ -365,7 +366,8 @@ class Soak:
 
 
 async def _soak(minutes: float, size: int, seed: int) -> dict[str, Any]:
-    os.environ.setdefault("VMCTL_ACCEL", "tcg")
+    accel = await pin_accel()
+    print(f"accelerator: {accel}, load average {os.getloadavg()[0]:.1f}")
     assets = await guest.ensure_default_assets()
     base = SandboxConfig(kernel=assets.kernel, initrd=assets.initrd, vcpus=1, memory_mib=256, pci_bridges=2)
     run_root = runtime_dir()

@@ -40,6 +40,8 @@ MIN_MEMORY_MIB = 64
 MAX_PCI_BRIDGES = 16
 MAX_MEMORY_SLOTS = 256
 KERNEL_CMDLINE_MAX = 2048
+DEFAULT_TCG_TB_SIZE_MIB = 256  # measured: bench/README.md, "TCG translation cache"
+MAX_TCG_TB_SIZE_MIB = 16384
 
 _KERNEL_KEY = re.compile(r"^[A-Za-z0-9_.\-/]+\Z")
 _KERNEL_VALUE = re.compile(r"^[^\s\"'\\\x00-\x1f\x7f]*\Z")
@@ -143,6 +145,8 @@ class SandboxConfig:
     shared_memory: bool = False
     mlock: bool = False
     disable_nesting_checks: bool = False
+    #: TCG's translation-block cache in MiB (``-accel tcg,tb-size=``); QEMU's own default is 1 GiB
+    tcg_tb_size_mib: int = DEFAULT_TCG_TB_SIZE_MIB
     # devices
     vsock: bool = False
     disable_vhost_net: bool = False
@@ -464,6 +468,8 @@ def _check_sizes(c: SandboxConfig, bad: Any, mistyped: set[str]) -> None:
             bad("max_memory_mib", f"{max_mem} MiB is less than memory_mib={c.memory_mib}")
     if typed("memory_slots") and not 0 <= c.memory_slots <= MAX_MEMORY_SLOTS:
         bad("memory_slots", f"must be between 0 and {MAX_MEMORY_SLOTS}")
+    if typed("tcg_tb_size_mib") and not 1 <= c.tcg_tb_size_mib <= MAX_TCG_TB_SIZE_MIB:
+        bad("tcg_tb_size_mib", f"must be between 1 and {MAX_TCG_TB_SIZE_MIB} (MiB)")
     if typed("pci_bridges") and not 0 <= c.pci_bridges <= MAX_PCI_BRIDGES:
         bad("pci_bridges", f"must be between 0 and {MAX_PCI_BRIDGES}")
 

@@ -30,12 +30,13 @@ import anyio
 
 from vmctl.errors import HostError
 from vmctl.guest import cpio
+from vmctl.guest.vmlinux import extract_pvh_vmlinux
 from vmctl.log import get_logger
 from vmctl.paths import cache_dir
 
 log = get_logger("vmctl.guest")
 
-FORMAT_VERSION = "3"
+FORMAT_VERSION = "4"
 AGENT_SOURCE = "vmctl-agent.c"
 AGENT_BINARY = "vmctl-agent"
 GCC_PACKAGES = "apt-get install gcc libc6-dev"
@@ -61,6 +62,8 @@ class GuestAssets:
     modules: tuple[str, ...]
     key: str
     image: Path | None = None
+    #: the compressed kernel as packaged; ``kernel`` is its unpacked PVH image when one was made
+    bzimage: Path | None = None
 
     @property
     def directory(self) -> Path:
@@ -274,7 +277,8 @@ def _cache_key(package: str, version: str, busybox: bytes, gcc_version: str) -> 
 def _load(manifest: Path) -> GuestAssets:
     data: dict[str, Any] = json.loads(manifest.read_text())
     return GuestAssets(
-        kernel=manifest.parent / "vmlinuz",
+        kernel=manifest.parent / data.get("boot_kernel", "vmlinuz"),
+        bzimage=manifest.parent / "vmlinuz",
         initrd=manifest.parent / "initrd.img",
         kernel_version=data["kernel_version"],
         kernel_package=data["kernel_package"],
@@ -303,12 +307,22 @@ def _assemble(pkg: Path, out: Path, busybox: bytes, agent: bytes, package: str, 
     ]
     entries += [cpio.file_entry(f"lib/modules/{m}.ko", _read_module(available[m])) for m in order]
     shutil.copyfile(vmlinuz[-1], out / "vmlinuz")
-    cpio.write_initramfs(out / "initrd.img", entries)
+    cpio.write_initramfs(out / "initrd.img", entries, compress=False)  # faster to boot, see cpio
     assets = GuestAssets(out / "vmlinuz", out / "initrd.img", kernel_version, package, tuple(order), key)
-    manifest = {k: v for k, v in asdict(assets).items() if k not in ("kernel", "initrd", "image")}
+    manifest = {k: v for k, v in asdict(assets).items() if k not in ("kernel", "initrd", "image", "bzimage")}
     manifest["initrd_switches_root"] = True
+    manifest["boot_kernel"] = _boot_kernel(out / "vmlinuz")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return assets
+
+
+def _boot_kernel(bzimage: Path) -> str:
+    """The kernel file the guest boots: the unpacked PVH ``vmlinux`` next to the bzImage (no
+    firmware decompression under TCG, see :mod:`vmctl.guest.vmlinux`), or the bzImage itself."""
+    if extract_pvh_vmlinux(bzimage, bzimage.with_name("vmlinux")):
+        return "vmlinux"
+    log.warning("cannot unpack the kernel for direct PVH boot; booting the bzImage", kernel=str(bzimage))
+    return bzimage.name
 
 
 def _module_name(path: Path) -> str:

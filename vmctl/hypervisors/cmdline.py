@@ -19,23 +19,52 @@ AGENT_PORT_NAME = "org.vmctl.agent"
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
+#: Kernel parameters that skip work a sandbox guest does not need, measured under TCG
+#: (bench/README.md, "Where cold boot goes"): the crypto self-tests (~0.35 s; the KDF one ignores
+#: cryptomgr.notests, ~0.13 s, and its initcall is nothing but the test), the 64 MiB bounce buffer
+#: the kernel sets aside, zeroes and keeps once memory hotplug can reach above 4 GiB (virtio
+#: needs none), and probing a PS/2 mouse and keyboard nobody attaches.
+FAST_BOOT_PARAMS = ("cryptomgr.notests", "initcall_blacklist=crypto_kdf108_init", "swiotlb=noforce",
+                    "i8042.noaux", "i8042.nokbd", "i8042.nopnp")  # fmt: skip
+
+
 def kernel_cmdline(config: SandboxConfig) -> str:
     """Our base parameters first, the user's after them (so the user's win)."""
     # no_timer_check: on a loaded host (many TCG guests at once) the kernel's IO-APIC timer test
     # can fail and panic the boot; a virtual timer needs no check (Kata passes it too)
-    base = ["console=ttyS0", "panic=1", "reboot=t", "no_timer_check"]
+    base = ["console=ttyS0", "panic=1", "reboot=t", "no_timer_check", *FAST_BOOT_PARAMS]
     base += ["debug", "vmctl.debug=1"] if config.debug else ["quiet"]
     if config.memory_hotplug_possible:
         base.append("memhp_default_state=online_movable")  # hot-added memory stays removable
-    if config.machine == "microvm":
-        khz = host.tsc_khz()
-        if khz:  # without HPET or a PM timer the guest can hang calibrating its TSC
-            base.append(f"tsc_early_khz={khz}")
+    base += _clock_params(config)
+    # the guest loads every driver before its agent starts (see guest/files/init) when devices are
+    # there from boot, or when a template is saved at ready: else each clone would finish the job
+    if config.devices or config.boot_to_be_template:
+        base.append("vmctl.sync_modules=1")
     if config.image is not None:
         root = "/dev/sda" if config.device_context().pci and config.block_driver == "virtio-scsi" else "/dev/vda"
         base += [f"root={root}", "rootfstype=ext4", "rw"]
     user = config.kernel_cmdline()
     return " ".join(base + ([user] if user else []))
+
+
+def _clock_params(config: SandboxConfig) -> list[str]:
+    """Under TCG the guest's TSC is the host's (QEMU reads the host counter), so the guest need
+    not calibrate it (slow, and it hangs on microvm without HPET or a PM timer) nor distrust it
+    and fall back to the emulated HPET, whose every read is a trip into QEMU."""
+    if config.accel != "tcg" and config.machine != "microvm":
+        return []
+    khz = host.tsc_khz()
+    out = [f"tsc_early_khz={khz}"] if khz else []
+    # (nolapic_timer would skip the local APIC timer's 100 ms calibration, /init 0.08 s sooner,
+    # but leaves the guest without high-resolution timers and ticking periodically: idle guests
+    # then cost the host CPU, and 4 clones at once answered 1.3x later)
+    return out + (["tsc=reliable"] if config.accel == "tcg" else [])
+
+
+def accel_option(config: SandboxConfig) -> str:
+    """``-accel``: KVM, or TCG with the translation cache the config asks for."""
+    return "kvm" if config.accel == "kvm" else f"tcg,tb-size={config.tcg_tb_size_mib}"
 
 
 def opt(value: object) -> str:
@@ -57,7 +86,7 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
     pci = c.machine != "microvm"
     argv = [str(c.qemu_binary), "-name", f"{sandbox_id},debug-threads=on", "-S", "-nodefaults",
             "-no-user-config", "-display", "none", "-msg", "timestamp=on",
-            "-machine", f"{c.machine},accel={c.accel},memory-backend=mem0"]  # fmt: skip
+            "-machine", f"{c.machine},memory-backend=mem0", "-accel", accel_option(c)]  # fmt: skip
     if c.accel == "kvm":
         nested = host.running_in_vm() and not c.disable_nesting_checks
         argv += ["-cpu", "host,pmu=off" if nested else "host"]
@@ -66,7 +95,9 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
     if c.mlock:
         argv += ["-overcommit", "mem-lock=on"]
     argv += ["-kernel", str(c.kernel), "-append", kernel_cmdline(c)]
-    if c.initrd is not None:
+    if c.initrd is not None and not (c.boot_from_template or incoming):
+        # a guest that resumes from saved state never reads its initramfs again, and QEMU would
+        # keep a private copy of it in memory (fw_cfg): clones and restores go without
         argv += ["-initrd", str(c.initrd)]
     if c.firmware is not None:
         argv += ["-bios", str(c.firmware)]

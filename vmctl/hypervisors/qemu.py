@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ class QemuHypervisor(Hypervisor):
     def __init__(self, *args: Any, launcher: Launcher | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._launcher: Launcher = launcher or QemuLauncher()
+        #: when each start-up step ended, in seconds after QEMU was spawned (for benchmarks and logs)
+        self.startup_timings: dict[str, float] = {}
+        self._t0 = 0.0
         self._qmp = QmpSession(f"vmctl-{self.sandbox_id}")
         self._effective = self.config
         self._argv: list[str] = []
@@ -121,6 +125,7 @@ class QemuHypervisor(Hypervisor):
                             listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
                         self._argv = self._command({name: s.fileno() for name, s in listeners.items()})
                         self.log.debug("launching qemu", argv=self._argv)
+                        self._stamp("spawn")
                         self._process = await self._launcher.spawn(
                             self._argv, listeners, detached=self.plan.detached, log_path=self.paths.qemu_log, tg=tg
                         )
@@ -146,18 +151,29 @@ class QemuHypervisor(Hypervisor):
         if failure is not None:
             raise failure
 
+    def _stamp(self, step: str) -> None:
+        """Note when a start-up step ended (``startup_timings``: seconds since ``spawn``)."""
+        now = time.perf_counter()
+        self._t0 = now if step == "spawn" else self._t0
+        self.startup_timings[step] = round(now - self._t0, 4)
+
     async def _launch(self, tg: anyio.abc.TaskGroup) -> None:
+        self._stamp("spawned")
         await self._qmp.connect(self.paths.qmp_socket)
+        self._stamp("qmp")
         tg.start_soon(self._pump_events)
         tg.start_soon(self._watch_qmp)
         await tg.start(self.agent.serve)
+        self._stamp("agent_connected")
         tg.start_soon(self._pump_console)
         if self.plan.start is Start.ATTACH:
             return  # a running guest: nothing to load, nothing to release
         if self.plan.incoming is not None:
             skip_shared = self.plan.start is Start.CLONE  # a clone maps the template's RAM file
             await load_device_state(self._qmp, self._migration, self.plan.incoming, skip_shared=skip_shared)
+            self._stamp("state_loaded")
         await self._qmp.execute("cont")
+        self._stamp("cont")
 
     async def _launch_failure(self, exc: Exception) -> Exception:
         """If QEMU died while starting, say so with its stderr instead of the socket error."""
@@ -244,6 +260,9 @@ class QemuHypervisor(Hypervisor):
             await self.agent.ping()
             self.agent.mark_ready()
         await self.agent.wait_ready()
+        if "spawn" in self.startup_timings:
+            self._stamp("ready")
+            self.log.debug("guest ready", timings=self.startup_timings)
 
     async def query_status(self) -> str:
         reply = await self._qmp.execute("query-status")
