@@ -21,10 +21,12 @@ def load_soak() -> ModuleType:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and annotations look their module up
+    sys.path.insert(0, str(SOAK.parent))  # its sibling modules (accel.py), as when run as a script
     try:
         spec.loader.exec_module(module)
     finally:
         del sys.modules[spec.name]
+        sys.path.remove(str(SOAK.parent))
     return module
 
 

@@ -44,9 +44,11 @@ cur=$(count)
 if [ "$cur" -lt "$target" ]; then
     for f in $(ls -d /sys/devices/system/cpu/cpu[0-9]* | sort -t u -k 3 -n); do
         [ "$cur" -ge "$target" ] && break
+        # a CPU just plugged gets its online switch a moment after its directory (cpu0 has none)
+        n=0; while [ "${f##*/}" != cpu0 ] && [ ! -f "$f/online" ] && [ "$n" -lt 100 ]; do sleep 0.02; n=$((n + 1)); done
         [ -f "$f/online" ] || continue
         [ "$(cat "$f/online")" = 0 ] || continue
-        echo 1 > "$f/online" && cur=$((cur + 1))
+        echo 1 > "$f/online" || { sleep 0.1; echo 1 > "$f/online"; } && cur=$((cur + 1))
     done
 elif [ "$cur" -gt "$target" ]; then
     for f in $(ls -d /sys/devices/system/cpu/cpu[0-9]* | sort -t u -k 3 -rn); do
