@@ -206,14 +206,12 @@ class ClusterFleet:
             if self.wait and self.fail_fast and self._first_failure is not None:
                 raise FleetError(f"a member failed to boot: {self._first_failure}") from self._first_failure
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._close()
+            await self._close()
             raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        with anyio.CancelScope(shield=True):
-            await self._close()
+        await self._close()
 
     async def _prepare_hosts(self) -> None:
         """Each node's config for this fleet (its own default guest; its template)."""
@@ -292,10 +290,16 @@ class ClusterFleet:
         if not self._open:
             return
         self._open = False
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
-            self._tg = None
+        tg, self._tg = self._tg, None
+        try:
+            if tg is not None:  # the watchers, and boots still under way
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._stop_members()
+
+    async def _stop_members(self) -> None:
         hosts = {id(m.sandbox.host): m.sandbox.host for m in self.members} | {id(h): h for h in self._hosts.values()}
 
         async def stop(host: Host) -> None:
