@@ -373,7 +373,7 @@ class RemoteSandbox:
                     reply = await source.ask("call", self.id, "stop", (), {})
                 except NodeLost:
                     pass
-            if was_running:
+            if was_running and self._state is SandboxState.PAUSED:
                 await self.resume()
 
 
