@@ -115,6 +115,7 @@ class ClusterFleet:
         self._tg: TaskGroup | None = None
         self._booting = 0
         self._ready_log: list[ClusterMember] = []
+        self._lost_reported: set[int] = set()
         self._first_failure: BaseException | None = None
         self._open = False
         #: how long preparing the nodes took (their guest builds and, with ``template``, templates)
@@ -279,9 +280,10 @@ class ClusterFleet:
             if reason:
                 host.lost = host.lost or reason
                 for member in self.members:
-                    if member.sandbox.host is host and not member.sandbox.lost:
+                    if member.sandbox.host is host and member.index not in self._lost_reported:
+                        self._lost_reported.add(member.index)  # its own call may have found out first
                         member.sandbox.mark_lost(reason)
-                        self._emit(FleetEventKind.LOST, member.sandbox.id, reason)
+                        self._emit(FleetEventKind.LOST, member.sandbox.id, member.sandbox.lost)
                 self._notify()
                 return
             await anyio.sleep(self._watch_interval)

@@ -13,9 +13,11 @@ value or the error as data, and the sandbox's state. The actor builds what it ne
 the default guest (``ensure_default_assets``, once per node) and, for a template fleet, one
 template per fleet on this node.
 
-Faults. QEMU runs under ``setpriv --pdeathsig KILL``, so when this worker dies (its node's
-raylet killed, the actor killed) its QEMUs die with it; their run directories are swept by the
-next sandbox started on the node. When the driver ends, Ray terminates its host actors:
+Faults. QEMU runs under ``setpriv --pdeathsig KILL``, so when this worker dies (the actor
+killed) its QEMUs die with it; their run directories are swept by the next sandbox started on
+the node. A worker whose raylet is killed does not die by itself (it is reparented and runs on),
+while the cluster declares its sandboxes lost: the actor notices the new parent within half a
+second, kills its QEMUs, removes their run directories and exits (fencing). When the driver ends, Ray terminates its host actors:
 ``__ray_shutdown__`` kills the QEMUs and removes the run directories at once. A host actor that
 Ray restarts (``max_restarts``) comes back empty and says so (:attr:`HostInfo.restarted`): calls
 naming a sandbox of the earlier incarnation raise :class:`~vmctl.errors.NodeLost`.
@@ -49,6 +51,7 @@ from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState
 from vmctl.template import boot_template
 
+FENCE_INTERVAL = 0.5  # seconds between checks that this worker's raylet still runs
 CHUNK = 8 * 1024 * 1024  # snapshot bytes travel through the object store in chunks of this size
 
 #: what a driver may call on a sandbox through :meth:`HostService.call`
@@ -125,8 +128,17 @@ class HostService:
     async def _supervise(self, ready: anyio.Event) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            tg.start_soon(self._fence_when_orphaned, os.getppid())
             ready.set()
             await anyio.sleep_forever()
+
+    async def _fence_when_orphaned(self, raylet: int) -> None:
+        """A Ray worker whose raylet died runs on as an orphan, and the cluster has already
+        declared its sandboxes lost: stop them (kill QEMU, remove run dirs) and exit."""
+        while os.getppid() == raylet:  # noqa: ASYNC110 - a poll: nothing signals a parent's death
+            await anyio.sleep(FENCE_INTERVAL)
+        self.__ray_shutdown__()
+        os._exit(1)
 
     async def _own(self, entry: _Owned) -> None:
         """Enter the sandbox's block, report the boot, keep it open until told to stop."""

@@ -99,7 +99,7 @@ class Host:
         except anyio.get_cancelled_exc_class():
             ray.cancel(ref)
             raise
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as exc:
             self.lost = f"node {self.node_id[:8]} (or its host actor) is gone: {type(exc).__name__}"
             raise NodeLost(self.lost, node=self.node_id) from None
         except ray.exceptions.RayError as exc:
