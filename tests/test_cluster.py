@@ -9,6 +9,7 @@ too; each test ends with ``shutdown_hosts()`` so the next test's host actors see
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -192,6 +193,21 @@ async def test_a_detached_sandbox_outlives_its_driver(
         for _ in range(50):  # the actor's name is released once Ray has killed it
             await cluster.attach("keeper")
             await anyio.sleep(0.1)
+
+
+async def test_the_fleet_cli_runs_on_ray_and_names_each_members_node(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    spec = tmp_path / "fleet.toml"
+    spec.write_text('[fleet]\nsize = 2\ntemplate = true\ncommands = [["uname", "-r"]]\n\n[sandbox]\nmemory_mib = 256\n')
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    with anyio.fail_after(240):
+        done = await anyio.run_process([sys.executable, "-m", "vmctl.cli", "fleet", str(spec), "--json",
+                                        "--ray", ray_cluster.address], env=env, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    report = json.loads(done.stdout)
+    assert report["ok"] and len(report["members"]) == 2
+    nodes = {ray_cluster.node_id(i) for i in range(3)}
+    assert all(m["node"] in nodes and m["exit_codes"] == [0] for m in report["members"])
+    assert len({m["node"] for m in report["members"]}) == 2, "SPREAD by default"
 
 
 async def test_a_lost_node_fails_its_members_quickly_and_the_others_finish(

@@ -49,9 +49,16 @@ def require_ray() -> ModuleType:
     return ray
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+
 def connect(address: str = "auto", **options: Any) -> None:
-    """``ray.init(address)`` unless this process is connected already (options go to ``ray.init``)."""
+    """``ray.init(address)`` unless this process is connected already (options go to ``ray.init``).
+    A cluster on a loopback address gets a driver on loopback too (``_node_ip_address``): Ray
+    would otherwise hand the driver the machine's external address."""
     ray = require_ray()
+    if address.rsplit(":", 1)[0] in LOOPBACK:
+        options.setdefault("_node_ip_address", "127.0.0.1")
     if not ray.is_initialized():
         ray.init(address=address, **options)
 
