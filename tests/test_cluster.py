@@ -210,6 +210,50 @@ async def test_the_fleet_cli_runs_on_ray_and_names_each_members_node(ray_cluster
     assert len({m["node"] for m in report["members"]}) == 2, "SPREAD by default"
 
 
+KILLED_DRIVER = """
+import anyio, sys
+from vmctl import SandboxConfig, cluster
+cluster.connect(sys.argv[1], log_to_driver=False)
+async def main():
+    config = SandboxConfig(kernel=sys.argv[2], initrd=sys.argv[3], memory_mib=256)
+    async with cluster.ClusterFleet(config, size=2, template=True) as fleet:
+        print(*[await sb.pid() for sb in fleet.sandboxes], flush=True)
+        await anyio.sleep(600)
+anyio.run(main)
+"""
+
+
+async def test_a_killed_driver_takes_its_sandboxes_with_it(
+        ray_cluster: RayCluster, make_config: Callable[..., SandboxConfig], runtime_dir: Path) -> None:  # fmt: skip
+    config = make_config()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    driver = await anyio.open_process([sys.executable, "-c", KILLED_DRIVER, ray_cluster.address, str(config.kernel),
+                                       str(config.initrd)], env=env)  # fmt: skip
+    try:
+        assert driver.stdout is not None
+        line = b""
+        with anyio.fail_after(180):
+            while not line.endswith(b"\n"):
+                line += await driver.stdout.receive()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids)
+    finally:
+        driver.kill()
+        await driver.wait()
+    started = time.monotonic()
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() - started < 30:  # noqa: ASYNC110
+        await anyio.sleep(0.2)
+    gone_after = time.monotonic() - started
+    assert not any(Path(f"/proc/{p}").exists() for p in pids), "QEMU outlived the driver's host actors"
+    assert gone_after < 30
+    # Ray force-kills a dead driver's actors: their run and template directories stay behind,
+    # marked with an owner that is gone, and the next sandbox started on the node sweeps them.
+    from vmctl.paths import sweep_stale_run_dirs
+
+    left = sorted(p.name for p in runtime_dir.iterdir())
+    assert sorted(p.name for p in sweep_stale_run_dirs(runtime_dir)) == left
+
+
 async def test_a_lost_node_fails_its_members_quickly_and_the_others_finish(
         ray_cluster: RayCluster, make_config: Callable[..., SandboxConfig], runtime_dir: Path) -> None:  # fmt: skip
     events: list[FleetEvent] = []
