@@ -210,6 +210,35 @@ async def test_the_fleet_cli_runs_on_ray_and_names_each_members_node(ray_cluster
     assert len({m["node"] for m in report["members"]}) == 2, "SPREAD by default"
 
 
+async def test_a_restarted_host_actor_comes_back_empty_and_says_so(
+        ray_cluster: RayCluster, make_config: Callable[..., SandboxConfig], runtime_dir: Path) -> None:  # fmt: skip
+    events: list[FleetEvent] = []
+    try:
+        async with cluster.ClusterFleet(make_config(), size=1, strategy="PACK", on_event=events.append) as fleet:
+            sb = fleet.sandboxes[0]
+            qemu = await sb.pid()
+            before = await sb.host.info()
+            os.kill(before.pid, 9)  # the actor's worker process: Ray restarts the actor (max_restarts=1)
+            with anyio.fail_after(30):
+                while not sb.lost:  # noqa: ASYNC110 - the fleet's watcher marks it
+                    await anyio.sleep(0.2)
+            assert [e.kind for e in events if e.kind is FleetEventKind.LOST] == [FleetEventKind.LOST]
+            with pytest.raises(NodeLost):
+                await sb.exec(["true"])
+            with anyio.fail_after(60):
+                after = await sb.host.actor.info.remote()  # the same actor, restarted by Ray
+            assert after.restarted and after.sandboxes == () and after.incarnation != before.incarnation
+            reply = await sb.host.actor.call.remote(sb.id, "exec", (["true"],), {})
+            assert reply.error is not None and reply.error.kind == "NodeLost", reply
+            assert "restarted" in reply.error.message
+            assert qemu is not None and not Path(f"/proc/{qemu}").exists(), "QEMU died with the old actor"
+    finally:
+        await cluster.shutdown_hosts()
+        from vmctl.paths import sweep_stale_run_dirs
+
+        sweep_stale_run_dirs(runtime_dir)  # the killed actor's run directory
+
+
 KILLED_DRIVER = """
 import anyio, sys
 from vmctl import SandboxConfig, cluster
