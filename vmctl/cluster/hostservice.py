@@ -45,7 +45,7 @@ from anyio.abc import TaskGroup
 from vmctl.cluster.wire import Reply, to_wire
 from vmctl.config import SandboxConfig
 from vmctl.errors import InvalidArgument, NodeLost, SandboxNotFound
-from vmctl.guest import ensure_default_assets
+from vmctl.guest import GuestAssets, ensure_default_assets
 from vmctl.paths import kill_qemu_in, remove_tree, runtime_dir
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState
@@ -109,6 +109,7 @@ class HostService:
         self._templates: dict[str, SandboxConfig] = {}
         self._template_stacks: dict[str, AsyncExitStack] = {}
         self._template_lock: anyio.Lock | None = None
+        self._assets: GuestAssets | None = None
         self._tg: TaskGroup | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._group_ready: anyio.Event | None = None
@@ -193,8 +194,9 @@ class HostService:
     async def _localize(self, config: SandboxConfig, default_guest: bool) -> SandboxConfig:
         if not default_guest:
             return config
-        assets = await ensure_default_assets()  # cached on this node after the first build
-        return config.replace(kernel=assets.kernel, initrd=assets.initrd)
+        if self._assets is None:  # built (or found in the node's cache) once per host actor
+            self._assets = await ensure_default_assets()
+        return config.replace(kernel=self._assets.kernel, initrd=self._assets.initrd)
 
     async def start(self, sandbox_id: str, config: SandboxConfig | None, *, fleet: str | None = None,
                     start_timeout: float = 300.0, restore_from: str | None = None) -> Reply:  # fmt: skip

@@ -30,7 +30,7 @@ from vmctl.config import SandboxConfig
 from vmctl.detached import check_id
 from vmctl.devices import Device
 from vmctl.errors import HostError, InvalidArgument, NodeLost, SandboxNotFound, VmctlError
-from vmctl.guest import ensure_default_assets
+from vmctl.guest import GuestAssets, ensure_default_assets
 from vmctl.hotplug import PluggedDevice
 from vmctl.state import SandboxState
 from vmctl.waiting import deadline
@@ -171,10 +171,15 @@ async def shutdown_hosts(*, timeout: float = 60.0) -> None:
             ray.kill(host.actor)
 
 
+_driver_assets: list[GuestAssets] = []  # this driver's default guest, looked up once
+
+
 async def portable(config: SandboxConfig) -> tuple[SandboxConfig, bool]:
     """``(config, default_guest)``: whether ``config`` boots this machine's default guest, which
-    each node replaces with its own build."""
-    assets = await ensure_default_assets()
+    each node replaces with its own build (the lookup hashes every input: once per driver)."""
+    if not _driver_assets:
+        _driver_assets.append(await ensure_default_assets())
+    assets = _driver_assets[0]
     return config, (Path(config.kernel) == assets.kernel and config.initrd is not None
                     and Path(config.initrd) == assets.initrd)  # fmt: skip
 
