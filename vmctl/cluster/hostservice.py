@@ -30,6 +30,7 @@ import inspect
 import os
 import secrets
 import shutil
+import signal
 import socket
 import tarfile
 import tempfile
@@ -134,12 +135,13 @@ class HostService:
             await anyio.sleep_forever()
 
     async def _fence_when_orphaned(self, raylet: int) -> None:
-        """A Ray worker whose raylet died runs on as an orphan, and the cluster has already
-        declared its sandboxes lost: stop them (kill QEMU, remove run dirs) and exit."""
+        """A Ray worker whose raylet died runs on as an orphan (seen here after a cluster's
+        shutdown too), and the cluster has already declared its sandboxes lost: stop them (kill
+        QEMU, remove run dirs) and exit."""
         while os.getppid() == raylet:  # noqa: ASYNC110 - a poll: nothing signals a parent's death
             await anyio.sleep(FENCE_INTERVAL)
         self.__ray_shutdown__()
-        os._exit(1)
+        os.kill(os.getpid(), signal.SIGKILL)  # the worker must go: its node is gone
 
     async def _own(self, entry: _Owned) -> None:
         """Enter the sandbox's block, report the boot, keep it open until told to stop."""
@@ -161,6 +163,7 @@ class HostService:
     # -- what drivers call -------------------------------------------------------------------
 
     async def info(self) -> HostInfo:
+        await self._group()  # from the first call on, the actor watches its raylet (fencing)
         return HostInfo(self.node_id, socket.gethostname(), self.incarnation, self.restarted, os.getpid(),
                         os.cpu_count() or 1, _free_memory_mib(), os.getloadavg(),
                         tuple(sorted(self._owned)))  # fmt: skip
