@@ -29,6 +29,7 @@ ray = pytest.importorskip("ray", reason="vmctl.cluster needs Ray: pip install 'v
 
 from tests.conftest import qemu_processes  # noqa: E402
 from vmctl import (  # noqa: E402
+    BlockDevice,
     GuestCommandFailed,
     IllegalTransition,
     NodeLost,
@@ -139,12 +140,18 @@ async def test_a_fleet_spreads_over_three_nodes_with_a_template_per_node(
 
 
 async def test_move_to_another_node_keeps_the_guest(
-        ray_cluster: RayCluster, make_config: Callable[..., SandboxConfig]) -> None:  # fmt: skip
+        ray_cluster: RayCluster, make_config: Callable[..., SandboxConfig], tmp_path: Path) -> None:  # fmt: skip
+    disk = tmp_path / "data.img"
+    disk.write_bytes(b"\0" * (8 << 20))
     try:
-        async with cluster.ClusterFleet(make_config(), size=1, strategy="PACK") as fleet:
+        async with cluster.ClusterFleet(make_config(), size=1, strategy="PACK", wait=False) as fleet:
+            ready = [m async for m in fleet.as_ready()]
+            assert [m.sandbox for m in ready] == fleet.sandboxes and ready[0].boot_seconds
             sb = fleet.sandboxes[0]
             boot_id = (await sb.exec(BOOT_ID, check=True)).stdout
             await sb.write_file("/root/note", b"kept")
+            plugged = await sb.hotplug(BlockDevice(path=disk, id="data"))
+            assert plugged.guest_path and plugged.guest_path.startswith("/dev/")
             source = sb.node
             target = next(ray_cluster.node_id(i) for i in range(3) if ray_cluster.node_id(i) != source)
             started = time.monotonic()
@@ -153,6 +160,8 @@ async def test_move_to_another_node_keeps_the_guest(
             assert sb.node == target and sb.state is SandboxState.RUNNING
             assert (await sb.exec(BOOT_ID, check=True)).stdout == boot_id, "the same guest, not a new boot"
             assert await sb.read_file("/root/note") == b"kept"
+            assert [d.id for d in await sb.devices() if d.id == "data"] == ["data"], "hot-plugged disk moved too"
+            await sb.unplug("data")
             infos = {i.node_id: i for i in await cluster.hosts()}
             assert infos[target].sandboxes == (sb.id,) and infos[source].sandboxes == ()
             assert moved_in < 60
