@@ -123,6 +123,13 @@ async def test_a_fleet_spreads_over_three_nodes_with_a_template_per_node(
                 await sb.exec(["sh", "-c", "echo oops >&2; exit 3"], check=True)
             assert failed.value.result.exit_code == 3 and b"oops" in failed.value.result.stderr
 
+            async with sb.process(["sh", "-c", "echo first; read line; echo got $line; echo err >&2; exit 4"]) as p:
+                assert await p.stdout.receive() == b"first\n"  # while the command still runs
+                await p.stdin.send(b"hi\n")
+                await p.stdin.aclose()
+                assert await p.stdout.read_all() == b"got hi\n" and await p.stderr.read_all() == b"err\n"
+                assert await p.wait() == 4 and p.returncode == 4
+
             infos = await cluster.hosts()
             assert {i.node_id for i in infos} == {ray_cluster.node_id(i) for i in range(3)}
             assert all(len(i.sandboxes) == 1 and i.free_memory_mib > 0 and not i.restarted for i in infos)

@@ -201,6 +201,7 @@ class ClusterFleet:
             for host in self._hosts.values():
                 self._tg.start_soon(self._watch, host)
             for member in self.members:
+                member.sandbox.on_move = self._watch_new_host
                 self._tg.start_soon(self._boot, member)
             if self.wait:
                 await self._all_booted.wait()  # fmt: skip
@@ -260,6 +261,12 @@ class ClusterFleet:
             if self._booting == 0:
                 self._all_booted.set()
             self._notify()
+
+    def _watch_new_host(self, host: Host) -> None:
+        """A member moved to ``host``: watch it too (once)."""
+        if self._tg is not None and all(h is not host for h in self._hosts.values()):
+            self._hosts[f"{host.node_id}-{id(host)}"] = host
+            self._tg.start_soon(self._watch, host)
 
     async def _watch(self, host: Host) -> None:
         """Ask ``host`` how it is until the fleet closes; mark its members lost once it is gone."""

@@ -47,6 +47,7 @@ from vmctl.cluster.wire import Reply, to_wire
 from vmctl.config import SandboxConfig
 from vmctl.errors import InvalidArgument, NodeLost, SandboxNotFound
 from vmctl.guest import GuestAssets, ensure_default_assets
+from vmctl.guestproc import GuestProcess, ProcessContext
 from vmctl.paths import kill_qemu_in, remove_tree, runtime_dir
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState
@@ -87,6 +88,7 @@ class _Owned:
     gone: anyio.Event = field(default_factory=anyio.Event)
     boot_seconds: float | None = None
     error: BaseException | None = None
+    processes: dict[str, tuple[ProcessContext, GuestProcess]] = field(default_factory=dict)
 
 
 def _free_memory_mib() -> int:
@@ -252,6 +254,46 @@ class HostService:
             return Reply(value, state=entry.sandbox.state)
         except Exception as exc:  # noqa: BLE001 - sent back as data
             return Reply(error=to_wire(exc), state=entry.sandbox.state if entry else None)
+
+    async def proc(self, sandbox_id: str, proc_id: str, op: str, args: tuple[Any, ...] = ()) -> Reply:
+        """A guest process with live streams, driven a step at a time (``sb.process`` remotely):
+        ``start`` (argv, options), ``read`` (stream number, max bytes; None at its end),
+        ``write`` (bytes), ``eof``, ``signal`` (number), ``wait`` (-> exit code, timed out), ``close``
+        (kills its process group unless it ended)."""
+        try:
+            entry = self._find(sandbox_id)
+            if op == "start":
+                argv, options = args
+                context = entry.sandbox.process(argv, **options)
+                process = await context.__aenter__()
+                entry.processes[proc_id] = (context, process)
+                return Reply(process.pid, state=entry.sandbox.state)
+            context, process = entry.processes[proc_id]
+            value: Any = None
+            if op == "read":
+                stream = process.stdout if args[0] == 1 else process.stderr
+                try:
+                    value = await stream.receive(args[1])
+                except anyio.EndOfStream:
+                    value = None
+            elif op == "write":
+                await process.stdin.send(args[0])
+            elif op == "eof":
+                await process.stdin.aclose()
+            elif op == "signal":
+                await process.signal(args[0])
+            elif op == "wait":
+                value = (await process.wait(), process.timed_out)
+            elif op == "close":
+                del entry.processes[proc_id]
+                await context.__aexit__(None, None, None)
+            else:
+                raise InvalidArgument(f"unknown process operation {op!r}")
+            return Reply(value, state=entry.sandbox.state)
+        except KeyError:
+            return Reply(error=to_wire(InvalidArgument(f"no process {proc_id!r} in sandbox {sandbox_id!r}")))
+        except Exception as exc:  # noqa: BLE001 - sent back as data
+            return Reply(error=to_wire(exc))
 
     async def _stop(self, entry: _Owned) -> None:
         entry.stop.set()

@@ -15,15 +15,17 @@ killed or restarted) becomes :class:`~vmctl.errors.NodeLost`, and the handle sta
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import anyio
+from anyio.abc import ByteReceiveStream, ByteSendStream
 
-from vmctl.agent import ExecResult, GuestBlockDevice, GuestMemory
+from vmctl.agent import DEFAULT_OUTPUT_LIMIT, ExecResult, GuestBlockDevice, GuestMemory
 from vmctl.cluster.hostservice import HostInfo, HostService
 from vmctl.cluster.wire import Reply, from_wire
 from vmctl.config import SandboxConfig
@@ -194,6 +196,8 @@ class RemoteSandbox:
         self.start_timeout = start_timeout
         self._state = SandboxState.CREATED
         self._lost = ""
+        #: called with the new host after a move (a cluster fleet starts watching it)
+        self.on_move: Callable[[Host], None] | None = None
 
     def __repr__(self) -> str:
         return f"<RemoteSandbox {self.id} on {self.node[:8]} {self.state}>"
@@ -338,6 +342,24 @@ class RemoteSandbox:
         found: dict[int, int] = await self._call("vcpu_thread_ids")
         return found
 
+    def process(self, argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                timeout: float | None = None, output_limit: int = DEFAULT_OUTPUT_LIMIT) -> RemoteProcessContext:  # fmt: skip
+        """``async with sb.process(argv) as p``: a guest command with live streams, as on a local
+        sandbox (each chunk is one call to the host actor); leaving the block kills it."""
+        options = {"env": env, "cwd": cwd, "timeout": timeout, "output_limit": output_limit}
+        return RemoteProcessContext(self, list(argv), options)
+
+    async def proc(self, proc_id: str, op: str, *args: Any) -> Any:
+        """One step of a remote process (see :meth:`HostService.proc`)."""
+        if self._lost:
+            raise NodeLost(f"sandbox {self.id}: {self._lost}", node=self.node)
+        try:
+            reply = await self.host.ask("proc", self.id, proc_id, op, args)
+        except NodeLost as exc:
+            self.mark_lost(str(exc))
+            raise NodeLost(f"sandbox {self.id} is lost: {exc}", node=self.node) from None
+        return self._unwrap(reply)
+
     async def refresh(self) -> SandboxState:
         """Ask the node for the sandbox's state (:attr:`state` is the one after the last call)."""
         await self._call("pid")
@@ -380,6 +402,8 @@ class RemoteSandbox:
                 raise
             source, self.host = self.host, target
             self._state = reply.state or self._state
+            if self.on_move is not None:
+                self.on_move(target)
             with anyio.CancelScope(shield=True):
                 try:
                     reply = await source.ask("call", self.id, "stop", (), {})
@@ -387,6 +411,92 @@ class RemoteSandbox:
                     pass
             if was_running and self._state is SandboxState.PAUSED:
                 await self.resume()
+
+
+class RemoteStream(ByteReceiveStream):
+    """A remote command's stdout or stderr: ``async for chunk in stream`` while it runs."""
+
+    def __init__(self, sandbox: RemoteSandbox, proc_id: str, number: int) -> None:
+        self._sandbox, self._proc_id, self._number = sandbox, proc_id, number
+        self._ended = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._ended:
+            raise anyio.EndOfStream
+        data: bytes | None = await self._sandbox.proc(self._proc_id, "read", self._number, max_bytes)
+        if data is None:
+            self._ended = True
+            raise anyio.EndOfStream
+        return data
+
+    async def read_all(self) -> bytes:
+        return b"".join([chunk async for chunk in self])
+
+    async def aclose(self) -> None:
+        self._ended = True
+
+
+class RemoteStdin(ByteSendStream):
+    """A remote command's stdin: ``await stdin.send(data)``, ``await stdin.aclose()``."""
+
+    def __init__(self, sandbox: RemoteSandbox, proc_id: str) -> None:
+        self._sandbox, self._proc_id = sandbox, proc_id
+
+    async def send(self, item: bytes) -> None:
+        await self._sandbox.proc(self._proc_id, "write", bytes(item))
+
+    async def aclose(self) -> None:
+        await self._sandbox.proc(self._proc_id, "eof")
+
+
+class RemoteProcess:
+    """A command running in a remote sandbox's guest (as :class:`~vmctl.GuestProcess`)."""
+
+    def __init__(self, sandbox: RemoteSandbox, proc_id: str, pid: int) -> None:
+        self._sandbox, self._proc_id = sandbox, proc_id
+        self.pid = pid
+        self.stdin = RemoteStdin(sandbox, proc_id)
+        self.stdout = RemoteStream(sandbox, proc_id, 1)
+        self.stderr = RemoteStream(sandbox, proc_id, 2)
+        self.returncode: int | None = None
+        self.timed_out = False
+
+    async def wait(self) -> int:
+        code, self.timed_out = await self._sandbox.proc(self._proc_id, "wait")
+        self.returncode = int(code)
+        return self.returncode
+
+    async def signal(self, sig: int) -> None:
+        await self._sandbox.proc(self._proc_id, "signal", int(sig))
+
+    async def kill(self) -> None:
+        await self.signal(9)
+
+    async def aclose(self) -> None:
+        await self._sandbox.proc(self._proc_id, "close")
+
+
+class RemoteProcessContext:
+    """What ``sb.process(...)`` returns on a remote sandbox: ``async with`` starts the command and
+    kills it on the way out (also when cancelled, or when its node is gone: nothing to kill)."""
+
+    def __init__(self, sandbox: RemoteSandbox, argv: list[str], options: dict[str, Any]) -> None:
+        self._sandbox, self._argv, self._options = sandbox, argv, options
+        self._process: RemoteProcess | None = None
+
+    async def __aenter__(self) -> RemoteProcess:
+        proc_id = secrets.token_hex(6)
+        pid = await self._sandbox.proc(proc_id, "start", self._argv, self._options)
+        self._process = RemoteProcess(self._sandbox, proc_id, int(pid))
+        return self._process
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._process is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                try:
+                    await self._process.aclose()
+                except NodeLost:
+                    pass
 
 
 async def start_detached(config: SandboxConfig, name: str, *, node: str | None = None,
