@@ -96,6 +96,7 @@ class ClusterFleet:
         if template and any(c != configs[0] for c in configs):
             raise FleetError("template: members started from one template share one config")
         self._configs = configs
+        self._one_config = all(c == configs[0] for c in configs)
         self.strategy = strategy
         self.template = template
         self.wait = wait
@@ -218,7 +219,7 @@ class ClusterFleet:
     async def _prepare_hosts(self) -> None:
         """Each node's config for this fleet (its own default guest; its template)."""
         config, default_guest = await portable(self._configs[0])
-        if len({*self._configs}) > 1 and not self.template:
+        if not self._one_config and not self.template:
             return  # members with configs of their own start from them
         errors: list[BaseException] = []
 
@@ -241,7 +242,7 @@ class ClusterFleet:
         try:
             async with self._limiter:
                 self._emit(FleetEventKind.BOOTING, sandbox.id, sandbox.node[:8])
-                config = None if len({*self._configs}) == 1 or self.template else self._configs[member.index]
+                config = None if self._one_config or self.template else self._configs[member.index]
                 try:
                     member.boot_seconds = await sandbox.start(config)
                 except VmctlError as exc:
@@ -283,7 +284,7 @@ class ClusterFleet:
             except NodeLost as exc:
                 reason = str(exc)
             except TimeoutError:
-                reason = f"node {host.node_id[:8]} does not answer"
+                pass  # slow is not lost (its QEMUs may run): Ray says when the actor is gone
             if reason:
                 host.lost = host.lost or reason
                 for member in self.members:

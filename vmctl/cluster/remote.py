@@ -130,6 +130,8 @@ def host_on(node_id: str) -> Host:
     env = forwarded_env()
     key = (node_id, tuple(env.items()))
     host = _hosts.get(key)
+    if host is not None and host.lost:
+        ray.kill(host.actor)  # restarted (and empty) or dead: a new one takes its place
     if host is None or host.lost:
         actor = ray.remote(HostService).options(
             num_cpus=0, resources={HOST_RESOURCE: MARK}, max_restarts=1, max_concurrency=1000,
