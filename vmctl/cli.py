@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fleet", help="boot a fleet from a TOML spec, run its commands in each, report")
     f.add_argument("spec", type=Path, help="fleet spec (see examples/fleet.toml)")
     f.add_argument("--json", action="store_true", help="machine-readable results on stdout")
+    f.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run it on a Ray cluster (ADDRESS or auto; needs vmctl[ray]); shows each member's node")  # fmt: skip
 
     sub.add_parser("state-diagram", help="print the sandbox state diagram (Mermaid)")
     return p
@@ -200,7 +202,7 @@ async def _stop(args: argparse.Namespace) -> int:
 async def _fleet(args: argparse.Namespace) -> int:
     from vmctl.fleetcli import run_fleet_command
 
-    return await run_fleet_command(args.spec, as_json=args.json)
+    return await run_fleet_command(args.spec, as_json=args.json, ray_address=args.ray)
 
 
 def main(argv: list[str] | None = None) -> int:

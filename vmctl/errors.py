@@ -22,6 +22,7 @@
      +-- FleetError             (also a ValueError) a fleet could not do what was asked
      +-- PoolError              a sandbox pool could not do what was asked (closed, bad arguments)
      +-- NotSupported           the backend or machine cannot do this
+     +-- NodeLost               a cluster node (or its host actor) is gone, and its sandboxes with it
      +-- VmctlTimeout           (also a TimeoutError) something did not happen in time
           +-- ReadyTimeout      the guest did not report ready in time
           +-- HotplugTimeout    (also a HotplugError) QEMU or the guest did not acknowledge in time
@@ -165,6 +166,15 @@ class PoolError(VmctlError):
 
 class NotSupported(VmctlError):
     """The backend or machine type cannot do what was asked."""
+
+
+class NodeLost(VmctlError):
+    """The cluster node holding a sandbox, or its host actor, is gone: so is the sandbox
+    (``node`` names the node; ``vmctl.cluster``)."""
+
+    def __init__(self, message: str, *, node: str = "") -> None:
+        self.node = node
+        super().__init__(message)
 
 
 class VmctlTimeout(VmctlError, TimeoutError):

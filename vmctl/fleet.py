@@ -45,6 +45,7 @@ class FleetEventKind(enum.Enum):
     ERROR = "error"
     STOPPED = "stopped"
     RESTARTING = "restarting"
+    LOST = "lost"  # cluster fleets: the member's node (or its host actor) is gone
 
 
 @dataclass(frozen=True)

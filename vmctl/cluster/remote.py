@@ -1,0 +1,561 @@
+"""The driver's side: host actors per node, and remote sandbox handles that call them.
+
+A driver gets one host actor per node that declares the ``vmctl_host`` resource (placed there
+with a hard node affinity; they need no CPU). They are owned by the driver: when it ends, Ray
+terminates them and they stop their sandboxes. The ``VMCTL_*`` variables of the driver's
+environment are forwarded to them (``runtime_env``), so their runtime and state directories are
+the driver's where the machines share a layout, and a driver using other values gets its own
+host actors.
+
+A :class:`RemoteSandbox` names a sandbox by id and the host actor that owns it; its coroutines
+are the local sandbox's, proxied. A Ray error saying the actor is gone (its node died, it was
+killed or restarted) becomes :class:`~vmctl.errors.NodeLost`, and the handle stays lost.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+from anyio.abc import ByteReceiveStream, ByteSendStream
+
+from vmctl.agent import DEFAULT_OUTPUT_LIMIT, ExecResult, GuestBlockDevice, GuestMemory
+from vmctl.cluster.hostservice import HostInfo, HostService
+from vmctl.cluster.wire import Reply, from_wire
+from vmctl.config import SandboxConfig
+from vmctl.detached import check_id
+from vmctl.devices import Device
+from vmctl.errors import HostError, InvalidArgument, NodeLost, SandboxNotFound, VmctlError
+from vmctl.guest import GuestAssets, ensure_default_assets
+from vmctl.hotplug import PluggedDevice
+from vmctl.state import SandboxState
+from vmctl.waiting import deadline
+
+HOST_RESOURCE = "vmctl_host"  # the custom resource operators declare on nodes that can run QEMU
+MARK = 0.001  # how much of it one host actor or one fleet member takes: a marker, not a limit
+NAMESPACE = "vmctl"  # detached sandboxes' actors live here, named "sandbox-<name>"
+DETACHED_PREFIX = "sandbox-"
+
+
+def require_ray() -> ModuleType:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - depends on the install
+        raise HostError("vmctl.cluster needs Ray: pip install 'vmctl[ray]'") from None
+    return ray
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+
+def connect(address: str = "auto", **options: Any) -> None:
+    """``ray.init(address)`` unless this process is connected already (options go to ``ray.init``).
+    A cluster on a loopback address gets a driver on loopback too (``_node_ip_address``): Ray
+    would otherwise hand the driver the machine's external address."""
+    ray = require_ray()
+    if address.rsplit(":", 1)[0] in LOOPBACK:
+        options.setdefault("_node_ip_address", "127.0.0.1")
+    if not ray.is_initialized():
+        ray.init(address=address, **options)
+
+
+def _check_connected() -> ModuleType:
+    ray = require_ray()
+    if not ray.is_initialized():
+        raise HostError("not connected to a Ray cluster: call vmctl.cluster.connect(address) (or ray.init) first")
+    return ray
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("VMCTL_")}
+
+
+def qemu_nodes() -> list[str]:
+    """Ids of the live nodes that declare the ``vmctl_host`` resource."""
+    ray = _check_connected()
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(HOST_RESOURCE, 0) > 0]
+
+
+def _actor_gone(exc: BaseException) -> bool:
+    ray = require_ray()
+    return isinstance(exc, ray.exceptions.RayActorError)
+
+
+@dataclass(eq=False)
+class Host:
+    """One node's host actor, as this driver sees it."""
+
+    node_id: str
+    actor: Any
+    detached: bool = False
+    lost: str = ""  # why it is gone, once it is
+
+    async def ask(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a host actor method; a vanished actor raises :class:`NodeLost`. Cancelling the
+        caller cancels the call in the actor too."""
+        ray = require_ray()
+        if self.lost:
+            raise NodeLost(self.lost, node=self.node_id)
+        ref = getattr(self.actor, method).remote(*args, **kwargs)
+        try:
+            return await ref
+        except anyio.get_cancelled_exc_class():
+            ray.cancel(ref)
+            raise
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as exc:
+            self.lost = f"node {self.node_id[:8]} (or its host actor) is gone: {type(exc).__name__}"
+            raise NodeLost(self.lost, node=self.node_id) from None
+        except ray.exceptions.RayError as exc:
+            raise VmctlError(f"Ray failed a call to node {self.node_id[:8]}: {exc}") from None
+
+    async def info(self) -> HostInfo:
+        info: HostInfo = await self.ask("info")
+        return info
+
+
+_hosts: dict[tuple[str, tuple[tuple[str, str], ...]], Host] = {}
+
+
+def host_on(node_id: str) -> Host:
+    """This driver's host actor on ``node_id`` (created on first use, then reused)."""
+    ray = _check_connected()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    env = forwarded_env()
+    key = (node_id, tuple(env.items()))
+    host = _hosts.get(key)
+    if host is not None and host.lost:
+        ray.kill(host.actor)  # restarted (and empty) or dead: a new one takes its place
+    if host is None or host.lost:
+        actor = ray.remote(HostService).options(
+            num_cpus=0, resources={HOST_RESOURCE: MARK}, max_restarts=1, max_concurrency=1000,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            runtime_env={"env_vars": env},
+        ).remote()  # fmt: skip
+        host = _hosts[key] = Host(node_id, actor)
+    return host
+
+
+def find_node(node: str) -> str:
+    """A node id from a full id or a unique prefix of one (of the ``vmctl_host`` nodes)."""
+    matches = [n for n in qemu_nodes() if n.startswith(node)]
+    if len(matches) != 1:
+        raise InvalidArgument(f"node {node!r} matches {len(matches)} live vmctl_host nodes")
+    return matches[0]
+
+
+async def hosts() -> list[HostInfo]:
+    """What every ``vmctl_host`` node's host actor reports (creating them if needed)."""
+    found: list[HostInfo] = []
+    for node in qemu_nodes():
+        try:
+            found.append(await host_on(node).info())
+        except NodeLost:
+            pass
+    return found
+
+
+async def shutdown_hosts(*, timeout: float = 60.0) -> None:
+    """Stop every sandbox this driver's host actors own and end those actors (idempotent)."""
+    ray = require_ray()
+    for key, host in list(_hosts.items()):
+        del _hosts[key]
+        if not host.lost:
+            with anyio.move_on_after(timeout):
+                try:
+                    await host.ask("shutdown")
+                except VmctlError:
+                    pass
+            ray.kill(host.actor)
+
+
+_driver_assets: list[GuestAssets] = []  # this driver's default guest, looked up once
+
+
+async def portable(config: SandboxConfig) -> tuple[SandboxConfig, bool]:
+    """``(config, default_guest)``: whether ``config`` boots this machine's default guest, which
+    each node replaces with its own build (the lookup hashes every input: once per driver)."""
+    if not _driver_assets:
+        _driver_assets.append(await ensure_default_assets())
+    assets = _driver_assets[0]
+    return config, (Path(config.kernel) == assets.kernel and config.initrd is not None
+                    and Path(config.initrd) == assets.initrd)  # fmt: skip
+
+
+class RemoteSandbox:
+    """A sandbox owned by a host actor on some node: the local sandbox's coroutines, proxied."""
+
+    def __init__(self, sandbox_id: str, host: Host, *, fleet: str | None = None, start_timeout: float = 300.0) -> None:
+        self.id = sandbox_id
+        self.host = host
+        self.fleet = fleet
+        self.start_timeout = start_timeout
+        self._state = SandboxState.CREATED
+        self._lost = ""
+        #: called with the new host after a move (a cluster fleet starts watching it)
+        self.on_move: Callable[[Host], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<RemoteSandbox {self.id} on {self.node[:8]} {self.state}>"
+
+    @property
+    def node(self) -> str:
+        """The id of the Ray node it runs on."""
+        return self.host.node_id
+
+    @property
+    def state(self) -> SandboxState:
+        """The state after the last call (``failed`` once its node is lost)."""
+        return self._state
+
+    @property
+    def lost(self) -> str:
+        """Why the sandbox is lost with its node or host actor ("" while it is not)."""
+        return self._lost
+
+    def mark_lost(self, reason: str) -> None:
+        self._lost = self._lost or reason
+        self._state = SandboxState.FAILED
+
+    def mark_stopped(self) -> None:
+        if not self._lost:
+            self._state = SandboxState.STOPPED
+
+    def _unwrap(self, reply: Reply) -> Any:
+        if reply.state is not None:
+            self._state = reply.state
+        if reply.error is not None:
+            exc = from_wire(reply.error)
+            if isinstance(exc, NodeLost):
+                self.mark_lost(str(exc))
+            raise exc
+        return reply.value
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self._lost:
+            raise NodeLost(f"sandbox {self.id}: {self._lost}", node=self.node)
+        try:
+            reply = await self.host.ask("call", self.id, name, args, kwargs)
+        except NodeLost as exc:
+            self.mark_lost(str(exc))
+            raise NodeLost(f"sandbox {self.id} is lost: {exc}", node=self.node) from None
+        return self._unwrap(reply)
+
+    async def start(self, config: SandboxConfig | None) -> float:
+        """Start it on its host (``config``, or the fleet's prepared one); the boot seconds."""
+        try:
+            reply = await self.host.ask("start", self.id, config, fleet=self.fleet, start_timeout=self.start_timeout)
+        except NodeLost as exc:
+            self.mark_lost(str(exc))
+            raise
+        seconds: float = self._unwrap(reply)
+        return seconds
+
+    # -- the sandbox's coroutines ----------------------------------------------------------------
+
+    async def exec(self, argv: Sequence[str], *, stdin: bytes | str = b"", timeout: float | None = None,
+                   check: bool = False, env: dict[str, str] | None = None, cwd: str | None = None) -> ExecResult:  # fmt: skip
+        result: ExecResult = await self._call("exec", list(argv), stdin=stdin, timeout=timeout, check=check,
+                                              env=env, cwd=cwd)  # fmt: skip
+        return result
+
+    async def pause(self, *, timeout: float | None = 30.0) -> None:
+        await self._call("pause", timeout=timeout)
+
+    async def resume(self, *, timeout: float | None = 30.0) -> None:
+        await self._call("resume", timeout=timeout)
+
+    async def stop(self, *, timeout: float | None = None) -> None:
+        """Stop the sandbox on its node (a detached one's actor ends too). Idempotent."""
+        if self._lost:
+            return
+        try:
+            await self._call("stop")
+        except SandboxNotFound:
+            pass
+        self._state = SandboxState.STOPPED
+        if self.host.detached:
+            require_ray().kill(self.host.actor)
+            self.host.lost = "stopped"
+
+    async def wait_for_state(self, *states: SandboxState, timeout: float | None = None) -> SandboxState:
+        state: SandboxState = await self._call("wait_for_state", *states, timeout=timeout)
+        return state
+
+    async def hotplug(self, device: Device, *, timeout: float | None = 30.0) -> PluggedDevice:
+        plugged: PluggedDevice = await self._call("hotplug", device, timeout=timeout)
+        return plugged
+
+    async def unplug(self, device: PluggedDevice | str, *, timeout: float | None = 30.0) -> None:
+        await self._call("unplug", device.id if isinstance(device, PluggedDevice) else device, timeout=timeout)
+
+    async def resize_vcpus(self, count: int, *, timeout: float | None = 120.0) -> tuple[int, int]:
+        counts: tuple[int, int] = await self._call("resize_vcpus", count, timeout=timeout)
+        return counts
+
+    async def resize_memory(self, mib: int, *, timeout: float | None = 120.0) -> int:
+        size: int = await self._call("resize_memory", mib, timeout=timeout)
+        return size
+
+    async def snapshot(self, directory: str | Path, *, timeout: float = 300.0) -> Path:
+        """Save a snapshot into ``directory`` on the sandbox's node."""
+        path: Path = await self._call("snapshot", str(directory), timeout=timeout)
+        return path
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        await self._call("write_file", path, data, mode=mode)
+
+    async def read_file(self, path: str) -> bytes:
+        data: bytes = await self._call("read_file", path)
+        return data
+
+    async def upload(self, local: str | Path, remote: str) -> list[Path]:
+        """Copy a local file (on the driver) into the guest; trees are not supported remotely."""
+        source = Path(local)
+        if not source.is_file():
+            raise InvalidArgument(f"{source}: a remote sandbox takes single files (use write_file per file)")
+        await self.write_file(remote, source.read_bytes(), mode=source.stat().st_mode & 0o7777)
+        return []
+
+    async def download(self, remote: str, local: str | Path) -> list[str]:
+        """Copy a guest file to ``local`` on the driver."""
+        Path(local).write_bytes(await self.read_file(remote))
+        return []
+
+    async def guest_block_devices(self, *, timeout: float | None = 30.0) -> list[GuestBlockDevice]:
+        found: list[GuestBlockDevice] = await self._call("guest_block_devices", timeout=timeout)
+        return found
+
+    async def guest_online_cpus(self, *, timeout: float | None = 30.0) -> list[int]:
+        found: list[int] = await self._call("guest_online_cpus", timeout=timeout)
+        return found
+
+    async def guest_memory(self, *, timeout: float | None = 30.0) -> GuestMemory:
+        found: GuestMemory = await self._call("guest_memory", timeout=timeout)
+        return found
+
+    async def vcpu_thread_ids(self) -> dict[int, int]:
+        found: dict[int, int] = await self._call("vcpu_thread_ids")
+        return found
+
+    def process(self, argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                timeout: float | None = None, output_limit: int = DEFAULT_OUTPUT_LIMIT) -> RemoteProcessContext:  # fmt: skip
+        """``async with sb.process(argv) as p``: a guest command with live streams, as on a local
+        sandbox (each chunk is one call to the host actor); leaving the block kills it."""
+        options = {"env": env, "cwd": cwd, "timeout": timeout, "output_limit": output_limit}
+        return RemoteProcessContext(self, list(argv), options)
+
+    async def proc(self, proc_id: str, op: str, *args: Any) -> Any:
+        """One step of a remote process (see :meth:`HostService.proc`)."""
+        if self._lost:
+            raise NodeLost(f"sandbox {self.id}: {self._lost}", node=self.node)
+        try:
+            reply = await self.host.ask("proc", self.id, proc_id, op, args)
+        except NodeLost as exc:
+            self.mark_lost(str(exc))
+            raise NodeLost(f"sandbox {self.id} is lost: {exc}", node=self.node) from None
+        return self._unwrap(reply)
+
+    async def refresh(self) -> SandboxState:
+        """Ask the node for the sandbox's state (:attr:`state` is the one after the last call)."""
+        await self._call("pid")
+        return self._state
+
+    async def devices(self) -> list[PluggedDevice]:
+        """The device table (a coroutine here: it lives on the node)."""
+        found: list[PluggedDevice] = await self._call("devices")
+        return found
+
+    async def pid(self) -> int | None:
+        """QEMU's pid on the sandbox's node."""
+        pid: int | None = await self._call("pid")
+        return pid
+
+    async def move_to(self, node: str, *, timeout: float | None = 300.0) -> None:
+        """Move the sandbox to ``node`` (an id or a unique prefix): pause, snapshot, carry the
+        snapshot through Ray's object store in chunks, restore there, stop it here. The guest
+        keeps its state (boot id, files, processes). If the restore fails the sandbox resumes
+        here and the error is raised."""
+        target = host_on(find_node(node))
+        if target is self.host:
+            return
+        was_running = self._state is SandboxState.RUNNING
+        with deadline(timeout, f"move of {self.id}"):
+            try:
+                chunks = self._unwrap(await self.host.ask("export_snapshot", self.id))
+            except NodeLost as exc:
+                self.mark_lost(str(exc))
+                raise
+            try:
+                reply = await target.ask("import_snapshot", self.id, chunks, fleet=self.fleet,
+                                         start_timeout=self.start_timeout)  # fmt: skip
+                if reply.error is not None:
+                    raise from_wire(reply.error)
+            except BaseException:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                    if was_running and not self._lost:
+                        await self._call("resume")
+                raise
+            source, self.host = self.host, target
+            self._state = reply.state or self._state
+            if self.on_move is not None:
+                self.on_move(target)
+            with anyio.CancelScope(shield=True):
+                try:
+                    reply = await source.ask("call", self.id, "stop", (), {})
+                except NodeLost:
+                    pass
+            if was_running and self._state is SandboxState.PAUSED:
+                await self.resume()
+
+
+class RemoteStream(ByteReceiveStream):
+    """A remote command's stdout or stderr: ``async for chunk in stream`` while it runs."""
+
+    def __init__(self, sandbox: RemoteSandbox, proc_id: str, number: int) -> None:
+        self._sandbox, self._proc_id, self._number = sandbox, proc_id, number
+        self._ended = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._ended:
+            raise anyio.EndOfStream
+        data: bytes | None = await self._sandbox.proc(self._proc_id, "read", self._number, max_bytes)
+        if data is None:
+            self._ended = True
+            raise anyio.EndOfStream
+        return data
+
+    async def read_all(self) -> bytes:
+        return b"".join([chunk async for chunk in self])
+
+    async def aclose(self) -> None:
+        self._ended = True
+
+
+class RemoteStdin(ByteSendStream):
+    """A remote command's stdin: ``await stdin.send(data)``, ``await stdin.aclose()``."""
+
+    def __init__(self, sandbox: RemoteSandbox, proc_id: str) -> None:
+        self._sandbox, self._proc_id = sandbox, proc_id
+
+    async def send(self, item: bytes) -> None:
+        await self._sandbox.proc(self._proc_id, "write", bytes(item))
+
+    async def aclose(self) -> None:
+        await self._sandbox.proc(self._proc_id, "eof")
+
+
+class RemoteProcess:
+    """A command running in a remote sandbox's guest (as :class:`~vmctl.GuestProcess`)."""
+
+    def __init__(self, sandbox: RemoteSandbox, proc_id: str, pid: int) -> None:
+        self._sandbox, self._proc_id = sandbox, proc_id
+        self.pid = pid
+        self.stdin = RemoteStdin(sandbox, proc_id)
+        self.stdout = RemoteStream(sandbox, proc_id, 1)
+        self.stderr = RemoteStream(sandbox, proc_id, 2)
+        self.returncode: int | None = None
+        self.timed_out = False
+
+    async def wait(self) -> int:
+        code, self.timed_out = await self._sandbox.proc(self._proc_id, "wait")
+        self.returncode = int(code)
+        return self.returncode
+
+    async def signal(self, sig: int) -> None:
+        await self._sandbox.proc(self._proc_id, "signal", int(sig))
+
+    async def kill(self) -> None:
+        await self.signal(9)
+
+    async def aclose(self) -> None:
+        await self._sandbox.proc(self._proc_id, "close")
+
+
+class RemoteProcessContext:
+    """What ``sb.process(...)`` returns on a remote sandbox: ``async with`` starts the command and
+    kills it on the way out (also when cancelled, or when its node is gone: nothing to kill)."""
+
+    def __init__(self, sandbox: RemoteSandbox, argv: list[str], options: dict[str, Any]) -> None:
+        self._sandbox, self._argv, self._options = sandbox, argv, options
+        self._process: RemoteProcess | None = None
+
+    async def __aenter__(self) -> RemoteProcess:
+        proc_id = secrets.token_hex(6)
+        pid = await self._sandbox.proc(proc_id, "start", self._argv, self._options)
+        self._process = RemoteProcess(self._sandbox, proc_id, int(pid))
+        return self._process
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._process is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                try:
+                    await self._process.aclose()
+                except NodeLost:
+                    pass
+
+
+async def start_detached(config: SandboxConfig, name: str, *, node: str | None = None,
+                         start_timeout: float = 300.0) -> RemoteSandbox:  # fmt: skip
+    """A sandbox in a named, detached actor of its own: it outlives this driver until stopped.
+    Ray places it on a ``vmctl_host`` node (or on ``node``); :func:`attach` finds it by name."""
+    ray = _check_connected()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    check_id(name)
+    options: dict[str, Any] = {
+        "name": DETACHED_PREFIX + name, "namespace": NAMESPACE, "lifetime": "detached", "num_cpus": 0,
+        "resources": {HOST_RESOURCE: MARK}, "max_concurrency": 1000, "runtime_env": {"env_vars": forwarded_env()},
+    }  # fmt: skip
+    if node is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(find_node(node), soft=False)
+    try:
+        ray.get_actor(DETACHED_PREFIX + name, namespace=NAMESPACE)
+    except ValueError:
+        pass
+    else:
+        raise InvalidArgument(f"a detached sandbox named {name!r} exists already: attach to it")
+    actor = ray.remote(HostService).options(**options).remote()
+    local, default_guest = await portable(config)
+    host = Host("", actor, detached=True)
+    info = await host.info()
+    host.node_id = info.node_id
+    sandbox = RemoteSandbox(name, host, start_timeout=start_timeout)
+    try:
+        prepared = host_reply(await host.ask("prepare", f"detached-{name}", local, default_guest, False, start_timeout))
+        await sandbox.start(prepared)
+    except BaseException:
+        ray.kill(actor)
+        raise
+    return sandbox
+
+
+def host_reply(reply: Reply) -> Any:
+    if reply.error is not None:
+        raise from_wire(reply.error)
+    return reply.value
+
+
+async def attach(name: str) -> RemoteSandbox:
+    """The detached sandbox ``name``, from any driver of the cluster: :class:`SandboxNotFound`
+    if there is none."""
+    ray = _check_connected()
+    try:
+        actor = ray.get_actor(DETACHED_PREFIX + name, namespace=NAMESPACE)
+    except ValueError:
+        raise SandboxNotFound(f"no detached cluster sandbox named {name!r}") from None
+    host = Host("", actor, detached=True)
+    info = await host.info()
+    host.node_id = info.node_id
+    if name not in info.sandboxes:
+        raise SandboxNotFound(f"the actor of detached sandbox {name!r} runs but owns no sandbox"
+                              + (" (it was restarted)" if info.restarted else ""))  # fmt: skip
+    sandbox = RemoteSandbox(name, host)
+    await sandbox.refresh()
+    return sandbox
