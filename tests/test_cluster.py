@@ -247,12 +247,20 @@ async def test_a_restarted_host_actor_comes_back_empty_and_says_so(
             reply = await sb.host.actor.call.remote(sb.id, "exec", (["true"],), {})
             assert reply.error is not None and reply.error.kind == "NodeLost", reply
             assert "restarted" in reply.error.message
-            assert qemu is not None and not Path(f"/proc/{qemu}").exists(), "QEMU died with the old actor"
+            assert qemu is not None and not running(qemu), "QEMU died with the old actor"
     finally:
         await cluster.shutdown_hosts()
         from vmctl.paths import sweep_stale_run_dirs
 
         sweep_stale_run_dirs(runtime_dir)  # the killed actor's run directory
+
+
+def running(pid: int) -> bool:
+    """A live process (a zombie is dead: this machine's PID 1 may never reap an orphan)."""
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
 
 
 KILLED_DRIVER = """
@@ -281,15 +289,15 @@ async def test_a_killed_driver_takes_its_sandboxes_with_it(
             while not line.endswith(b"\n"):
                 line += await driver.stdout.receive()
         pids = [int(p) for p in line.split()]
-        assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids)
+        assert len(pids) == 2 and all(running(p) for p in pids)
     finally:
         driver.kill()
         await driver.wait()
     started = time.monotonic()
-    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() - started < 30:  # noqa: ASYNC110
+    while any(running(p) for p in pids) and time.monotonic() - started < 30:  # noqa: ASYNC110
         await anyio.sleep(0.2)
     gone_after = time.monotonic() - started
-    assert not any(Path(f"/proc/{p}").exists() for p in pids), "QEMU outlived the driver's host actors"
+    assert not any(running(p) for p in pids), "QEMU outlived the driver's host actors"
     assert gone_after < 30
     # Ray force-kills a dead driver's actors: their run and template directories stay behind,
     # marked with an owner that is gone, and the next sandbox started on the node sweeps them.
@@ -329,10 +337,10 @@ async def test_a_lost_node_fails_its_members_quickly_and_the_others_finish(
             assert [e.sandbox_id for e in lost] == [doomed[0].id]
             assert [row["state"] for row in fleet.summary()].count("lost") == 1
         for _ in range(100):  # the dead node's host actor fenced itself: its QEMU is gone
-            if doomed_qemu is None or not Path(f"/proc/{doomed_qemu}").exists():
+            if doomed_qemu is None or not running(doomed_qemu):
                 break
             await anyio.sleep(0.1)
-        assert doomed_qemu is not None and not Path(f"/proc/{doomed_qemu}").exists()
+        assert doomed_qemu is not None and not running(doomed_qemu)
         assert qemu_processes(str(runtime_dir)) == []
     finally:
         await cluster.shutdown_hosts()

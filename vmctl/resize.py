@@ -61,6 +61,13 @@ fi
 cat /sys/devices/system/cpu/online
 """
 
+# The guest's init loads its less urgent modules in the background after boot; a CPU or DIMM
+# plugged while that runs crashed the guest kernel now and then under TCG: wait for it first.
+_WAIT_MODULES = r"""
+n=0
+while [ -e /run/vmctl-modules-loading ] && [ "$n" -lt 600 ]; do sleep 0.05; n=$((n + 1)); done
+"""
+
 _WAIT_PRESENT = r"""
 while [ "$(ls -d /sys/devices/system/cpu/cpu[0-9]* | wc -l)" -lt "$1" ]; do sleep 0.05; done
 """
@@ -98,6 +105,7 @@ class Resizer:
                 if missing > 0:
                     if not can_plug:
                         raise NotSupported("this sandbox cannot hotplug CPUs (max_vcpus == vcpus)")
+                    await self._agent.check_exec(["sh", "-c", _WAIT_MODULES])
                     await self._plug_cpus(missing)
                     # the guest registers a CPU just after its ACPI ack: wait for it there, not across the port
                     await self._agent.check_exec(["sh", "-c", _WAIT_PRESENT, "sh", str(count)])
@@ -151,6 +159,7 @@ class Resizer:
         return {r.id: r.device.size_mib for r in self._queue.devices.values() if isinstance(r.device, DimmDevice)}
 
     async def _add_dimm(self, delta: int) -> None:
+        await self._agent.check_exec(["sh", "-c", _WAIT_MODULES])
         before = (await self._agent.memory()).total_kib
         dev_id = self._queue.new_id("dimm")
         shared = self._queue.ctx.shared_memory
