@@ -18,16 +18,19 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from vmctl.config import SandboxConfig
 from vmctl.devices import Device, NetworkDevice, SerialPort, VfioDevice, VhostUserBlockDevice, VhostUserNetDevice
+from vmctl.errors import HostError
 from vmctl.hypervisors import cgroups
 from vmctl.hypervisors.base import RunPaths
 
@@ -41,6 +44,7 @@ FALLBACK_ID = 64_099  # a uid/gid nothing else uses, when no vmctl-qemu user exi
 #: stacks): measured peak 130-190 MiB for a 256 MiB guest; KVM needs less
 MEMORY_OVERHEAD_MIB = 320
 PIDS_MAX = 512
+PASST_START_TIMEOUT = 5.0
 #: QEMU's whole environment
 MINIMAL_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 HELPER = Path(__file__).with_name("jailexec.py")
@@ -106,6 +110,14 @@ def host_status() -> dict[str, tuple[bool, str]]:
     out["passt"] = (passt is not None, f"egress NICs use {passt}" if passt else
                     "passt is not installed: network='egress' NICs fall back to 'none' (no egress)")  # fmt: skip
     return out
+
+
+def status_allows(part: str) -> bool:
+    try:
+        jail_user()
+    except ValueError:
+        return False
+    return part in operator_parts()
 
 
 def passt_path() -> str | None:
@@ -260,7 +272,9 @@ class Handover:
     ``fd_disks``: pass disks by descriptor (the jail drops the user or hides the host's paths).
     ``network``: the sandbox's mode; ``egress`` NICs get passt (or fall back to ``none``)."""
 
-    def __init__(self, *, fd_disks: bool, network: str, jail: Jail, detached: bool, log_path: Path, log: Any) -> None:
+    def __init__(self, *, fd_disks: bool, network: str, jail: Jail, detached: bool, log_path: Path,
+                 socket_dir: Path, log: Any) -> None:  # fmt: skip
+        self.socket_dir = socket_dir
         self.fd_disks = fd_disks
         self.network = network
         self.jail = jail
@@ -272,10 +286,11 @@ class Handover:
         self._passt: dict[str, subprocess.Popen[bytes]] = {}  # netdev id -> its passt
         self._held: list[int] = []  # fds to close once QEMU has them
         self.egress_fallback = False
+        self._tmp_dir: Path | None = None
 
     # the command line
 
-    def command_line(self, argv: list[str]) -> tuple[list[str], list[int]]:
+    async def command_line(self, argv: list[str]) -> tuple[list[str], list[int]]:
         """``argv`` with its disks and egress NICs handed over, and the descriptors QEMU must inherit."""
         fds: list[int] = []
         out = list(argv)
@@ -289,7 +304,7 @@ class Handover:
                 for fd in passed:
                     extra += ["-add-fd", f"fd={fd},set={new['filename'].rsplit('/', 1)[1]}"]
             else:
-                new, passed = self._nic(spec, fd_name=None)
+                new, passed = await self._nic(spec), []
             fds += passed
             out[i + 1] = json.dumps(new)
         return out[:1] + extra + out[1:], fds
@@ -306,47 +321,62 @@ class Handover:
         self._held += fds
         return {**spec, "filename": f"/dev/fdset/{set_id}"}, fds
 
-    def _nic(self, spec: dict[str, Any], fd_name: str | None) -> tuple[dict[str, Any], list[int]]:
+    async def _nic(self, spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("type") != "user" or self.network != "egress":
-            return spec, []
+            return spec
         passt = passt_path()
         if passt is None:
             if not self.egress_fallback:
                 self.log.warning("passt is not installed: network='egress' NICs get no network (as 'none')")
             self.egress_fallback = True
-            return {**spec, "restrict": True}, []
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            return {**spec, "restrict": True}
+        # passt listens on a socket (this passt cannot take a connected descriptor) in a
+        # directory of its own user: as root, passt never runs as root but as the jail user, who
+        # cannot reach the controller's run directory, so the directory is a fresh one in /tmp
+        sock = self._passt_dir() / f"{spec['id']}.sock"
+        sock.unlink(missing_ok=True)
+        argv = [passt, "--foreground", "--one-off", "--quiet", "--ipv4-only", "--no-map-gw", "--socket", str(sock)]
+        for rule in spec.get("hostfwd", []):
+            argv += _passt_forward(str(rule["str"]))
+        if os.geteuid() == 0:
+            uid, gid = (self.jail.uid, self.jail.gid) if self.jail.uid is not None else jail_user()[:2]
+            argv += ["--runas", f"{uid}:{gid}"]
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv and not self.detached else []
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            argv = [passt, "--foreground", "--one-off", "--quiet", "--ipv4-only", "--no-map-gw",
-                    "--fd", str(ours.fileno())]  # fmt: skip
-            for rule in spec.get("hostfwd", []):
-                argv += _passt_forward(str(rule["str"]))
-            if self.jail.uid is not None:
-                argv += ["--runas", f"{self.jail.uid}:{self.jail.gid}"]
-            prefix = [] if self.detached or not shutil.which("setpriv") else [str(shutil.which("setpriv")),
-                                                                              "--pdeathsig", "KILL", "--"]  # fmt: skip
-            log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                proc = subprocess.Popen(  # noqa: ASYNC220 - fork+exec only; it ends with QEMU's end of the pair
-                    prefix + argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                    pass_fds=[ours.fileno()], start_new_session=True, env=dict(MINIMAL_ENV),
-                )  # fmt: skip
-            finally:
-                os.close(log_fd)
+            proc = subprocess.Popen(  # noqa: ASYNC220 - fork+exec only; it ends when QEMU disconnects
+                prefix + argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                start_new_session=True, env=dict(MINIMAL_ENV),
+            )  # fmt: skip
         finally:
-            ours.close()
+            os.close(log_fd)
         _PASST_CHILDREN.difference_update([p for p in _PASST_CHILDREN if p.poll() is not None])
         _PASST_CHILDREN.add(proc)
         self._passt[str(spec["id"])] = proc
-        fd = theirs.detach()
-        self._held.append(fd)
-        new = {"type": "stream", "id": spec["id"], "server": False,
-               "addr": {"type": "fd", "str": fd_name or str(fd)}}  # fmt: skip
-        return new, [fd]
+        await _wait_for(lambda: sock.exists() or proc.poll() is not None, PASST_START_TIMEOUT)
+        if not sock.exists():
+            proc.kill()
+            raise HostError(f"passt did not start for NIC {spec['id']} (exit code {proc.poll()}); see {self.log_path}")
+        return {"type": "stream", "id": spec["id"], "server": False, "addr": {"type": "unix", "path": str(sock)}}
+
+    def _passt_dir(self) -> Path:
+        if os.geteuid() != 0:
+            return self.socket_dir
+        if self._tmp_dir is None:
+            uid, gid = (self.jail.uid, self.jail.gid) if self.jail.uid is not None else jail_user()[:2]
+            self._tmp_dir = Path(tempfile.mkdtemp(prefix="vmctl-passt-", dir="/tmp"))
+            os.chown(self._tmp_dir, uid, gid if gid is not None else -1)
+        return self._tmp_dir
+
+    @property
+    def extra_binds(self) -> list[Path]:
+        """What QEMU's mount namespace must show besides its own directory (passt's sockets)."""
+        return [self._passt_dir()] if os.geteuid() == 0 and self.network == "egress" else []
 
     # hotplug
 
-    async def command(self, name: str, arguments: dict[str, Any] | None, qmp: Any) -> dict[str, Any] | None:
+    async def command(self, name: str, arguments: dict[str, Any] | None, qmp: Any) -> dict[str, Any] | None:  # noqa: C901
         """A hotplug command's arguments with its disk or NIC handed over to QEMU first."""
         if arguments is None:
             return arguments
@@ -358,13 +388,8 @@ class Handover:
                 await qmp.add_fd(fd, set_id)
             self.release_held()
             return new
-        if name == "netdev_add" and arguments.get("type") == "user" and self.network == "egress":
-            fd_name = f"passt-{arguments.get('id')}"
-            new, fds = self._nic(arguments, fd_name=fd_name)
-            if fds:
-                await qmp.send_fd(fds[0], fd_name)
-            self.release_held()
-            return new
+        if name == "netdev_add":
+            return await self._nic(arguments)
         return arguments
 
     async def forget(self, name: str, arguments: dict[str, Any] | None, qmp: Any) -> None:
@@ -403,6 +428,9 @@ class Handover:
                     except subprocess.TimeoutExpired:
                         pass
         self._passt.clear()
+        if self._tmp_dir is not None and not keep_running:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
 
 
 def _passt_forward(rule: str) -> list[str]:
@@ -433,10 +461,11 @@ def prepare(jail: Jail, config: SandboxConfig, paths: RunPaths) -> SandboxConfig
     memory file."""
     q = paths.qemu_dir
     q.mkdir(mode=0o700, exist_ok=True)
+    if os.geteuid() == 0 and status_allows("user"):  # QEMU's (and passt's) user, even unjailed
+        uid, gid, _ = (jail.uid, jail.gid, "") if jail.uid is not None else jail_user()
+        os.chown(q, uid, gid if gid is not None else -1)
     if jail.uid is None and not jail.namespaces:
         return config
-    if jail.uid is not None:
-        os.chown(q, jail.uid, jail.gid if jail.gid is not None else -1)
     jail.binds = [(q, True)]
     changes: dict[str, Any] = {}
     for name in ("kernel", "initrd", "firmware"):
@@ -517,3 +546,10 @@ def existing_cgroup(paths: RunPaths) -> cgroups.Cgroup | None:
         return None
     group = cgroups.Cgroup(cgroup_name(paths), version)
     return group if group.exists() else None
+
+
+async def _wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    """Poll ``condition`` (a file appearing has no event to wait on)."""
+    with anyio.move_on_after(timeout):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.005)

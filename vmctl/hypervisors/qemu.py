@@ -211,11 +211,14 @@ class QemuHypervisor(Hypervisor):
             self._cgroup = self._jail.cgroup
         self._handover = jail.Handover(fd_disks=self._jail.drops_user or "mount" in self._jail.namespaces,
                                        network=self._effective.network, jail=self._jail, detached=self.plan.detached,
-                                       log_path=self.paths.qemu_log, log=self.log)  # fmt: skip
+                                       log_path=self.paths.qemu_log, socket_dir=self.paths.qemu_dir,
+                                       log=self.log)  # fmt: skip
+        if "mount" in self._jail.namespaces:
+            self._jail.binds += [(p, True) for p in self._handover.extra_binds]
         for name in CHANNELS:
             listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
         argv = self._command({name: s.fileno() for name, s in listeners.items()})
-        self._argv, extra_fds = self._handover.command_line(argv)
+        self._argv, extra_fds = await self._handover.command_line(argv)
         self.log.debug("launching qemu", argv=self._argv, jail=self._jail.parts())
         self._process = await self._launcher.spawn(self._argv, listeners, detached=self.plan.detached,
                                                    log_path=self.paths.qemu_log, tg=tg, jail=self._jail,
