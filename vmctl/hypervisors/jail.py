@@ -30,7 +30,7 @@ import anyio
 
 from vmctl.config import SandboxConfig
 from vmctl.devices import Device, NetworkDevice, SerialPort, VfioDevice, VhostUserBlockDevice, VhostUserNetDevice
-from vmctl.errors import HostError
+from vmctl.errors import HostError, NotSupported
 from vmctl.hypervisors import cgroups
 from vmctl.hypervisors.base import RunPaths
 
@@ -389,6 +389,10 @@ class Handover:
             self.release_held()
             return new
         if name == "netdev_add":
+            if arguments.get("type") == "tap" and (self.jail.uid is not None or "net" in self.jail.namespaces):
+                raise NotSupported("a tap NIC needs QEMU outside the jail (the host's network and privileges): "
+                                   "cold-plug it in SandboxConfig(devices=[...]) and the jail steps back, "
+                                   "or set jail=False")  # fmt: skip
             return await self._nic(arguments)
         return arguments
 
