@@ -229,6 +229,16 @@ class Hypervisor(ABC):
     def pid(self) -> int | None: ...
 
     @property
+    def qemu_pid(self) -> int | None:
+        """QEMU's own pid on the host (``pid`` may be the jail's outer process)."""
+        return self.pid
+
+    @property
+    def jail(self) -> dict[str, str]:
+        """Each part of the jail around QEMU: ``on``, or why it is off."""
+        return {}
+
+    @property
     @abstractmethod
     def command_line(self) -> list[str]: ...
 

@@ -116,7 +116,7 @@ def wait_and_mirror(child: int) -> None:
     if os.WIFSIGNALED(status):
         signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+    sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
 
 
 def main(spec: dict[str, Any]) -> None:
@@ -160,4 +160,4 @@ if __name__ == "__main__":
         main(json.loads(sys.argv[1]))
     except OSError as exc:
         sys.stderr.write(f"vmctl jail: {exc}\n")
-        os._exit(125)
+        sys.exit(125)
