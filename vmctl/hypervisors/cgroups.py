@@ -8,6 +8,7 @@ starts (the jail's last step joins it before ``exec``), and removed once QEMU is
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,13 @@ class Cgroup:
         elif controller == "pids":
             (d / "pids.max").write_text(str(limits.pids))
 
+    def set_memory(self, limit_bytes: int) -> None:
+        """A new memory limit (hot-added guest RAM raises it, removed RAM lowers it again)."""
+        assert self.limits is not None
+        self.limits = Limits(limit_bytes, self.limits.cpus, self.limits.pids)
+        d = self.dirs.get("memory") or self.dirs[""]
+        (d / ("memory.max" if self.version == 2 else "memory.limit_in_bytes")).write_text(str(limit_bytes))
+
     def exists(self) -> bool:
         return any(d.is_dir() for d in self.dirs.values())
 
@@ -129,6 +137,19 @@ class Cgroup:
             except OSError:
                 return False
         return False
+
+    def kill(self) -> None:
+        """SIGKILL every process still in the cgroup (whatever escaped the usual reaping)."""
+        for d in self.dirs.values():
+            try:
+                pids = (d / "cgroup.procs").read_text().split()
+            except OSError:
+                continue
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
 
     def remove(self, *, wait: float = 5.0) -> bool:
         """Remove the directories once their processes are gone (a killed QEMU takes a moment)."""

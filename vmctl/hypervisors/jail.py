@@ -28,6 +28,7 @@ from typing import Any
 
 import anyio
 
+from vmctl import paths as run_dirs
 from vmctl.config import SandboxConfig
 from vmctl.devices import Device, NetworkDevice, SerialPort, VfioDevice, VhostUserBlockDevice, VhostUserNetDevice
 from vmctl.errors import HostError, NotSupported
@@ -135,7 +136,8 @@ class Jail:
     cgroup: cgroups.Cgroup | None = None
     minimal_env: bool = True
     root: Path | None = None
-    binds: list[tuple[Path, bool]] = field(default_factory=list)
+    #: (host path, path inside the jail, writable)
+    binds: list[tuple[Path, Path, bool]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -166,7 +168,7 @@ class Jail:
             "unshare": list(self.namespaces),
             "cgroups": self.cgroup.procs_files if self.cgroup else [],
             "root": str(self.root) if self.root else None,
-            "binds": [[str(p), w] for p, w in self.binds],
+            "binds": [[str(p), str(at), w] for p, at, w in self.binds],
             "env": self.env() or dict(os.environ),
             "pdeathsig": pdeathsig,
             "argv": argv,
@@ -181,14 +183,13 @@ def cgroup_name(paths: RunPaths) -> str:
 
 
 def memory_limit_mib(config: SandboxConfig) -> int:
+    """Guest RAM at start plus QEMU's overhead (hot-added RAM raises the limit as it comes)."""
     if config.memory_limit_mib is not None:
         return config.memory_limit_mib
-    ram = config.max_memory_mib if config.memory_hotplug_possible and config.max_memory_mib else config.memory_mib
-    overhead = int(os.environ.get(OVERHEAD_ENV, MEMORY_OVERHEAD_MIB))
-    return ram + overhead
+    return config.memory_mib + int(os.environ.get(OVERHEAD_ENV, MEMORY_OVERHEAD_MIB))
 
 
-def plan(config: SandboxConfig, paths: RunPaths, devices: Sequence[Device], *, nic_netns: bool) -> Jail:
+def plan(config: SandboxConfig, run: RunPaths, devices: Sequence[Device], *, nic_netns: bool) -> Jail:
     """Decide this sandbox's jail. ``nic_netns``: its NICs can live in an empty network namespace."""
     status = host_status()
     jail = Jail()
@@ -207,6 +208,7 @@ def plan(config: SandboxConfig, paths: RunPaths, devices: Sequence[Device], *, n
             jail.skipped["user"] = path_bound
         else:
             jail.uid, jail.gid, _ = jail_user()
+            run_dirs.QEMU_UIDS.add(jail.uid)  # the stale sweep kills QEMU processes of this uid too
             if config.effective_accel() != "tcg" or config.accel == "kvm":
                 kvm = _group_of("/dev/kvm")
                 jail.extra_gids = (kvm,) if kvm is not None else ()
@@ -215,7 +217,7 @@ def plan(config: SandboxConfig, paths: RunPaths, devices: Sequence[Device], *, n
             jail.skipped["namespaces"] = path_bound
         else:
             jail.namespaces = ("mount", "pid", "ipc")
-            jail.root = paths.run_dir / "root"
+            jail.root = run.run_dir / "root"
     if jail.uid is not None and "mount" not in jail.namespaces:
         jail.uid = jail.gid = None
         jail.extra_gids = ()
@@ -230,7 +232,7 @@ def plan(config: SandboxConfig, paths: RunPaths, devices: Sequence[Device], *, n
     if status["cgroup"][0]:
         version, _ = cgroups.detect()
         assert version is not None
-        jail.cgroup = cgroups.Cgroup(cgroup_name(paths), version)
+        jail.cgroup = cgroups.Cgroup(cgroup_name(run), version)
     return jail
 
 
@@ -470,32 +472,33 @@ def prepare(jail: Jail, config: SandboxConfig, paths: RunPaths) -> SandboxConfig
         os.chown(q, uid, gid if gid is not None else -1)
     if jail.uid is None and not jail.namespaces:
         return config
-    jail.binds = [(q, True)]
+    jail.binds = [(q, q, True)]
     changes: dict[str, Any] = {}
-    for name in ("kernel", "initrd", "firmware"):
+    for name in ("kernel", "initrd", "firmware"):  # inside QEMU's own directory: the host's paths stay unseen
         path: Path | None = getattr(config, name)
         if path is None:
             continue
+        inside = q / name
         if jail.uid is not None and not _readable_by(path, jail.uid):
-            copy = q / f"{name}.{path.name}"
-            shutil.copyfile(path, copy)
-            os.chown(copy, jail.uid, jail.gid if jail.gid is not None else -1)
-            changes[name] = copy
+            shutil.copyfile(path, inside)  # a copy the jail user can read
+            os.chown(inside, jail.uid, jail.gid if jail.gid is not None else -1)
         else:
-            jail.binds.append((path.resolve(), False))
+            os.close(os.open(inside, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o400))  # what the bind covers
+            jail.binds.append((path.resolve(), inside, False))
+        changes[name] = inside
     if config.memory_path is not None and (config.boot_to_be_template or config.boot_from_template):
         mem = config.memory_path
         if config.boot_to_be_template and not mem.exists():
             os.close(os.open(mem, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         if jail.uid is not None:
             os.chown(mem, jail.uid, jail.gid if jail.gid is not None else -1)
-        jail.binds.append((mem, True))
+        jail.binds.append((mem, mem, True))
     entropy = config.entropy_source
     if not str(entropy).startswith("/dev/"):
-        jail.binds.append((entropy, False))
+        jail.binds.append((entropy, entropy, False))
     qemu = config.qemu_binary
     if qemu is not None and not str(Path(qemu).resolve()).startswith("/usr/"):
-        jail.binds.append((Path(qemu).resolve(), False))
+        jail.binds.append((Path(qemu).resolve(), Path(qemu).resolve(), False))
     if jail.root is not None:
         jail.root.mkdir(mode=0o700, exist_ok=True)
     return config.replace(**changes) if changes else config

@@ -8,7 +8,7 @@ controller's. ``SPEC`` is one JSON argument (built by :mod:`vmctl.jail`):
 * ``unshare``: namespaces to enter (``mount``, ``pid``, ``ipc``, ``net``);
 * ``root``: an empty directory that becomes the new root (a tmpfs holding only ``binds``,
   ``/usr`` read-only, a few device nodes, a private ``/tmp`` and, with a PID namespace, ``/proc``);
-* ``binds``: ``[path, writable]`` pairs mounted at the same path under the new root;
+* ``binds``: ``[path, target, writable]``: ``path`` mounted at ``target`` under the new root;
 * ``uid``, ``gid``, ``groups``: who QEMU runs as (only the groups named, no new privileges);
 * ``env``: QEMU's whole environment; ``argv``: QEMU's command line;
 * ``pdeathsig``: die with the parent (the controller), unless the sandbox is detached.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import signal
 import sys
 from typing import Any
@@ -60,8 +61,8 @@ def make_point(path: str, like: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
-def bind(source: str, root: str, *, writable: bool) -> None:
-    target = root + source
+def bind(source: str, root: str, *, writable: bool, at: str | None = None) -> None:
+    target = root + (at or source)
     make_point(target, source)
     mount(source, target, None, MS_BIND)
     flags = MS_BIND | MS_REMOUNT | MS_NOSUID | (0 if writable else MS_RDONLY)
@@ -85,8 +86,8 @@ def build_root(root: str, binds: list[list[object]], *, proc: bool) -> None:
             bind(dev, root, writable=True)
     os.makedirs(root + "/tmp", mode=0o755, exist_ok=True)  # before the binds: a run dir may be under /tmp
     mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=4m")
-    for path, writable in binds:
-        bind(str(path), root, writable=bool(writable))
+    for path, at, writable in binds:
+        bind(str(path), root, writable=bool(writable), at=str(at))
     if proc:
         os.makedirs(root + "/proc", mode=0o555, exist_ok=True)
         mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -120,6 +121,8 @@ def wait_and_mirror(child: int) -> None:
 
 
 def main(spec: dict[str, Any]) -> None:
+    parent = os.getppid()
+    alive_r: int | None = None
     if spec.get("pdeathsig"):
         check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
     for procs in spec.get("cgroups", []):
@@ -134,22 +137,40 @@ def main(spec: dict[str, Any]) -> None:
     uid, gid = int(spec["uid"]), int(spec["gid"])
     groups = [int(g) for g in spec.get("groups", [])]
     if "pid" in kinds:
+        alive_r, alive_w = os.pipe()  # the child sees EOF here once this process is gone
         child = os.fork()
         if child:
-            os.closerange(3, 65536)  # only QEMU holds the sockets and disks
+            os.close(alive_r)
+            os.closerange(3, alive_w)  # only QEMU holds the sockets and disks
+            os.closerange(alive_w + 1, 65536)
             devnull = os.open("/dev/null", os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
             drop(uid, gid, groups)
+            if spec.get("pdeathsig"):  # cleared by the uid change: set again, then check the parent
+                check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+                if os.getppid() != parent:
+                    os.kill(child, signal.SIGKILL)
+                    sys.exit(1)
             wait_and_mirror(child)
-        # (getppid() is 0 from inside the new namespace: the parent cannot be checked by pid)
-        check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+        os.close(alive_w)
     root = spec.get("root")
     if root and "mount" in kinds:
         umask = os.umask(0o022)  # the root's directories must be searchable; QEMU keeps its own umask
         build_root(str(root), spec.get("binds", []), proc="pid" in kinds)
         os.umask(umask)
     drop(uid, gid, groups)
+    # The death signal is set after the uid change, which clears it: QEMU dies with the outer
+    # process (PID namespace), or with the controller (unless detached).
+    if "pid" in kinds or spec.get("pdeathsig"):
+        check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+        # (getppid() is 0 from inside the new namespace: the parent is checked through the pipe)
+        if alive_r is not None and select.select([alive_r], [], [], 0)[0]:
+            sys.exit(1)  # the outer process died before the death signal was set
+        if alive_r is None and os.getppid() != parent:
+            sys.exit(1)
+    if alive_r is not None:
+        os.close(alive_r)
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
     argv = [str(a) for a in spec["argv"]]
     os.execve(argv[0], argv, {str(k): str(v) for k, v in spec["env"].items()})

@@ -84,7 +84,7 @@ class QemuHypervisor(Hypervisor):
         self._jail: jail.Jail | None = None
         self._cgroup: cgroups.Cgroup | None = None
         self._handover: jail.Handover | None = None
-        self._console_log: CappedLog | None = None
+        self._backend_sizes: dict[str, int] = {}
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -121,9 +121,32 @@ class QemuHypervisor(Hypervisor):
         if self._handover is None:
             return await self._qmp.execute(command, arguments)
         arguments = await self._handover.command(command, arguments, self._qmp)
-        reply = await self._qmp.execute(command, arguments)
+        self._follow_memory(command, arguments, before=True)
+        try:
+            reply = await self._qmp.execute(command, arguments)
+        except BaseException:
+            self._follow_memory(command, arguments, before=False, failed=True)
+            raise
+        self._follow_memory(command, arguments, before=False)
         await self._handover.forget(command, arguments, self._qmp)
         return reply
+
+    def _follow_memory(self, command: str, arguments: dict[str, Any] | None, *, before: bool,
+                       failed: bool = False) -> None:  # fmt: skip
+        """Hot-added RAM (a memory backend) raises the cgroup's limit before QEMU allocates it;
+        a removed one, or one QEMU refused, lowers it again."""
+        group = self._cgroup
+        if group is None or group.limits is None or not arguments or self._effective.memory_limit_mib is not None:
+            return
+        if command == "object-add" and str(arguments.get("qom-type", "")).startswith("memory-backend"):
+            size = int(arguments.get("size", 0))
+            if before:
+                self._backend_sizes[str(arguments.get("id"))] = size
+                group.set_memory(group.limits.memory_bytes + size)
+            elif failed:
+                group.set_memory(group.limits.memory_bytes - self._backend_sizes.pop(str(arguments.get("id")), 0))
+        elif command == "object-del" and not before and not failed:
+            group.set_memory(group.limits.memory_bytes - self._backend_sizes.pop(str(arguments.get("id")), 0))
 
     async def vcpu_thread_ids(self) -> dict[int, int]:
         cpus = await self._qmp.execute("query-cpus-fast")
@@ -214,7 +237,7 @@ class QemuHypervisor(Hypervisor):
                                        log_path=self.paths.qemu_log, socket_dir=self.paths.qemu_dir,
                                        log=self.log)  # fmt: skip
         if "mount" in self._jail.namespaces:
-            self._jail.binds += [(p, True) for p in self._handover.extra_binds]
+            self._jail.binds += [(p, p, True) for p in self._handover.extra_binds]
         for name in CHANNELS:
             listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
         argv = self._command({name: s.fileno() for name, s in listeners.items()})
@@ -230,6 +253,7 @@ class QemuHypervisor(Hypervisor):
         if self._handover is not None:
             self._handover.close(keep_running=kept)
         if self._cgroup is not None and not kept:
+            self._cgroup.kill()  # nothing of this sandbox outlives it, whatever escaped the reap
             if not self._cgroup.remove():
                 self.log.warning("cgroup not removed", cgroup=str(self._cgroup.path))
 
