@@ -315,3 +315,18 @@ async def test_egress_reaches_a_server_outside_the_host(make_config: MakeConfig,
     async with Sandbox(make_config(devices=[NetworkDevice()])) as sb:
         await guest_address(sb)
         assert "outside" in await fetch(sb, *outside_server)
+
+
+def test_doctor_reports_each_jail_part(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from vmctl.cli import main
+
+    main(["doctor", "--json"])
+    parts = json.loads(capsys.readouterr().out)["jail"]
+    assert set(parts) == {*jail.PARTS, "passt"}
+    assert parts["user"]["active"] is ROOT and parts["env"]["active"] is True
+    monkeypatch.setenv("VMCTL_JAIL", "env")
+    main(["doctor"])
+    out = capsys.readouterr().out
+    assert "jail user          off: left out by VMCTL_JAIL=env" in out and "jail env           on" in out
