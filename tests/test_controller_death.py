@@ -33,7 +33,10 @@ anyio.run(main)
 
 async def wait_for_exit(pid: int) -> None:
     """Event-driven wait for a process that is not our child."""
-    fd = os.pidfd_open(pid)
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # gone already
     try:
         await anyio.wait_readable(fd)
     finally:
