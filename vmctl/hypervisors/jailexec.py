@@ -179,6 +179,6 @@ def main(spec: dict[str, Any]) -> None:
 if __name__ == "__main__":
     try:
         main(json.loads(sys.argv[1]))
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - one clear line in qemu.log, whatever went wrong
         sys.stderr.write(f"vmctl jail: {exc}\n")
         sys.exit(125)
