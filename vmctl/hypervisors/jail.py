@@ -275,7 +275,8 @@ class Handover:
     ``network``: the sandbox's mode; ``egress`` NICs get passt (or fall back to ``none``)."""
 
     def __init__(self, *, fd_disks: bool, network: str, jail: Jail, detached: bool, log_path: Path,
-                 socket_dir: Path, log: Any) -> None:  # fmt: skip
+                 socket_dir: Path, log: Any, attached: bool = False) -> None:  # fmt: skip
+        self.attached = attached
         self.socket_dir = socket_dir
         self.fd_disks = fd_disks
         self.network = network
@@ -289,6 +290,7 @@ class Handover:
         self._held: list[int] = []  # fds to close once QEMU has them
         self.egress_fallback = False
         self._tmp_dir: Path | None = None
+        self._fdsets_known = False
 
     # the command line
 
@@ -326,6 +328,10 @@ class Handover:
     async def _nic(self, spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("type") != "user" or self.network != "egress":
             return spec
+        if self.attached:
+            raise NotSupported("an egress NIC cannot be hot-plugged into a jailed QEMU this controller attached to "
+                               "(its passt socket directory is not in QEMU's mount namespace): plug it before "
+                               "detaching, or use network='none' or 'host'")  # fmt: skip
         passt = passt_path()
         if passt is None:
             if not self.egress_fallback:
@@ -383,6 +389,10 @@ class Handover:
         if arguments is None:
             return arguments
         if name == "blockdev-add" and self.fd_disks and arguments.get("driver") == "file":
+            if not self._fdsets_known:  # another controller may have started QEMU: take fresh set ids
+                sets = await qmp.execute("query-fdsets")
+                self._next_set = max([int(f["fdset-id"]) for f in sets] + [self._next_set - 1]) + 1
+                self._fdsets_known = True
             new, fds = self._disk(arguments)
             set_id = int(new["filename"].rsplit("/", 1)[1]) if fds else None
             for fd in fds:

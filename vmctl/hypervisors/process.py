@@ -160,6 +160,9 @@ _DETACHED_CHILDREN: set[subprocess.Popen[bytes]] = set()
 class QemuLauncher:
     """Starts a real QEMU. Not detached, it dies with this process (``setpriv --pdeathsig``)."""
 
+    #: QEMU started here goes into the jail the hypervisor plans (vmctl.hypervisors.jail)
+    jails = True
+
     async def resolve(self, config: SandboxConfig, log: Any) -> SandboxConfig:
         qemu = host.find_qemu(config.qemu_binary)
         machines = await host.qemu_machines(qemu)

@@ -193,6 +193,11 @@ class QemuHypervisor(Hypervisor):
                     if self.plan.attach_pid is not None:
                         self._process = PidProcess(self.plan.attach_pid)
                         self._cgroup = jail.existing_cgroup(self.paths)
+                        if jail.inner_pid(self.plan.attach_pid) != self.plan.attach_pid:  # a jailed QEMU
+                            self._handover = jail.Handover(
+                                fd_disks=True, network=self._effective.network, jail=jail.Jail(), detached=True,
+                                log_path=self.paths.qemu_log, socket_dir=self.paths.qemu_dir, log=self.log,
+                                attached=True)  # fmt: skip
                     else:
                         for log in (self.paths.console_log, self.paths.qemu_log):
                             os.close(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
@@ -226,6 +231,19 @@ class QemuHypervisor(Hypervisor):
     async def _spawn(self, listeners: dict[str, socket.socket], tg: anyio.abc.TaskGroup) -> None:
         """Jail, command line, start: the cgroup exists before QEMU does, and the disks and
         egress NICs are handed over by descriptor."""
+        self.paths.qemu_dir.mkdir(mode=0o700, exist_ok=True)
+        if getattr(self._launcher, "jails", False):  # a real QEMU: a test double has nothing to jail
+            await self._enter_jail()
+        for name in CHANNELS:
+            listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
+        argv = self._command({name: s.fileno() for name, s in listeners.items()})
+        self._argv, extra_fds = await self._handover.command_line(argv) if self._handover else (argv, [])
+        self.log.debug("launching qemu", argv=self._argv, jail=self._jail.parts() if self._jail else None)
+        self._process = await self._launcher.spawn(self._argv, listeners, detached=self.plan.detached,
+                                                   log_path=self.paths.qemu_log, tg=tg, jail=self._jail,
+                                                   extra_fds=extra_fds)  # fmt: skip
+
+    async def _enter_jail(self) -> None:
         devices = [d for _, d, _ in [*(self.plan.devices or ()), *self.plan.restored]]
         self._jail = jail.plan(self._effective, self.paths, devices, nic_netns=jail.nic_netns(self._effective, devices))
         self._effective = jail.prepare(self._jail, self._effective, self.paths)
@@ -238,14 +256,6 @@ class QemuHypervisor(Hypervisor):
                                        log=self.log)  # fmt: skip
         if "mount" in self._jail.namespaces:
             self._jail.binds += [(p, p, True) for p in self._handover.extra_binds]
-        for name in CHANNELS:
-            listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
-        argv = self._command({name: s.fileno() for name, s in listeners.items()})
-        self._argv, extra_fds = await self._handover.command_line(argv)
-        self.log.debug("launching qemu", argv=self._argv, jail=self._jail.parts())
-        self._process = await self._launcher.spawn(self._argv, listeners, detached=self.plan.detached,
-                                                   log_path=self.paths.qemu_log, tg=tg, jail=self._jail,
-                                                   extra_fds=extra_fds)  # fmt: skip
 
     def _release_jail(self) -> None:
         """After QEMU is gone (or let go): passt processes and descriptors, then the cgroup."""
