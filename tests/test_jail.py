@@ -332,3 +332,22 @@ def test_doctor_reports_each_jail_part(capsys: pytest.CaptureFixture[str], monke
     out = capsys.readouterr().out
     assert re.search(r"^jail user +off: left out by VMCTL_JAIL=env$", out, re.M)
     assert re.search(r"^jail env +on: ", out, re.M)
+
+
+@as_root
+async def test_a_disk_hot_plugged_after_attach_gets_a_fresh_fd_set(make_config: MakeConfig, tmp_path: Path) -> None:
+    from vmctl.devices import BlockDevice
+
+    disks = {}
+    for name in ("first", "second"):
+        disks[name] = tmp_path / f"{name}.img"
+        disks[name].write_bytes(name.encode().ljust(8 << 20, b"\0"))
+    config = make_config(pci_bridges=2, block_driver="virtio-blk", devices=[BlockDevice(path=disks["first"], id="first")])
+    async with Sandbox(config, id="jailed-attach", detached=True):
+        pass
+    async with Sandbox.attach("jailed-attach") as sb:
+        second = await sb.hotplug(BlockDevice(path=disks["second"], id="second"))
+        assert second.guest_path is not None
+        head = await sb.exec(["head", "-c", "6", second.guest_path], check=True)
+        assert head.stdout == b"second", "the new disk, not the one in the first fd set"
+        await sb.stop()
