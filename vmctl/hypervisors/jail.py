@@ -446,7 +446,7 @@ class Handover:
                     except subprocess.TimeoutExpired:
                         pass
         self._passt.clear()
-        if self._tmp_dir is not None and not keep_running:
+        if self._tmp_dir is not None:  # a QEMU left running keeps its own mount of it
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = None
 
