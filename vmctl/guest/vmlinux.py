@@ -88,32 +88,30 @@ def lz4_legacy_decompress(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _lz4_length(src: bytes, i: int, n: int) -> tuple[int, int]:
+    """An LZ4 length: a nibble of 15 continues in the following bytes until one is not 255."""
+    if n == 15:
+        while True:
+            b = src[i]
+            i += 1
+            n += b
+            if b != 255:
+                break
+    return n, i
+
+
 def _lz4_block(src: bytes, i: int, end: int, out: bytearray) -> None:
     while i < end:
         token = src[i]
         i += 1
-        n = token >> 4
-        if n == 15:
-            while True:
-                b = src[i]
-                i += 1
-                n += b
-                if b != 255:
-                    break
+        n, i = _lz4_length(src, i, token >> 4)
         out += src[i : i + n]
         i += n
         if i >= end:
             return
         offset = src[i] | (src[i + 1] << 8)
         i += 2
-        m = token & 15
-        if m == 15:
-            while True:
-                b = src[i]
-                i += 1
-                m += b
-                if b != 255:
-                    break
+        m, i = _lz4_length(src, i, token & 15)
         m += 4
         startpos = len(out) - offset
         if offset >= m:
