@@ -15,6 +15,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.conftest import qemu_processes
 from vmctl import Sandbox, SandboxConfig, guest
+from vmctl.hypervisors import jail
 
 pytestmark = pytest.mark.qemu
 
@@ -32,7 +33,10 @@ anyio.run(main)
 
 async def wait_for_exit(pid: int) -> None:
     """Event-driven wait for a process that is not our child."""
-    fd = os.pidfd_open(pid)
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # gone already
     try:
         await anyio.wait_readable(fd)
     finally:
@@ -48,11 +52,13 @@ async def test_qemu_dies_with_a_killed_controller_and_leftovers_are_swept(
         assert child.stdout is not None
         line = (await BufferedByteReceiveStream(child.stdout).receive_until(b"\n", 4096)).decode()
         qemu_pid, run_dir = int(line.split()[0]), Path(line.split()[1])
-        assert qemu_processes(str(runtime_dir)) == [qemu_pid]
+        inner = jail.inner_pid(qemu_pid)  # QEMU itself, behind the jail's outer process (as root)
+        assert set(qemu_processes(str(runtime_dir))) == {qemu_pid, inner}
         child.send_signal(signal.SIGKILL)
         await child.wait()
     with anyio.fail_after(10):
         await wait_for_exit(qemu_pid)
+        await wait_for_exit(inner)
     assert run_dir.exists(), "a SIGKILLed controller cannot clean up after itself..."
     async with Sandbox(make_config()):
         assert not run_dir.exists(), "...so the next start does"

@@ -85,7 +85,7 @@ async def test_user_mode_nic_hot_added_and_seen_by_the_guest(make_config: MakeCo
 
 @pytest.mark.skipif(os.getuid() != 0 or not Path("/dev/net/tun").exists(), reason="creating a tap needs root")
 async def test_tap_nic_where_the_host_allows_it(make_config: MakeConfig) -> None:
-    async with Sandbox(make_config(pci_bridges=1)) as sb:
+    async with Sandbox(make_config(pci_bridges=1, jail=False)) as sb:  # a jailed QEMU cannot make a tap
         nic = await sb.hotplug(NetworkDevice(backend="tap", tap_name="vmctl-t0"))
         assert nic.guest_path == "eth0"
         assert Path("/sys/class/net/vmctl-t0").exists(), "QEMU created the host side"

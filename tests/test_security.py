@@ -28,6 +28,7 @@ from vmctl.agentproto import parse_spawn, spawn_payload
 from vmctl.devices import BlockDevice, NetworkDevice, SerialPort
 from vmctl.hypervisors.base import RunPaths
 from vmctl.hypervisors.cmdline import SECCOMP, build_command
+from vmctl.hypervisors.jail import jail_user
 from vmctl.testing import FakeQemu, fake_config
 
 MakeConfig = Callable[..., SandboxConfig]
@@ -241,8 +242,7 @@ def test_paths_inside_qemu_option_strings_have_their_commas_doubled(tmp_path: Pa
     assert objects["memory-backend-file"]["mem-path"] == str(memory)
     assert objects["memory-backend-file"]["share"] == "on"
     chardevs = {values["id"]: values for _, values in map(parse_qemu_opts, option_values(argv, "-chardev"))}
-    assert chardevs["console0"]["logfile"] == str(log_dir / "console.log")
-    assert chardevs["console0"]["logappend"] == "on"
+    assert "logfile" not in chardevs["console0"], "vmctl writes console.log itself (capped)"
     assert chardevs["port0-chr"]["path"] == str(socket_path)
     assert chardevs["port0-chr"]["server"] == "on"
 
@@ -393,17 +393,29 @@ async def test_real_qemu_runs_confined_as_us_and_exec_is_verbatim(make_config: M
     os.set_inheritable(sentinel, True)  # even an inheritable fd of the controller must not reach QEMU
     try:
         async with Sandbox(make_config()) as sb:
-            pid = sb.pid
+            outer = sb.pid
+            assert outer is not None
+            jailed = sb.hypervisor.jail.get("user") == "on"
+            pid = sb.hypervisor.qemu_pid
             assert pid is not None
             status = proc_status(pid)
-            assert status["Uid"].split() == [str(UID)] * 4 and status["Gid"].split()[0] == str(os.getgid())
+            if jailed:  # as root: the jail user, behind the jail's outer process (PID namespace)
+                uid, gid, _ = jail_user()
+                assert status["Uid"].split() == [str(uid)] * 4 and status["Gid"].split()[0] == str(gid)
+                assert proc_status(outer)["PPid"] == str(os.getpid()), "the jail's outer process is our child"
+                assert status["PPid"] == str(outer)
+            else:
+                assert status["Uid"].split() == [str(UID)] * 4 and status["Gid"].split()[0] == str(os.getgid())
+                assert status["PPid"] == str(os.getpid()), "QEMU is our child: no shell or wrapper in between"
             assert status["Seccomp"] == "2", "-sandbox on installed a seccomp filter"
             assert status["NoNewPrivs"] == "1"
             assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1] == [a.encode() for a in sb.command_line]
-            assert status["PPid"] == str(os.getpid()), "QEMU is our child: no shell or wrapper in between"
-            assert os.getsid(pid) == pid, "QEMU has its own session (a Ctrl-C for the controller misses it)"
+            assert os.getsid(pid) == outer, "QEMU has its own session (a Ctrl-C for the controller misses it)"
             fds = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
             assert str(tmp_path / "controller-secret") not in fds
+            if outer != pid:
+                outer_fds = [os.readlink(fd) for fd in Path(f"/proc/{outer}/fd").iterdir()]
+                assert not [f for f in outer_fds if f.startswith(("socket:", str(tmp_path)))], "only QEMU holds them"
             run_dir = sb.run_dir
             assert run_dir is not None and mode(run_dir) == 0o700
             assert {mode(run_dir / n) for n in ("qmp.sock", "console.sock", "agent.sock")} == {0o600}

@@ -18,6 +18,7 @@ from vmctl.config import SandboxConfig
 from vmctl.errors import ConfigError, VmctlError
 from vmctl.guest import ImageProgress, build_image, ensure_default_assets
 from vmctl.guest.image import DEFAULT_SUITE, describe
+from vmctl.hypervisors import jail
 from vmctl.log import configure
 from vmctl.sandbox import Sandbox
 from vmctl.state import state_diagram
@@ -136,12 +137,16 @@ async def _doctor(args: argparse.Namespace) -> int:
         pass
     report = await host.report(kernel)
     data = dataclasses.asdict(report)
+    jailed = jail.host_status()
     if args.json:
+        data["jail"] = {part: {"active": ok, "why": why} for part, (ok, why) in jailed.items()}
         print(json.dumps(data, indent=2))
     else:
-        width = max(len(k) for k in data)
+        width = max(len(k) for k in [*data, *(f"jail {p}" for p in jailed)])
         for key, value in data.items():
             print(f"{key.replace('_', ' '):<{width}}  {value}")
+        for part, (ok, why) in jailed.items():  # what each QEMU gets here, or why not
+            print(f"{'jail ' + part:<{width}}  {'on' if ok else 'off'}: {why}")
     return 0 if report.qemu_binary else 1
 
 

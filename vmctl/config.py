@@ -33,6 +33,7 @@ from vmctl.params import Param, normalize_params, serialize_params
 
 Accel = Literal["auto", "kvm", "tcg"]
 Machine = Literal["q35", "pc", "microvm"]
+Network = Literal["egress", "none", "host"]
 
 ACCEL_ENV = "VMCTL_ACCEL"
 MAX_VCPUS_LIMIT = 240
@@ -158,6 +159,16 @@ class SandboxConfig:
     boot_from_template: bool = False
     memory_path: Path | None = None
     devices_state_path: Path | None = None
+    # the jail around QEMU (vmctl.hypervisors.jail)
+    #: what user-mode NICs reach: "egress" (the outside through passt, never the host's own
+    #: services), "none" (nothing; port forwards still work) or "host" (slirp: 10.0.2.2 is the host)
+    network: Network = "egress"
+    #: False: QEMU runs as before the jail (the controller's uid, namespaces, environment)
+    jail: bool = True
+    #: the cgroup's memory limit; None: guest RAM (or max_memory_mib) plus the measured overhead
+    memory_limit_mib: int | None = None
+    #: console.log is rotated (one old file, console.log.1) when it reaches this size
+    console_log_limit_mib: int = 16
 
     def __post_init__(self) -> None:
         problems: list[Problem] = []
@@ -290,6 +301,7 @@ class SandboxConfig:
                              cache_set=self.block_cache_set, cache_direct=self.block_cache_direct,
                              cache_noflush=self.block_cache_noflush,
                              vhost_net=not self.disable_vhost_net and Path("/dev/vhost-net").exists(),
+                             network=self.network,
                              shared_memory=self.shared_memory or self.huge_pages)  # fmt: skip
 
     @property
@@ -301,6 +313,10 @@ class SandboxConfig:
 
     def qemu_extra_args(self) -> list[str]:
         return serialize_params([Param(f"-{k}" if k else k, v) for k, v in self.hypervisor_params], "")
+
+
+def typed_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or value is None
 
 
 def _validate(c: SandboxConfig) -> list[Problem]:
@@ -322,6 +338,12 @@ def _validate(c: SandboxConfig) -> list[Problem]:
     if isinstance(c.initrd, Path) and c.image is not None and not initrd_switches_root(c.initrd):
         bad("image", "set initrd or image, not both (only vmctl's default initramfs may come with an image: "
                      "it loads the disk drivers and switches to the image)")  # fmt: skip
+    if c.network not in get_args(Network):
+        bad("network", f"{c.network!r}: use one of {', '.join(get_args(Network))}")
+    if typed_int(c.memory_limit_mib) and c.memory_limit_mib is not None and c.memory_limit_mib < MIN_MEMORY_MIB:
+        bad("memory_limit_mib", f"must be at least {MIN_MEMORY_MIB} MiB")
+    if typed_int(c.console_log_limit_mib) and c.console_log_limit_mib < 1:
+        bad("console_log_limit_mib", "must be at least 1")
     if c.image_overlay is True and c.image is None:
         bad("image_overlay", "puts the image under a per-sandbox overlay: set image too")
     if c.image is not None and c.disable_block_devices:

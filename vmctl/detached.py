@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vmctl.errors import InvalidArgument, QMPCommandError, SandboxBusy, SandboxNotFound
+from vmctl.hypervisors import jail
 from vmctl.hypervisors.base import Hypervisor, RunPaths
 from vmctl.paths import (
     OWNER_FILE,
@@ -190,6 +191,10 @@ def remove(path: Path) -> None:
             finally:
                 os.close(pidfd)
     kill_qemu_in(path)  # a QEMU whose start never got as far as a record
+    group = jail.existing_cgroup(RunPaths(path, path))
+    if group is not None:  # the jail's cgroup goes with the directory (and whatever is left in it)
+        group.kill()
+        group.remove()
     remove_tree(path)
     prune(path.parent)
 

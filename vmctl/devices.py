@@ -124,6 +124,9 @@ class DeviceContext:
     cache_noflush: bool = False
     vhost_net: bool = False
     shared_memory: bool = False
+    #: what user-mode NICs reach (SandboxConfig.network): "none" adds restrict=on; "egress" is
+    #: rendered as slirp here and handed to passt by the hypervisor
+    network: str = "egress"
 
     @property
     def pci(self) -> bool:
@@ -317,7 +320,9 @@ class NetworkDevice(Device):
     def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
         spec: dict[str, Any] = {"type": self.backend, "id": f"{dev_id}-net"}
         if self.backend == "user" and self.hostfwd:
-            spec["hostfwd"] = [{"str": rule} for rule in self.hostfwd]
+            spec["hostfwd"] = [{"str": loopback_forward(rule)} for rule in self.hostfwd]
+        if self.backend == "user" and ctx.network == "none":
+            spec["restrict"] = True  # the guest reaches nothing; port forwards still come in
         if self.backend == "tap":
             spec.update({"ifname": self.tap_name, "script": "no", "downscript": "no"})
             if ctx.vhost_net:
@@ -331,6 +336,12 @@ class NetworkDevice(Device):
         if not ctx.pci:
             return {"driver": "virtio-net-device", **props}
         return _placed({"driver": "virtio-net-pci", **props}, where)
+
+
+def loopback_forward(rule: str) -> str:
+    """A ``hostfwd`` rule that names no host address listens on 127.0.0.1, not on every interface."""
+    proto, rest = rule.split(":", 1)
+    return f"{proto}:127.0.0.1{rest}" if rest.startswith(":") else rule
 
 
 @dataclass(frozen=True)
@@ -647,7 +658,7 @@ def with_defaults(device: Device, dev_id: str, sandbox_id: str, run_dir: Path) -
     """Fill what a device leaves to vmctl: a serial port's socket and a disk's overlay (in the run
     directory), a NIC's MAC (stable per sandbox and device). Cold plug and hotplug both come through here."""
     if isinstance(device, SerialPort) and device.socket is None:
-        return dataclasses.replace(device, socket=run_dir / f"{dev_id}.sock")
+        return dataclasses.replace(device, socket=run_dir / "q" / f"{dev_id}.sock")  # QEMU makes it: its dir
     if isinstance(device, NetworkDevice | VhostUserNetDevice) and device.mac is None:
         return dataclasses.replace(device, mac=stable_mac(sandbox_id, dev_id))
     if isinstance(device, BlockDevice) and device.overlay and device.overlay_file is None:

@@ -115,8 +115,12 @@ def _template_record(state: Path) -> Path:
 
 
 def _template_identity(config: SandboxConfig) -> dict[str, Any]:
-    """What a clone must share with its template (everything but the template fields)."""
-    return {k: v for k, v in config.to_mapping().items() if k not in _TEMPLATE_FIELDS}
+    """What a clone must share with its template (everything but the template fields and the
+    host-side ones: how QEMU is jailed and capped changes nothing the guest sees)."""
+    return {k: v for k, v in config.to_mapping().items() if k not in _TEMPLATE_FIELDS and k not in _HOST_SIDE}
+
+
+_HOST_SIDE = frozenset({"jail", "memory_limit_mib", "console_log_limit_mib"})
 
 
 def template_overlay(config: SandboxConfig, dev_id: str) -> Path:

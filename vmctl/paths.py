@@ -120,15 +120,19 @@ def sweep_stale_run_dirs(base: Path) -> list[Path]:
     return removed
 
 
+#: uids QEMU runs as besides ours (the jail user, noted by the jail when it picks it)
+QEMU_UIDS: set[int] = set()
+
+
 def _qemu_processes_in(run_dir: Path) -> list[int]:
-    """QEMU processes of ours whose sockets or logs live in ``run_dir``."""
+    """QEMU processes of ours (our uid, or the jail user's) whose sockets or logs live in ``run_dir``."""
     needle = f"{run_dir}/".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
-                if entry.stat().st_uid == os.getuid() and b"qemu-system" in argv[0] and any(needle in a for a in argv):
+                if entry.stat().st_uid in {os.getuid(), *QEMU_UIDS} and b"qemu-system" in argv[0] and any(needle in a for a in argv):
                     pids.append(int(entry.name))
             except OSError:
                 pass

@@ -126,6 +126,11 @@ class QmpSession:
         self._client.send_fd_scm(fd)
         await self.execute("getfd", {"fdname": name})
 
+    async def add_fd(self, fd: int, fdset_id: int) -> None:
+        """Add an open file to QEMU's fd set ``fdset_id`` (a disk then opens ``/dev/fdset/ID``)."""
+        self._client.send_fd_scm(fd)
+        await self.execute("add-fd", {"fdset-id": fdset_id})
+
     async def events(self) -> AsyncIterator[QmpEvent]:
         """Every event QEMU sends, in order, for as long as the session lives.
 

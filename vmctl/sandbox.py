@@ -175,7 +175,7 @@ class Sandbox:
 
     @property
     def pid(self) -> int | None:
-        return self._hv.pid if self._hv else None
+        return self._hv.pid if self._hv else None  # QEMU, or the jail's outer process around it
 
     @property
     def run_dir(self) -> Path | None:

@@ -22,7 +22,7 @@ import json
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -162,6 +162,8 @@ class FakeQemu:
 class _FakeLauncher:
     """Plugs the fake into the real QEMU backend where a real QEMU process would start."""
 
+    jails = False
+
     def __init__(self, fake: FakeQemu) -> None:
         self._fake = fake
 
@@ -169,7 +171,7 @@ class _FakeLauncher:
         return config.replace(accel="tcg", qemu_binary=Path(sys.executable))
 
     async def spawn(self, argv: list[str], listeners: Mapping[str, socket.socket], *, detached: bool,
-                    log_path: Path, tg: TaskGroup) -> VmProcess:  # fmt: skip
+                    log_path: Path, tg: TaskGroup, jail: Any = None, extra_fds: Sequence[int] = ()) -> VmProcess:  # fmt: skip
         process = FakeProcess(self._fake, {name: sock.dup() for name, sock in listeners.items()})
         for flag, value in zip(argv, argv[1:], strict=False):  # cold-plugged devices, as QEMU would see them
             if flag == "-device" and value.startswith("{"):

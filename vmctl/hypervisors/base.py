@@ -73,6 +73,11 @@ class RunPaths:
     def qemu_log(self) -> Path:
         return self.log_dir / "qemu.log"
 
+    @property
+    def qemu_dir(self) -> Path:
+        """Where QEMU itself may create files (serial-port sockets): owned by the jail user."""
+        return self.run_dir / "q"
+
 
 class Start(enum.Enum):
     """Where the guest comes from."""
@@ -129,12 +134,18 @@ class VmProcess(Protocol):
 class Launcher(Protocol):
     """Starts the process behind a hypervisor: the seam a test double plugs into."""
 
+    #: whether QEMU goes into a jail (its own user, namespaces, cgroup); a test double has none
+    jails: bool
+
     async def resolve(self, config: SandboxConfig, log: Any) -> SandboxConfig:
         """The config as it will run: binary found, machine checked, accelerator resolved."""
 
     async def spawn(self, argv: list[str], listeners: Mapping[str, socket.socket], *, detached: bool,
-                    log_path: Path, tg: TaskGroup) -> VmProcess:  # fmt: skip
-        """Start the process with the listening sockets; ``tg`` is the hypervisor's task group."""
+                    log_path: Path, tg: TaskGroup, jail: Any = None, extra_fds: Sequence[int] = ()) -> VmProcess:  # fmt: skip
+        """Start the process with the listening sockets; ``tg`` is the hypervisor's task group.
+
+        ``jail`` (a :class:`vmctl.hypervisors.jail.Jail`) says how to confine it; ``extra_fds``
+        are further descriptors it inherits (disks handed over, passt's end of a NIC)."""
 
 
 class Hypervisor(ABC):
@@ -219,6 +230,16 @@ class Hypervisor(ABC):
     @property
     @abstractmethod
     def pid(self) -> int | None: ...
+
+    @property
+    def qemu_pid(self) -> int | None:
+        """QEMU's own pid on the host (``pid`` may be the jail's outer process)."""
+        return self.pid
+
+    @property
+    def jail(self) -> dict[str, str]:
+        """Each part of the jail around QEMU: ``on``, or why it is off."""
+        return {}
 
     @property
     @abstractmethod

@@ -105,8 +105,7 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
     argv += [
         "-chardev", f"socket,id=qmp,fd={fds['qmp']},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-chardev", f"socket,id=console0,fd={fds['console']},server=on,wait=off,"
-                    f"logfile={opt(paths.console_log)},logappend=on",
+        "-chardev", f"socket,id=console0,fd={fds['console']},server=on,wait=off",  # vmctl writes console.log
         "-serial", "chardev:console0",
         "-chardev", f"socket,id=agent0,fd={fds['agent']},server=on,wait=off",
         "-device", f"virtio-serial-{bus},id=vser0",

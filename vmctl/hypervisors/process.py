@@ -13,7 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from vmctl import host
 from vmctl.config import SandboxConfig
 from vmctl.errors import ConfigError, HostError, Problem
 from vmctl.hypervisors.base import VmProcess
+from vmctl.hypervisors.jail import MINIMAL_ENV, Jail
 from vmctl.lines import read_lines
 
 
@@ -159,6 +160,9 @@ _DETACHED_CHILDREN: set[subprocess.Popen[bytes]] = set()
 class QemuLauncher:
     """Starts a real QEMU. Not detached, it dies with this process (``setpriv --pdeathsig``)."""
 
+    #: QEMU started here goes into the jail the hypervisor plans (vmctl.hypervisors.jail)
+    jails = True
+
     async def resolve(self, config: SandboxConfig, log: Any) -> SandboxConfig:
         qemu = host.find_qemu(config.qemu_binary)
         machines = await host.qemu_machines(qemu)
@@ -169,26 +173,31 @@ class QemuLauncher:
         return config.replace(accel=accel, qemu_binary=qemu)
 
     async def spawn(self, argv: list[str], listeners: Mapping[str, socket.socket], *, detached: bool,
-                    log_path: Path, tg: TaskGroup) -> VmProcess:  # fmt: skip
+                    log_path: Path, tg: TaskGroup, jail: Jail | None = None,
+                    extra_fds: Sequence[int] = ()) -> VmProcess:  # fmt: skip
+        """Start QEMU, inside ``jail`` when given (its helper sets the death signal itself)."""
+        fds = [s.fileno() for s in listeners.values()] + list(extra_fds)
+        env = jail.env() if jail is not None else dict(MINIMAL_ENV)
+        wrapped = jail.wrap(argv, pdeathsig=not detached) if jail is not None else argv
         if detached:
-            return self._spawn_detached(argv, listeners, log_path)
+            return self._spawn_detached(wrapped, fds, log_path, env)
         setpriv = shutil.which("setpriv")
-        prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+        prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv and wrapped is argv else []
         process = await anyio.open_process(
-            prefix + argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            pass_fds=[s.fileno() for s in listeners.values()],
+            prefix + wrapped, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            pass_fds=fds, env=env,
             start_new_session=True,  # a Ctrl-C aimed at the controller must not kill the VMs behind its back
             umask=0o077,  # what QEMU creates (a template's memory file: guest RAM) is ours alone
         )  # fmt: skip
         return OsProcess(process)
 
     @staticmethod
-    def _spawn_detached(argv: list[str], listeners: Mapping[str, socket.socket], log_path: Path) -> VmProcess:
+    def _spawn_detached(argv: list[str], fds: list[int], log_path: Path, env: dict[str, str] | None) -> VmProcess:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             popen = subprocess.Popen(  # noqa: ASYNC220 - fork+exec only; asyncio would kill it on exit
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd,
-                pass_fds=[s.fileno() for s in listeners.values()], start_new_session=True, umask=0o077,
+                pass_fds=fds, start_new_session=True, umask=0o077, env=env,
             )  # fmt: skip
         finally:
             os.close(fd)

@@ -19,6 +19,7 @@ from anyio.abc import TaskStatus
 
 from vmctl.config import SandboxConfig
 from vmctl.errors import GuestDisconnected, GuestError, QMPError, SandboxFailed
+from vmctl.hypervisors import cgroups, jail
 from vmctl.hypervisors.base import Capabilities, Hypervisor, Launcher, Start, VmProcess
 from vmctl.hypervisors.cmdline import build_command
 from vmctl.hypervisors.process import PidProcess, QemuLauncher, listen_unix
@@ -27,6 +28,40 @@ from vmctl.lines import read_lines
 from vmctl.qmp import QmpSession
 
 STDERR_TAIL_LINES = 40
+
+
+class CappedLog:
+    """An append-only log that never grows past ``limit`` bytes: when full it becomes
+    ``NAME.1`` (replacing the one before) and a new file starts. Opened without following
+    symlinks, created 0600."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self._fd = self._open()
+        self._size = os.fstat(self._fd).st_size
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+    def write(self, data: bytes) -> None:
+        if self._fd < 0:
+            return
+        if self._size + len(data) > self.limit:
+            os.close(self._fd)
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self._fd = self._open()
+            self._size = 0
+            data = data[: self.limit]
+        try:
+            self._size += os.write(self._fd, data)
+        except OSError:  # a full disk must not stop the console stream
+            pass
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 CHANNELS = ("qmp", "console", "agent")
 
 
@@ -50,6 +85,13 @@ class QemuHypervisor(Hypervisor):
         self._closing = False
         self._keep_running = False
         self._migration = MigrationTracker()
+        self._jail: jail.Jail | None = None
+        self._cgroup: cgroups.Cgroup | None = None
+        self._handover: jail.Handover | None = None
+        self._backend_sizes: dict[str, int] = {}
+        #: the config QEMU is started with (the jail moves its boot files); the effective config
+        #: (snapshots, records) keeps the user's paths
+        self._launch_config: SandboxConfig | None = None
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -83,11 +125,50 @@ class QemuHypervisor(Hypervisor):
         )
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        return await self._qmp.execute(command, arguments)
+        if self._handover is None:
+            return await self._qmp.execute(command, arguments)
+        arguments = await self._handover.command(command, arguments, self._qmp)
+        self._follow_memory(command, arguments, before=True)
+        try:
+            reply = await self._qmp.execute(command, arguments)
+        except BaseException:
+            self._follow_memory(command, arguments, before=False, failed=True)
+            raise
+        self._follow_memory(command, arguments, before=False)
+        await self._handover.forget(command, arguments, self._qmp)
+        return reply
+
+    def _follow_memory(self, command: str, arguments: dict[str, Any] | None, *, before: bool,
+                       failed: bool = False) -> None:  # fmt: skip
+        """Hot-added RAM (a memory backend) raises the cgroup's limit before QEMU allocates it;
+        a removed one, or one QEMU refused, lowers it again."""
+        group = self._cgroup
+        if group is None or group.limits is None or not arguments or self._effective.memory_limit_mib is not None:
+            return
+        if command == "object-add" and str(arguments.get("qom-type", "")).startswith("memory-backend"):
+            size = int(arguments.get("size", 0))
+            if before:
+                self._backend_sizes[str(arguments.get("id"))] = size
+                group.set_memory(group.limits.memory_bytes + size)
+            elif failed:
+                group.set_memory(group.limits.memory_bytes - self._backend_sizes.pop(str(arguments.get("id")), 0))
+        elif command == "object-del" and not before and not failed:
+            group.set_memory(group.limits.memory_bytes - self._backend_sizes.pop(str(arguments.get("id")), 0))
 
     async def vcpu_thread_ids(self) -> dict[int, int]:
         cpus = await self._qmp.execute("query-cpus-fast")
-        return {int(cpu["cpu-index"]): int(cpu["thread-id"]) for cpu in cpus}
+        tids = {int(cpu["cpu-index"]): int(cpu["thread-id"]) for cpu in cpus}
+        return jail.host_thread_ids(self.pid, tids) if self.pid is not None else tids
+
+    @property
+    def jail(self) -> dict[str, str]:
+        """Each part of the jail: ``on``, or why it is off for this sandbox."""
+        return self._jail.parts() if self._jail is not None else {}
+
+    @property
+    def qemu_pid(self) -> int | None:
+        """QEMU's own pid on the host (``pid`` is the jail's outer process with a PID namespace)."""
+        return jail.inner_pid(self.pid) if self.pid is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -98,7 +179,7 @@ class QemuHypervisor(Hypervisor):
         self._argv = self._command({n: -1 for n in CHANNELS})
 
     def _command(self, fds: dict[str, int]) -> list[str]:
-        return build_command(self._effective, self.paths, self.sandbox_id, fds,
+        return build_command(self._launch_config or self._effective, self.paths, self.sandbox_id, fds,
                              incoming=self.plan.incoming is not None, devices=self.plan.devices or None,
                              restored=self.plan.restored)  # fmt: skip
 
@@ -118,20 +199,22 @@ class QemuHypervisor(Hypervisor):
                 try:
                     if self.plan.attach_pid is not None:
                         self._process = PidProcess(self.plan.attach_pid)
+                        self._cgroup = jail.existing_cgroup(self.paths)
+                        if jail.inner_pid(self.plan.attach_pid) != self.plan.attach_pid:  # a jailed QEMU
+                            self._handover = jail.Handover(
+                                fd_disks=True, network=self._effective.network, jail=jail.Jail(), detached=True,
+                                log_path=self.paths.qemu_log, socket_dir=self.paths.qemu_dir, log=self.log,
+                                attached=True)  # fmt: skip
                     else:
-                        for log in (self.paths.console_log, self.paths.qemu_log):  # QEMU would make them 0644
+                        for log in (self.paths.console_log, self.paths.qemu_log):
                             os.close(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
-                        for name in CHANNELS:
-                            listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
-                        self._argv = self._command({name: s.fileno() for name, s in listeners.items()})
-                        self.log.debug("launching qemu", argv=self._argv)
-                        self._stamp("spawn")
-                        self._process = await self._launcher.spawn(
-                            self._argv, listeners, detached=self.plan.detached, log_path=self.paths.qemu_log, tg=tg
-                        )
+                        await self._spawn(listeners, tg)
+                    assert self._process is not None
                     self.log = self.log.bind(pid=self._process.pid)
                     for sock in listeners.values():
                         sock.close()
+                    if self._handover is not None:
+                        self._handover.release_held()
                     tg.start_soon(self._pump_stderr)
                     tg.start_soon(self._watch_process)
                     await self._launch(tg)
@@ -148,6 +231,7 @@ class QemuHypervisor(Hypervisor):
                     sock.close()
                 await self._reap()
                 await self._qmp.close()
+                self._release_jail()
         if failure is not None:
             raise failure
 
@@ -157,6 +241,46 @@ class QemuHypervisor(Hypervisor):
         self._t0 = now if step == "spawn" else self._t0
         self.startup_timings[step] = round(now - self._t0, 4)
 
+    async def _spawn(self, listeners: dict[str, socket.socket], tg: anyio.abc.TaskGroup) -> None:
+        """Jail, command line, start: the cgroup exists before QEMU does, and the disks and
+        egress NICs are handed over by descriptor."""
+        self.paths.qemu_dir.mkdir(mode=0o700, exist_ok=True)
+        if self._launcher.jails:  # a real QEMU: a test double has nothing to jail
+            await self._enter_jail()
+        for name in CHANNELS:
+            listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
+        argv = self._command({name: s.fileno() for name, s in listeners.items()})
+        self._argv, extra_fds = await self._handover.command_line(argv) if self._handover else (argv, [])
+        self.log.debug("launching qemu", argv=self._argv, jail=self._jail.parts() if self._jail else None)
+        self._stamp("spawn")
+        self._process = await self._launcher.spawn(self._argv, listeners, detached=self.plan.detached,
+                                                   log_path=self.paths.qemu_log, tg=tg, jail=self._jail,
+                                                   extra_fds=extra_fds)  # fmt: skip
+
+    async def _enter_jail(self) -> None:
+        devices = [d for _, d, _ in [*(self.plan.devices or ()), *self.plan.restored]]
+        self._jail = jail.plan(self._effective, self.paths, devices, nic_netns=jail.nic_netns(self._effective, devices))
+        self._launch_config = jail.prepare(self._jail, self._effective, self.paths)  # its boot files inside
+        if self._jail.cgroup is not None:
+            self._jail.cgroup.create(jail.limits_for(self._effective))
+            self._cgroup = self._jail.cgroup
+        self._handover = jail.Handover(fd_disks=self._jail.drops_user or "mount" in self._jail.namespaces,
+                                       network=self._effective.network, jail=self._jail, detached=self.plan.detached,
+                                       log_path=self.paths.qemu_log, socket_dir=self.paths.qemu_dir,
+                                       log=self.log)  # fmt: skip
+        if "mount" in self._jail.namespaces:
+            self._jail.binds += [(p, p, True) for p in self._handover.extra_binds]
+
+    def _release_jail(self) -> None:
+        """After QEMU is gone (or let go): passt processes and descriptors, then the cgroup."""
+        kept = self._keep_running and self._process is not None and self._process.returncode is None
+        if self._handover is not None:
+            self._handover.close(keep_running=kept)
+        if self._cgroup is not None and not kept:
+            self._cgroup.kill()  # nothing of this sandbox outlives it, whatever escaped the reap
+            if not self._cgroup.remove():
+                self.log.warning("cgroup not removed", cgroup=str(self._cgroup.path))
+
     async def _launch(self, tg: anyio.abc.TaskGroup) -> None:
         self._stamp("spawned")
         await self._qmp.connect(self.paths.qmp_socket)
@@ -165,7 +289,12 @@ class QemuHypervisor(Hypervisor):
         tg.start_soon(self._watch_qmp)
         await tg.start(self.agent.serve)
         self._stamp("agent_connected")
-        tg.start_soon(self._pump_console)
+        try:  # connected before the guest runs, so console.log has its first line
+            console = await anyio.connect_unix(self.paths.console_socket)
+        except OSError:
+            pass
+        else:
+            tg.start_soon(self._pump_console, console)
         if self.plan.start is Start.ATTACH:
             return  # a running guest: nothing to load, nothing to release
         if self.plan.incoming is not None:
@@ -214,6 +343,10 @@ class QemuHypervisor(Hypervisor):
     async def _watch_process(self) -> None:
         assert self._process is not None
         rc = await self._process.wait()
+        if self._cgroup is not None and rc != 0 and self._cgroup.oom_killed():
+            limit = self._cgroup.limits.memory_bytes // 2**20 if self._cgroup.limits else "?"
+            self._stderr_tail.append(f"vmctl: QEMU was killed by its cgroup's memory limit ({limit} MiB, "
+                                     f"{self._cgroup.path}): raise memory_limit_mib")  # fmt: skip
         if isinstance(self._process, PidProcess):
             self._read_log_tail()
         with anyio.move_on_after(1):
@@ -244,14 +377,16 @@ class QemuHypervisor(Hypervisor):
         if not self._exited.is_set() and not self._closing:
             self.events.on_fault("QMP connection lost while QEMU still runs")
 
-    async def _pump_console(self) -> None:
+    async def _pump_console(self, stream: anyio.abc.SocketStream) -> None:
+        """The console's lines to the live stream and to console.log (capped, rotated once)."""
+        log = CappedLog(self.paths.console_log, self._effective.console_log_limit_mib * 2**20)
         try:
-            stream = await anyio.connect_unix(self.paths.console_socket)
-        except OSError:
-            return
-        async with stream:
-            async for line in read_lines(stream):
-                self.events.on_console_line(line.decode(errors="replace").rstrip("\r"))
+            async with stream:
+                async for line in read_lines(stream):
+                    log.write(line + b"\n")
+                    self.events.on_console_line(line.decode(errors="replace").rstrip("\r"))
+        finally:
+            log.close()
 
     async def wait_ready(self) -> None:
         if self.plan.resumes_a_guest:

@@ -1,0 +1,574 @@
+"""The jail around QEMU: its own uid/gid, namespaces, a cgroup, a minimal environment.
+
+What a sandbox's jail holds is worked out once, before QEMU starts (:func:`plan`), from three
+things: what the host allows (root or not, cgroups, passt: :func:`host_status`, which ``vmctl
+doctor`` prints), what the operator allows (``VMCTL_JAIL``: ``off``, or the parts to keep, such
+as ``user,cgroup``), and what the sandbox needs (``SandboxConfig.jail``; a tap NIC needs the
+host's network namespace, a vhost-user backend a socket path the jail user cannot reach...).
+Every part left out is written down with its reason (``Jail.skipped``).
+
+QEMU then starts through :mod:`vmctl.hypervisors.jailexec`, which joins the cgroup, enters the
+namespaces, pivots into a minimal root, drops to the jail user and execs QEMU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from vmctl import paths as run_dirs
+from vmctl.config import SandboxConfig
+from vmctl.devices import Device, NetworkDevice, SerialPort, VfioDevice, VhostUserBlockDevice, VhostUserNetDevice
+from vmctl.errors import HostError, NotSupported
+from vmctl.hypervisors import cgroups
+from vmctl.hypervisors.base import RunPaths
+
+JAIL_ENV = "VMCTL_JAIL"
+USER_ENV = "VMCTL_JAIL_USER"
+OVERHEAD_ENV = "VMCTL_JAIL_MEMORY_OVERHEAD_MIB"
+PARTS = ("user", "namespaces", "netns", "cgroup", "env")
+DEFAULT_USER = "vmctl-qemu"
+FALLBACK_ID = 64_099  # a uid/gid nothing else uses, when no vmctl-qemu user exists
+#: room for QEMU's own memory beyond guest RAM (translation cache, device state, thread stacks,
+#: page cache of the boot files). Measured here (TCG): a 256 MiB and a 512 MiB guest, booted and
+#: hashing 50 MB, peaked at 277 MiB in all (the guests touch little of their RAM); a guest that
+#: touches all of it needs RAM plus QEMU's share, which this leaves room for
+MEMORY_OVERHEAD_MIB = 320
+PIDS_MAX = 512
+PASST_START_TIMEOUT = 5.0
+#: QEMU's whole environment
+MINIMAL_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
+HELPER = Path(__file__).with_name("jailexec.py")
+
+
+def operator_parts() -> set[str]:
+    """The parts ``VMCTL_JAIL`` allows (all by default; ``off``/``0``/``none``: none)."""
+    raw = os.environ.get(JAIL_ENV, "").strip().lower()
+    if raw in ("", "on", "1", "all", "yes"):
+        return set(PARTS)
+    if raw in ("off", "0", "none", "no"):
+        return set()
+    return {p.strip() for p in raw.split(",") if p.strip() in PARTS}
+
+
+def jail_user() -> tuple[int, int, str]:
+    """The uid and gid QEMU runs as, and where they come from."""
+    raw = os.environ.get(USER_ENV, "").strip()
+    if raw:
+        uid_s, _, gid_s = raw.partition(":")
+        if uid_s.isdigit():
+            uid = int(uid_s)
+            return uid, int(gid_s) if gid_s.isdigit() else uid, f"{USER_ENV}={raw}"
+        try:
+            entry = pwd.getpwnam(uid_s)
+        except KeyError:
+            raise ValueError(f"{USER_ENV}={raw}: no such user") from None
+        return entry.pw_uid, int(gid_s) if gid_s.isdigit() else entry.pw_gid, f"user {uid_s}"
+    try:
+        entry = pwd.getpwnam(DEFAULT_USER)
+        return entry.pw_uid, entry.pw_gid, f"user {DEFAULT_USER}"
+    except KeyError:
+        return FALLBACK_ID, FALLBACK_ID, f"uid/gid {FALLBACK_ID} (no {DEFAULT_USER} user; set {USER_ENV})"
+
+
+def host_status() -> dict[str, tuple[bool, str]]:
+    """Each part of the jail: whether this host and operator allow it, and why (or why not)."""
+    allowed = operator_parts()
+    root = os.geteuid() == 0
+    out: dict[str, tuple[bool, str]] = {}
+
+    def put(part: str, ok: bool, why: str) -> None:
+        if part in PARTS and part not in allowed:
+            out[part] = (False, f"left out by {JAIL_ENV}={os.environ.get(JAIL_ENV)}")
+        else:
+            out[part] = (ok, why)
+
+    if root:
+        try:
+            uid, gid, source = jail_user()
+            put("user", True, f"QEMU runs as uid {uid} gid {gid} ({source})")
+        except ValueError as exc:
+            put("user", False, str(exc))
+    else:
+        put("user", False, f"the controller runs as uid {os.geteuid()}, not root: QEMU keeps its uid")
+    ns_ok = root and Path("/proc/self/ns/mnt").exists() and Path("/proc/self/ns/pid").exists()
+    put("namespaces", ns_ok, "mount, PID and IPC namespaces, a minimal root" if ns_ok else "needs root")
+    put("netns", ns_ok, "an empty network namespace unless a NIC needs the host's" if ns_ok else "needs root")
+    version, why = cgroups.detect()
+    put("cgroup", version is not None, why)
+    put("env", True, "QEMU gets only " + ", ".join(sorted(MINIMAL_ENV)))
+    passt = shutil.which("passt")
+    out["passt"] = (passt is not None, f"egress NICs use {passt}" if passt else
+                    "passt is not installed: network='egress' NICs fall back to 'none' (no egress)")  # fmt: skip
+    return out
+
+
+def status_allows(part: str) -> bool:
+    try:
+        jail_user()
+    except ValueError:
+        return False
+    return part in operator_parts()
+
+
+def passt_path() -> str | None:
+    return shutil.which("passt")
+
+
+@dataclass
+class Jail:
+    """What one sandbox's QEMU gets: decided by :func:`plan`, applied by the launcher."""
+
+    uid: int | None = None
+    gid: int | None = None
+    extra_gids: tuple[int, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    cgroup: cgroups.Cgroup | None = None
+    minimal_env: bool = True
+    root: Path | None = None
+    #: (host path, path inside the jail, writable)
+    binds: list[tuple[Path, Path, bool]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.uid is not None or bool(self.namespaces) or self.cgroup is not None
+
+    @property
+    def drops_user(self) -> bool:
+        return self.uid is not None
+
+    def parts(self) -> dict[str, str]:
+        """Part -> ``on`` or the reason it is off (logged, and shown by ``Sandbox.jail``)."""
+        on = {"user": self.uid is not None, "namespaces": "mount" in self.namespaces,
+              "netns": "net" in self.namespaces, "cgroup": self.cgroup is not None, "env": self.minimal_env}  # fmt: skip
+        return {p: "on" if on[p] else self.skipped.get(p, "off") for p in PARTS}
+
+    def env(self) -> dict[str, str] | None:
+        return dict(MINIMAL_ENV) if self.minimal_env else None
+
+    def wrap(self, argv: list[str], *, pdeathsig: bool) -> list[str]:
+        """The command that starts QEMU inside this jail (``argv`` itself when nothing needs the helper)."""
+        if self.uid is None and not self.namespaces and self.cgroup is None:
+            return argv
+        spec = {
+            "uid": self.uid if self.uid is not None else os.geteuid(),
+            "gid": self.gid if self.gid is not None else os.getegid(),
+            "groups": list(self.extra_gids) if self.uid is not None else os.getgroups(),
+            "unshare": list(self.namespaces),
+            "cgroups": self.cgroup.procs_files if self.cgroup else [],
+            "root": str(self.root) if self.root else None,
+            "binds": [[str(p), str(at), w] for p, at, w in self.binds],
+            "env": self.env() or dict(os.environ),
+            "pdeathsig": pdeathsig,
+            "argv": argv,
+        }
+        return [sys.executable, "-I", "-S", str(HELPER), json.dumps(spec)]
+
+
+def cgroup_name(paths: RunPaths) -> str:
+    """Stable for a run directory, so a controller attaching to a detached sandbox finds it."""
+    digest = hashlib.sha256(str(paths.run_dir).encode()).hexdigest()[:10]
+    return f"{paths.run_dir.name}-{digest}"
+
+
+def memory_limit_mib(config: SandboxConfig) -> int:
+    """Guest RAM at start plus QEMU's overhead (hot-added RAM raises the limit as it comes)."""
+    if config.memory_limit_mib is not None:
+        return config.memory_limit_mib
+    return config.memory_mib + int(os.environ.get(OVERHEAD_ENV, MEMORY_OVERHEAD_MIB))
+
+
+def plan(config: SandboxConfig, run: RunPaths, devices: Sequence[Device], *, nic_netns: bool) -> Jail:
+    """Decide this sandbox's jail. ``nic_netns``: its NICs can live in an empty network namespace."""
+    status = host_status()
+    jail = Jail()
+    if not config.jail:
+        for p in PARTS:
+            jail.skipped[p] = "turned off for this sandbox (SandboxConfig.jail=False)"
+        jail.minimal_env = False
+        return jail
+    for part, (ok, why) in status.items():
+        if not ok:
+            jail.skipped[part] = why
+    jail.minimal_env = status["env"][0]
+    path_bound = _needs_host_paths(config, devices)
+    if status["user"][0]:
+        if path_bound:
+            jail.skipped["user"] = path_bound
+        else:
+            jail.uid, jail.gid, _ = jail_user()
+            run_dirs.QEMU_UIDS.add(jail.uid)  # the stale sweep kills QEMU processes of this uid too
+            if config.effective_accel() != "tcg" or config.accel == "kvm":
+                kvm = _group_of("/dev/kvm")
+                jail.extra_gids = (kvm,) if kvm is not None else ()
+    if status["namespaces"][0]:
+        if path_bound:
+            jail.skipped["namespaces"] = path_bound
+        else:
+            jail.namespaces = ("mount", "pid", "ipc")
+            jail.root = run.run_dir / "root"
+    if jail.uid is not None and "mount" not in jail.namespaces:
+        jail.uid = jail.gid = None
+        jail.extra_gids = ()
+        jail.skipped["user"] = "needs the mount namespace: the jail user could not reach the run directory"
+    if status["netns"][0] and "mount" in jail.namespaces:
+        if nic_netns:
+            jail.namespaces += ("net",)
+        else:
+            jail.skipped["netns"] = "a NIC needs the host's network (tap, network='host', or slirp port forwarding)"
+    elif status["netns"][0]:
+        jail.skipped["netns"] = "comes with the mount namespace, which is off"
+    if status["cgroup"][0]:
+        version, _ = cgroups.detect()
+        assert version is not None
+        jail.cgroup = cgroups.Cgroup(cgroup_name(run), version)
+    return jail
+
+
+def _group_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_gid
+    except OSError:
+        return None
+
+
+def _needs_host_paths(config: SandboxConfig, devices: Sequence[Device]) -> str | None:
+    """Why QEMU must see the host's paths as the controller does (None: the jail can serve it)."""
+    for device in devices:
+        if isinstance(device, VhostUserBlockDevice | VhostUserNetDevice):
+            return "a vhost-user device: QEMU connects to its socket by path"
+        if isinstance(device, VfioDevice):
+            return "a VFIO device: QEMU opens /dev/vfio by path"
+        if isinstance(device, SerialPort) and device.socket is not None and device.socket.parent.name != "q":
+            return "a serial port socket outside the run directory"
+        if isinstance(device, NetworkDevice) and device.backend == "tap":
+            return "a tap NIC: QEMU opens /dev/net/tun as the controller"
+    if config.huge_pages:
+        return "huge pages: QEMU maps /dev/hugepages by path"
+    if config.vsock:
+        return "vsock: /dev/vhost-vsock is the controller's"
+    return None
+
+
+# -- what QEMU gets by descriptor instead of by path ---------------------------------------------
+
+_PASST_CHILDREN: set[subprocess.Popen[bytes]] = set()
+
+
+class Handover:
+    """Disk images passed as descriptors (fd sets) and egress NICs served by passt over a socket
+    pair, for the command line and for hotplug alike. QEMU never opens a disk by path and never
+    runs the user-mode network stack itself, so neither depends on its uid or namespaces.
+
+    ``fd_disks``: pass disks by descriptor (the jail drops the user or hides the host's paths).
+    ``network``: the sandbox's mode; ``egress`` NICs get passt (or fall back to ``none``)."""
+
+    def __init__(self, *, fd_disks: bool, network: str, jail: Jail, detached: bool, log_path: Path,
+                 socket_dir: Path, log: Any, attached: bool = False) -> None:  # fmt: skip
+        self.attached = attached
+        self.socket_dir = socket_dir
+        self.fd_disks = fd_disks
+        self.network = network
+        self.jail = jail
+        self.detached = detached
+        self.log_path = log_path
+        self.log = log
+        self._next_set = 10
+        self._sets: dict[str, tuple[int, list[int]]] = {}  # node name -> fd set id, our fds
+        self._passt: dict[str, subprocess.Popen[bytes]] = {}  # netdev id -> its passt
+        self._held: list[int] = []  # fds to close once QEMU has them
+        self.egress_fallback = False
+        self._tmp_dir: Path | None = None
+        self._fdsets_known = False
+
+    # the command line
+
+    async def command_line(self, argv: list[str]) -> tuple[list[str], list[int]]:
+        """``argv`` with its disks and egress NICs handed over, and the descriptors QEMU must inherit."""
+        fds: list[int] = []
+        out = list(argv)
+        extra: list[str] = []
+        for i in range(len(out) - 1):
+            if out[i] not in ("-blockdev", "-netdev") or not out[i + 1].startswith("{"):
+                continue
+            spec = json.loads(out[i + 1])
+            if out[i] == "-blockdev":
+                new, passed = self._disk(spec)
+                for fd in passed:
+                    extra += ["-add-fd", f"fd={fd},set={new['filename'].rsplit('/', 1)[1]}"]
+            else:
+                new, passed = await self._nic(spec), []
+            fds += passed
+            out[i + 1] = json.dumps(new)
+        return out[:1] + extra + out[1:], fds
+
+    def _disk(self, spec: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        if not self.fd_disks or spec.get("driver") != "file" or str(spec.get("filename", "")).startswith("/dev/fdset/"):
+            return spec, []
+        path = str(spec["filename"])
+        flags = [os.O_RDONLY] if spec.get("read-only") else [os.O_RDWR, os.O_RDONLY]
+        fds = [os.open(path, f | os.O_CLOEXEC) for f in flags]
+        set_id = self._next_set
+        self._next_set += 1
+        self._sets[str(spec.get("node-name"))] = (set_id, fds)
+        self._held += fds
+        return {**spec, "filename": f"/dev/fdset/{set_id}"}, fds
+
+    async def _nic(self, spec: dict[str, Any]) -> dict[str, Any]:
+        if spec.get("type") != "user" or self.network != "egress":
+            return spec
+        if self.attached:
+            raise NotSupported("an egress NIC cannot be hot-plugged into a jailed QEMU this controller attached to "
+                               "(its passt socket directory is not in QEMU's mount namespace): plug it before "
+                               "detaching, or use network='none' or 'host'")  # fmt: skip
+        passt = passt_path()
+        if passt is None:
+            if not self.egress_fallback:
+                self.log.warning("passt is not installed: network='egress' NICs get no network (as 'none')")
+            self.egress_fallback = True
+            return {**spec, "restrict": True}
+        # passt listens on a socket (this passt cannot take a connected descriptor) in a
+        # directory of its own user: as root, passt never runs as root but as the jail user, who
+        # cannot reach the controller's run directory, so the directory is a fresh one in /tmp
+        sock = self._passt_dir() / f"{spec['id']}.sock"
+        sock.unlink(missing_ok=True)
+        argv = [passt, "--foreground", "--one-off", "--quiet", "--ipv4-only", "--no-map-gw", "--socket", str(sock)]
+        for rule in spec.get("hostfwd", []):
+            argv += _passt_forward(str(rule["str"]))
+        if os.geteuid() == 0:
+            uid, gid = (self.jail.uid, self.jail.gid) if self.jail.uid is not None else jail_user()[:2]
+            argv += ["--runas", f"{uid}:{gid}"]
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv and not self.detached else []
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            proc = subprocess.Popen(  # noqa: ASYNC220 - fork+exec only; it ends when QEMU disconnects
+                prefix + argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                start_new_session=True, env=dict(MINIMAL_ENV),
+            )  # fmt: skip
+        finally:
+            os.close(log_fd)
+        _PASST_CHILDREN.difference_update([p for p in _PASST_CHILDREN if p.poll() is not None])
+        _PASST_CHILDREN.add(proc)
+        self._passt[str(spec["id"])] = proc
+        await _wait_for(lambda: sock.exists() or proc.poll() is not None, PASST_START_TIMEOUT)
+        if not sock.exists():
+            proc.kill()
+            raise HostError(f"passt did not start for NIC {spec['id']} (exit code {proc.poll()}); see {self.log_path}")
+        return {"type": "stream", "id": spec["id"], "server": False, "addr": {"type": "unix", "path": str(sock)}}
+
+    def _passt_dir(self) -> Path:
+        if os.geteuid() != 0:
+            return self.socket_dir
+        if self._tmp_dir is None:
+            uid, gid = (self.jail.uid, self.jail.gid) if self.jail.uid is not None else jail_user()[:2]
+            self._tmp_dir = Path(tempfile.mkdtemp(prefix="vmctl-passt-", dir="/tmp"))
+            os.chown(self._tmp_dir, uid, gid if gid is not None else -1)
+        return self._tmp_dir
+
+    @property
+    def extra_binds(self) -> list[Path]:
+        """What QEMU's mount namespace must show besides its own directory (passt's sockets)."""
+        return [self._passt_dir()] if os.geteuid() == 0 and self.network == "egress" else []
+
+    # hotplug
+
+    async def command(self, name: str, arguments: dict[str, Any] | None, qmp: Any) -> dict[str, Any] | None:  # noqa: C901
+        """A hotplug command's arguments with its disk or NIC handed over to QEMU first."""
+        if arguments is None:
+            return arguments
+        if name == "blockdev-add" and self.fd_disks and arguments.get("driver") == "file":
+            if not self._fdsets_known:  # another controller may have started QEMU: take fresh set ids
+                sets = await qmp.execute("query-fdsets")
+                self._next_set = max([int(f["fdset-id"]) for f in sets] + [self._next_set - 1]) + 1
+                self._fdsets_known = True
+            new, fds = self._disk(arguments)
+            set_id = int(new["filename"].rsplit("/", 1)[1]) if fds else None
+            for fd in fds:
+                assert set_id is not None
+                await qmp.add_fd(fd, set_id)
+            self.release_held()
+            return new
+        if name == "netdev_add":
+            if arguments.get("type") == "tap" and (self.jail.uid is not None or "net" in self.jail.namespaces):
+                raise NotSupported("a tap NIC needs QEMU outside the jail (the host's network and privileges): "
+                                   "cold-plug it in SandboxConfig(devices=[...]) and the jail steps back, "
+                                   "or set jail=False")  # fmt: skip
+            return await self._nic(arguments)
+        return arguments
+
+    async def forget(self, name: str, arguments: dict[str, Any] | None, qmp: Any) -> None:
+        """After ``blockdev-del`` / ``netdev_del``: QEMU's copies of the descriptors go too."""
+        if arguments is None:
+            return
+        if name == "blockdev-del":
+            entry = self._sets.pop(str(arguments.get("node-name")), None)
+            if entry is not None:
+                try:
+                    await qmp.execute("remove-fd", {"fdset-id": entry[0]})
+                except Exception:  # noqa: BLE001 - already gone with its last user
+                    pass
+        elif name == "netdev_del":
+            proc = self._passt.pop(str(arguments.get("id")), None)
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+
+    def release_held(self) -> None:
+        """Close our copies once QEMU holds the descriptors."""
+        for fd in self._held:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._held.clear()
+
+    def close(self, *, keep_running: bool) -> None:
+        self.release_held()
+        if not keep_running:
+            for proc in self._passt.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    try:
+                        proc.wait(timeout=2)
+                    except subprocess.TimeoutExpired:
+                        pass
+        self._passt.clear()
+        if self._tmp_dir is not None:  # a QEMU left running keeps its own mount of it
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
+
+
+def _passt_forward(rule: str) -> list[str]:
+    """A slirp ``hostfwd`` rule as passt's ``-t`` / ``-u`` (loopback unless an address is given)."""
+    proto, host_part, guest_part = rule.split(":", 1)[0], *rule.split(":", 1)[1].split("-", 1)
+    addr, _, port = host_part.rpartition(":")
+    guest_port = guest_part.rpartition(":")[2]
+    flag = "-t" if proto == "tcp" else "-u"
+    return [flag, f"{addr or '127.0.0.1'}/{port}:{guest_port}"]
+
+
+def nic_netns(config: SandboxConfig, devices: Sequence[Device]) -> bool:
+    """Whether this sandbox's NICs work from an empty network namespace: passt (egress) and
+    restricted slirp (none) do, unless slirp must listen for a port forward on the host."""
+    if config.network == "host":
+        return False
+    if config.network == "egress" and passt_path() is not None:
+        return True
+    return not any(isinstance(d, NetworkDevice) and d.backend == "user" and d.hostfwd for d in devices)
+
+
+def prepare(jail: Jail, config: SandboxConfig, paths: RunPaths) -> SandboxConfig:
+    """Make what the jail needs on disk before QEMU starts; returns the config QEMU is given
+    (kernel and initrd copied next to QEMU when the jail user could not read them).
+
+    The run directory stays the controller's (0700): QEMU gets ``run_dir/q`` (its own, for the
+    sockets it creates) and, in its mount namespace, only that, the boot files and a template's
+    memory file."""
+    q = paths.qemu_dir
+    q.mkdir(mode=0o700, exist_ok=True)
+    if os.geteuid() == 0 and status_allows("user"):  # QEMU's (and passt's) user, even unjailed
+        uid, gid, _ = (jail.uid, jail.gid, "") if jail.uid is not None else jail_user()
+        os.chown(q, uid, gid if gid is not None else -1)
+    if jail.uid is None and not jail.namespaces:
+        return config
+    jail.binds = [(q, q, True)]
+    changes: dict[str, Any] = {}
+    for name in ("kernel", "initrd", "firmware"):  # inside QEMU's own directory: the host's paths stay unseen
+        path: Path | None = getattr(config, name)
+        if path is None:
+            continue
+        inside = q / name
+        if jail.uid is not None and not _readable_by(path, jail.uid):
+            shutil.copyfile(path, inside)  # a copy the jail user can read
+            os.chown(inside, jail.uid, jail.gid if jail.gid is not None else -1)
+        else:
+            os.close(os.open(inside, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o400))  # what the bind covers
+            jail.binds.append((path.resolve(), inside, False))
+        changes[name] = inside
+    if config.memory_path is not None and (config.boot_to_be_template or config.boot_from_template):
+        mem = config.memory_path
+        if config.boot_to_be_template and not mem.exists():
+            os.close(os.open(mem, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        if jail.uid is not None:
+            os.chown(mem, jail.uid, jail.gid if jail.gid is not None else -1)
+        jail.binds.append((mem, mem, True))
+    entropy = config.entropy_source
+    if not str(entropy).startswith("/dev/"):
+        jail.binds.append((entropy, entropy, False))
+    qemu = config.qemu_binary
+    if qemu is not None and not str(Path(qemu).resolve()).startswith("/usr/"):
+        jail.binds.append((Path(qemu).resolve(), Path(qemu).resolve(), False))
+    if jail.root is not None:
+        jail.root.mkdir(mode=0o700, exist_ok=True)
+    return config.replace(**changes) if changes else config
+
+
+def _readable_by(path: Path, uid: int) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return bool(st.st_mode & 0o004) or (st.st_uid == uid and bool(st.st_mode & 0o400))
+
+
+def limits_for(config: SandboxConfig) -> cgroups.Limits:
+    vcpus = config.max_vcpus or config.vcpus
+    return cgroups.Limits(memory_bytes=memory_limit_mib(config) * 1024 * 1024, cpus=vcpus + 1.0, pids=PIDS_MAX)
+
+
+def inner_pid(pid: int) -> int:
+    """QEMU's own pid on the host: ``pid`` itself, or the jail helper's child (PID namespace)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid
+    if children and str(HELPER).encode() in cmdline:
+        return int(children[0])
+    return pid
+
+
+def host_thread_ids(pid: int, tids: dict[int, int]) -> dict[int, int]:
+    """vCPU thread ids as QEMU sees them (inside its PID namespace) turned into the host's."""
+    qemu = inner_pid(pid)
+    if qemu == pid:
+        return tids
+    mapping: dict[int, int] = {}
+    try:
+        for task in Path(f"/proc/{qemu}/task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("NSpid:"):
+                    ids = [int(x) for x in line.split()[1:]]
+                    mapping[ids[-1]] = ids[0]
+    except OSError:
+        return tids
+    return {cpu: mapping.get(tid, tid) for cpu, tid in tids.items()}
+
+
+def existing_cgroup(paths: RunPaths) -> cgroups.Cgroup | None:
+    """The cgroup a detached sandbox's QEMU was started in, for the controller that attaches."""
+    version, _ = cgroups.detect()
+    if version is None:
+        return None
+    group = cgroups.Cgroup(cgroup_name(paths), version)
+    return group if group.exists() else None
+
+
+async def _wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    """Poll ``condition`` (a file appearing has no event to wait on)."""
+    with anyio.move_on_after(timeout):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.005)
