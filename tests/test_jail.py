@@ -100,8 +100,8 @@ async def test_qemu_runs_as_the_jail_user_with_nothing_of_the_controllers(
     monkeypatch.setenv("VMCTL_TEST_SECRET", "hunter2")
     async with Sandbox(make_config()) as a, Sandbox(make_config()) as b:
         assert a.hypervisor.jail == dict.fromkeys(jail.PARTS, "on")
-        pid = a.hypervisor.qemu_pid
-        assert pid is not None and pid != a.pid, "QEMU runs behind the jail's outer process"
+        pid = a.pid
+        assert pid is not None and pid != a.hypervisor.pid, "QEMU runs behind the jail's outer process"
         st = status(pid)
         uid, gid, _ = jail.jail_user()
         assert st["Uid"].split() == [str(uid)] * 4 and st["Gid"].split() == [str(gid)] * 4
@@ -149,7 +149,7 @@ async def test_the_cgroup_holds_qemu_with_its_limits_and_goes_with_the_sandbox(m
         assert dirs, "the cgroup exists while QEMU runs"
         pid = sb.hypervisor.qemu_pid
         procs = {int(p) for d in dirs for p in (d / "cgroup.procs").read_text().split()}
-        assert pid in procs and sb.pid in procs
+        assert pid in procs and sb.hypervisor.pid in procs
         by_name = {d.parts[4] if len(d.parts) > 4 else "": d for d in dirs}
         memory = by_name.get("memory")
         if memory is not None:  # cgroup v1 here

@@ -29,7 +29,7 @@ MakeConfig = Callable[..., SandboxConfig]
 async def test_issue_example_boot_exec_pause_resume_stop(make_config: MakeConfig, runtime_dir: Path) -> None:
     async with Sandbox(make_config(vcpus=1, memory_mib=256)) as sb:
         assert sb.state is SandboxState.RUNNING
-        assert sb.pid is not None and set(qemu_processes(str(runtime_dir))) == {sb.pid, sb.hypervisor.qemu_pid}
+        assert sb.pid is not None and set(qemu_processes(str(runtime_dir))) == {sb.pid, sb.hypervisor.pid}
         result = await sb.exec(["cat", "/proc/version"])
         assert result.exit_code == 0
         assert result.stdout.startswith(b"Linux version ")

@@ -393,11 +393,11 @@ async def test_real_qemu_runs_confined_as_us_and_exec_is_verbatim(make_config: M
     os.set_inheritable(sentinel, True)  # even an inheritable fd of the controller must not reach QEMU
     try:
         async with Sandbox(make_config()) as sb:
-            outer = sb.pid
+            outer = sb.hypervisor.pid  # the process vmctl started: QEMU, or the jail's outer process
             assert outer is not None
             jailed = sb.hypervisor.jail.get("user") == "on"
-            pid = sb.hypervisor.qemu_pid
-            assert pid is not None
+            pid = sb.pid
+            assert pid is not None and pid == sb.hypervisor.qemu_pid
             status = proc_status(pid)
             if jailed:  # as root: the jail user, behind the jail's outer process (PID namespace)
                 uid, gid, _ = jail_user()

@@ -119,9 +119,9 @@ class Origin:
             return True
         return self.attaching and not self.took_over and state is not SandboxState.STOPPED
 
-    def save_record(self, *, pid: int, config: dict[str, Any], devices: list[dict[str, Any]], state: str) -> None:
+    def save_record(self, *, pid: int | None, config: dict[str, Any], devices: list[dict[str, Any]], state: str) -> None:
         """Write down what another process needs to attach (a detached sandbox only)."""
-        assert self.hold is not None
+        assert self.hold is not None and pid is not None
         self.hold.save(sandbox_id=self.sandbox_id, pid=pid, config=config, devices=devices, state=state)
 
     def release(self, *, qemu_lives: bool) -> None:

@@ -126,10 +126,11 @@ class QmpSession:
         self._client.send_fd_scm(fd)
         await self.execute("getfd", {"fdname": name})
 
-    async def add_fd(self, fd: int, fdset_id: int) -> None:
-        """Add an open file to QEMU's fd set ``fdset_id`` (a disk then opens ``/dev/fdset/ID``)."""
+    async def add_fd(self, fd: int, fdset_id: int, *, opaque: str | None = None) -> None:
+        """Add an open file to QEMU's fd set ``fdset_id`` (a disk then opens ``/dev/fdset/ID``);
+        ``opaque`` is shown by ``query-fdsets`` (the file's name)."""
         self._client.send_fd_scm(fd)
-        await self.execute("add-fd", {"fdset-id": fdset_id})
+        await self.execute("add-fd", {"fdset-id": fdset_id, **({"opaque": opaque} if opaque else {})})
 
     async def events(self) -> AsyncIterator[QmpEvent]:
         """Every event QEMU sends, in order, for as long as the session lives.

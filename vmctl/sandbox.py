@@ -175,7 +175,8 @@ class Sandbox:
 
     @property
     def pid(self) -> int | None:
-        return self._hv.pid if self._hv else None  # QEMU, or the jail's outer process around it
+        """QEMU's own pid on the host, jailed or not (for ``/proc`` and ``kill``)."""
+        return self._hv.qemu_pid if self._hv else None
 
     @property
     def run_dir(self) -> Path | None:
@@ -275,8 +276,8 @@ class Sandbox:
         return Trigger.GUEST_READY, "agent ready"
 
     def _save_record(self) -> None:
-        assert self.pid is not None
-        self._origin.save_record(pid=self.pid, config=self.config.to_mapping(),
+        pid = self._hv.pid if self._hv else None  # the process vmctl started (a jail's outer one)
+        self._origin.save_record(pid=pid, config=self.config.to_mapping(),
                                  devices=self._live().devices.hotplugged_rows(), state=str(self.state))  # fmt: skip
 
     def _spawn(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from vmctl import host
 from vmctl.config import SandboxConfig
@@ -74,15 +75,17 @@ def opt(value: object) -> str:
 
 def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: Mapping[str, int],
                   *, incoming: bool = False, devices: Sequence[PlacedDevice] | None = None,
-                  restored: Sequence[PlacedDevice] = ()) -> list[str]:  # fmt: skip
+                  restored: Sequence[PlacedDevice] = (), boot_files: Mapping[str, Path] | None = None) -> list[str]:  # fmt: skip
     """The full argv (binary first) for ``config``; ``fds`` maps qmp/console/agent to listening fds.
 
     ``incoming``: QEMU waits for a saved state (a snapshot) instead of booting. ``devices``: the
     cold devices as :func:`cold_devices` places them (worked out here when not given).
     ``restored``: devices a snapshot's guest had hot-plugged, recreated at their places so the
-    saved device state finds them."""
+    saved device state finds them. ``boot_files``: where QEMU finds the kernel, initrd or firmware
+    when not at the config's paths (inside a jail's mount namespace)."""
     assert config.qemu_binary is not None and config.accel in ("kvm", "tcg"), "resolve the config first"
     c = config
+    boot = {"kernel": c.kernel, "initrd": c.initrd, "firmware": c.firmware, **(boot_files or {})}
     pci = c.machine != "microvm"
     argv = [str(c.qemu_binary), "-name", f"{sandbox_id},debug-threads=on", "-S", "-nodefaults",
             "-no-user-config", "-display", "none", "-msg", "timestamp=on",
@@ -94,13 +97,13 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
     argv += _memory(c)
     if c.mlock:
         argv += ["-overcommit", "mem-lock=on"]
-    argv += ["-kernel", str(c.kernel), "-append", kernel_cmdline(c)]
+    argv += ["-kernel", str(boot["kernel"]), "-append", kernel_cmdline(c)]
     if c.initrd is not None and not (c.boot_from_template or incoming):
         # a guest that resumes from saved state never reads its initramfs again, and QEMU would
         # keep a private copy of it in memory (fw_cfg): clones and restores go without
-        argv += ["-initrd", str(c.initrd)]
+        argv += ["-initrd", str(boot["initrd"])]
     if c.firmware is not None:
-        argv += ["-bios", str(c.firmware)]
+        argv += ["-bios", str(boot["firmware"])]
     bus = "pci" if pci else "device"  # virtio over PCI, or over virtio-mmio on microvm
     argv += [
         "-chardev", f"socket,id=qmp,fd={fds['qmp']},server=on,wait=off",

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import pwd
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from vmctl.devices import Device, NetworkDevice, SerialPort, VfioDevice, VhostUs
 from vmctl.errors import HostError, NotSupported
 from vmctl.hypervisors import cgroups
 from vmctl.hypervisors.base import RunPaths
+from vmctl.hypervisors.cmdline import opt
 
 JAIL_ENV = "VMCTL_JAIL"
 USER_ENV = "VMCTL_JAIL_USER"
@@ -47,6 +49,7 @@ FALLBACK_ID = 64_099  # a uid/gid nothing else uses, when no vmctl-qemu user exi
 #: touches all of it needs RAM plus QEMU's share, which this leaves room for
 MEMORY_OVERHEAD_MIB = 320
 PIDS_MAX = 512
+CAP_SYS_RESOURCE = 24
 PASST_START_TIMEOUT = 5.0
 #: QEMU's whole environment
 MINIMAL_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
@@ -138,6 +141,10 @@ class Jail:
     cgroup: cgroups.Cgroup | None = None
     minimal_env: bool = True
     root: Path | None = None
+    #: the file QEMU is run from (its argv[0] may be a link to it)
+    exe: Path | None = None
+    #: RLIMIT_MEMLOCK QEMU gets (bytes, -1: unlimited), for mlock=True under a jail user (8 MiB by default)
+    memlock: int | None = None
     #: (host path, path inside the jail, writable)
     binds: list[tuple[Path, Path, bool]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -173,6 +180,8 @@ class Jail:
             "binds": [[str(p), str(at), w] for p, at, w in self.binds],
             "env": self.env() or dict(os.environ),
             "pdeathsig": pdeathsig,
+            "memlock": self.memlock,
+            "exe": str(self.exe) if self.exe else argv[0],
             "argv": argv,
         }
         return [sys.executable, "-I", "-S", str(HELPER), json.dumps(spec)]
@@ -185,10 +194,12 @@ def cgroup_name(paths: RunPaths) -> str:
 
 
 def memory_limit_mib(config: SandboxConfig) -> int:
-    """Guest RAM at start plus QEMU's overhead (hot-added RAM raises the limit as it comes)."""
+    """Guest RAM at start plus QEMU's overhead (hot-added RAM raises the limit as it comes);
+    with ``mlock`` under TCG the whole translation cache is resident too."""
     if config.memory_limit_mib is not None:
         return config.memory_limit_mib
-    return config.memory_mib + int(os.environ.get(OVERHEAD_ENV, MEMORY_OVERHEAD_MIB))
+    locked_cache = config.tcg_tb_size_mib if config.mlock and config.effective_accel() == "tcg" else 0
+    return config.memory_mib + int(os.environ.get(OVERHEAD_ENV, MEMORY_OVERHEAD_MIB)) + locked_cache
 
 
 def plan(config: SandboxConfig, run: RunPaths, devices: Sequence[Device], *, nic_netns: bool) -> Jail:
@@ -208,6 +219,9 @@ def plan(config: SandboxConfig, run: RunPaths, devices: Sequence[Device], *, nic
     if status["user"][0]:
         if path_bound:
             jail.skipped["user"] = path_bound
+        elif config.mlock and not _may_raise_memlock():
+            jail.skipped["user"] = ("mlock=True: locking guest RAM as another user needs a higher RLIMIT_MEMLOCK, "
+                                    "and this controller lacks CAP_SYS_RESOURCE to grant it")  # fmt: skip
         else:
             jail.uid, jail.gid, _ = jail_user()
             run_dirs.QEMU_UIDS.add(jail.uid)  # the stale sweep kills QEMU processes of this uid too
@@ -231,11 +245,26 @@ def plan(config: SandboxConfig, run: RunPaths, devices: Sequence[Device], *, nic
             jail.skipped["netns"] = "a NIC needs the host's network (tap, network='host', or slirp port forwarding)"
     elif status["netns"][0]:
         jail.skipped["netns"] = "comes with the mount namespace, which is off"
+    if config.mlock and jail.uid is not None:  # root could lock all it wanted; the cgroup still caps it
+        jail.memlock = -1
     if status["cgroup"][0]:
         version, _ = cgroups.detect()
         assert version is not None
         jail.cgroup = cgroups.Cgroup(cgroup_name(run), version)
     return jail
+
+
+def _may_raise_memlock() -> bool:
+    """Whether this process may lift RLIMIT_MEMLOCK for QEMU (CAP_SYS_RESOURCE, or no cap at all)."""
+    if resource.getrlimit(resource.RLIMIT_MEMLOCK)[1] == resource.RLIM_INFINITY:
+        return True
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _group_of(path: str) -> int | None:
@@ -258,6 +287,8 @@ def _needs_host_paths(config: SandboxConfig, devices: Sequence[Device]) -> str |
             return "a tap NIC: QEMU opens /dev/net/tun as the controller"
     if config.huge_pages:
         return "huge pages: QEMU maps /dev/hugepages by path"
+    if config.shared_memory:  # what vhost-user needs: a backend plugged later is reached by its socket path
+        return "shared memory for vhost-user backends: QEMU connects to their sockets by path, hot-plugged ones too"
     if config.vsock:
         return "vsock: /dev/vhost-vsock is the controller's"
     return None
@@ -307,12 +338,12 @@ class Handover:
             spec = json.loads(out[i + 1])
             if out[i] == "-blockdev":
                 new, passed = self._disk(spec)
-                for fd in passed:
-                    extra += ["-add-fd", f"fd={fd},set={new['filename'].rsplit('/', 1)[1]}"]
+                for fd in passed:  # opaque: the file's name, for people reading the command line
+                    extra += ["-add-fd", f"fd={fd},set={new['filename'].rsplit('/', 1)[1]},opaque={opt(spec['filename'])}"]
             else:
                 new, passed = await self._nic(spec), []
             fds += passed
-            out[i + 1] = json.dumps(new)
+            out[i + 1] = json.dumps(new, separators=(",", ":"))
         return out[:1] + extra + out[1:], fds
 
     def _disk(self, spec: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
@@ -399,7 +430,7 @@ class Handover:
             set_id = int(new["filename"].rsplit("/", 1)[1]) if fds else None
             for fd in fds:
                 assert set_id is not None
-                await qmp.add_fd(fd, set_id)
+                await qmp.add_fd(fd, set_id, opaque=str(arguments["filename"]))
             self.release_held()
             return new
         if name == "netdev_add":
@@ -470,9 +501,9 @@ def nic_netns(config: SandboxConfig, devices: Sequence[Device]) -> bool:
     return not any(isinstance(d, NetworkDevice) and d.backend == "user" and d.hostfwd for d in devices)
 
 
-def prepare(jail: Jail, config: SandboxConfig, paths: RunPaths) -> SandboxConfig:
-    """Make what the jail needs on disk before QEMU starts; returns the config QEMU is given
-    (kernel and initrd copied next to QEMU when the jail user could not read them).
+def prepare(jail: Jail, config: SandboxConfig, paths: RunPaths) -> dict[str, Path]:
+    """Make what the jail needs on disk before QEMU starts; returns where QEMU finds its boot
+    files (kernel, initrd, firmware) when not at the config's paths.
 
     The run directory stays the controller's (0700): QEMU gets ``run_dir/q`` (its own, for the
     sockets it creates) and, in its mount namespace, only that, the boot files and a template's
@@ -483,9 +514,9 @@ def prepare(jail: Jail, config: SandboxConfig, paths: RunPaths) -> SandboxConfig
         uid, gid, _ = (jail.uid, jail.gid, "") if jail.uid is not None else jail_user()
         os.chown(q, uid, gid if gid is not None else -1)
     if jail.uid is None and not jail.namespaces:
-        return config
+        return {}
     jail.binds = [(q, q, True)]
-    changes: dict[str, Any] = {}
+    boot_files: dict[str, Path] = {}
     for name in ("kernel", "initrd", "firmware"):  # inside QEMU's own directory: the host's paths stay unseen
         path: Path | None = getattr(config, name)
         if path is None:
@@ -497,7 +528,7 @@ def prepare(jail: Jail, config: SandboxConfig, paths: RunPaths) -> SandboxConfig
         else:
             os.close(os.open(inside, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o400))  # what the bind covers
             jail.binds.append((path.resolve(), inside, False))
-        changes[name] = inside
+        boot_files[name] = inside
     if config.memory_path is not None and (config.boot_to_be_template or config.boot_from_template):
         mem = config.memory_path
         if config.boot_to_be_template and not mem.exists():
@@ -509,11 +540,13 @@ def prepare(jail: Jail, config: SandboxConfig, paths: RunPaths) -> SandboxConfig
     if not str(entropy).startswith("/dev/"):
         jail.binds.append((entropy, entropy, False))
     qemu = config.qemu_binary
-    if qemu is not None and not str(Path(qemu).resolve()).startswith("/usr/"):
-        jail.binds.append((Path(qemu).resolve(), Path(qemu).resolve(), False))
+    if qemu is not None:  # run by its real path: QEMU finds its modules relative to it
+        jail.exe = Path(qemu).resolve()
+        if not str(jail.exe).startswith("/usr/"):
+            jail.binds.append((jail.exe, jail.exe, False))
     if jail.root is not None:
         jail.root.mkdir(mode=0o700, exist_ok=True)
-    return config.replace(**changes) if changes else config
+    return boot_files
 
 
 def _readable_by(path: Path, uid: int) -> bool:

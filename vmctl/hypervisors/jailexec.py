@@ -10,7 +10,8 @@ controller's. ``SPEC`` is one JSON argument (built by :mod:`vmctl.jail`):
   ``/usr`` read-only, a few device nodes, a private ``/tmp`` and, with a PID namespace, ``/proc``);
 * ``binds``: ``[path, target, writable]``: ``path`` mounted at ``target`` under the new root;
 * ``uid``, ``gid``, ``groups``: who QEMU runs as (only the groups named, no new privileges);
-* ``env``: QEMU's whole environment; ``argv``: QEMU's command line;
+* ``env``: QEMU's whole environment; ``argv``: QEMU's command line; ``exe``: the file run;
+* ``memlock``: RLIMIT_MEMLOCK in bytes, -1 unlimited (``mlock=True``: the jail user's default is too small);
 * ``pdeathsig``: die with the parent (the controller), unless the sandbox is detached.
 
 With a PID namespace this process forks: the child becomes PID 1 of the new namespace and
@@ -24,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import select
 import signal
 import sys
@@ -115,8 +117,10 @@ def wait_and_mirror(child: int) -> None:
         except InterruptedError:
             continue
     if os.WIFSIGNALED(status):
-        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
-        os.kill(os.getpid(), os.WTERMSIG(status))
+        killed_by = os.WTERMSIG(status)
+        if killed_by not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be caught (nor set back)
+            signal.signal(killed_by, signal.SIG_DFL)
+        os.kill(os.getpid(), killed_by)
     sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
 
 
@@ -128,6 +132,9 @@ def main(spec: dict[str, Any]) -> None:
     for procs in spec.get("cgroups", []):
         with open(str(procs), "w") as f:
             f.write(str(os.getpid()))
+    if spec.get("memlock") is not None:  # raised while still root; kept across the uid change
+        limit = int(spec["memlock"])
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
     kinds = [str(k) for k in spec.get("unshare", [])]
     flags = 0
     for kind in kinds:
@@ -173,12 +180,16 @@ def main(spec: dict[str, Any]) -> None:
         os.close(alive_r)
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
     argv = [str(a) for a in spec["argv"]]
-    os.execve(argv[0], argv, {str(k): str(v) for k, v in spec["env"].items()})
+    os.execve(str(spec.get("exe") or argv[0]), argv, {str(k): str(v) for k, v in spec["env"].items()})
 
 
 if __name__ == "__main__":
     try:
         main(json.loads(sys.argv[1]))
     except Exception as exc:  # noqa: BLE001 - one clear line in qemu.log, whatever went wrong
-        sys.stderr.write(f"vmctl jail: {exc}\n")
+        step = exc.__traceback__
+        while step is not None and step.tb_next is not None:
+            step = step.tb_next
+        where = f" (in {step.tb_frame.f_code.co_name}, line {step.tb_lineno})" if step is not None else ""
+        sys.stderr.write(f"vmctl jail: {exc}{where}\n")
         sys.exit(125)

@@ -89,9 +89,9 @@ class QemuHypervisor(Hypervisor):
         self._cgroup: cgroups.Cgroup | None = None
         self._handover: jail.Handover | None = None
         self._backend_sizes: dict[str, int] = {}
-        #: the config QEMU is started with (the jail moves its boot files); the effective config
-        #: (snapshots, records) keeps the user's paths
-        self._launch_config: SandboxConfig | None = None
+        #: where QEMU finds its kernel, initrd and firmware inside the jail (the effective config,
+        #: for snapshots and records, keeps the user's paths)
+        self._boot_files: dict[str, Path] = {}
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -179,9 +179,9 @@ class QemuHypervisor(Hypervisor):
         self._argv = self._command({n: -1 for n in CHANNELS})
 
     def _command(self, fds: dict[str, int]) -> list[str]:
-        return build_command(self._launch_config or self._effective, self.paths, self.sandbox_id, fds,
+        return build_command(self._effective, self.paths, self.sandbox_id, fds,
                              incoming=self.plan.incoming is not None, devices=self.plan.devices or None,
-                             restored=self.plan.restored)  # fmt: skip
+                             restored=self.plan.restored, boot_files=self._boot_files)  # fmt: skip
 
     def _read_log_tail(self) -> None:
         try:
@@ -260,7 +260,7 @@ class QemuHypervisor(Hypervisor):
     async def _enter_jail(self) -> None:
         devices = [d for _, d, _ in [*(self.plan.devices or ()), *self.plan.restored]]
         self._jail = jail.plan(self._effective, self.paths, devices, nic_netns=jail.nic_netns(self._effective, devices))
-        self._launch_config = jail.prepare(self._jail, self._effective, self.paths)  # its boot files inside
+        self._boot_files = jail.prepare(self._jail, self._effective, self.paths)
         if self._jail.cgroup is not None:
             self._jail.cgroup.create(jail.limits_for(self._effective))
             self._cgroup = self._jail.cgroup
