@@ -25,7 +25,7 @@ from vmctl import Sandbox, SandboxConfig
 async def main():
     config = SandboxConfig(kernel=sys.argv[1], initrd=sys.argv[2], memory_mib=256)
     async with Sandbox(config) as sb:
-        print(sb.pid, sb.run_dir, flush=True)
+        print(sb.hypervisor.pid, sb.pid, sb.run_dir, flush=True)  # the process started, QEMU itself
         await anyio.sleep_forever()
 anyio.run(main)
 """
@@ -51,13 +51,13 @@ async def test_qemu_dies_with_a_killed_controller_and_leftovers_are_swept(
     ) as child:
         assert child.stdout is not None
         line = (await BufferedByteReceiveStream(child.stdout).receive_until(b"\n", 4096)).decode()
-        qemu_pid, run_dir = int(line.split()[0]), Path(line.split()[1])
-        inner = jail.inner_pid(qemu_pid)  # QEMU itself, behind the jail's outer process (as root)
-        assert set(qemu_processes(str(runtime_dir))) == {qemu_pid, inner}
+        started, inner, run_dir = int(line.split()[0]), int(line.split()[1]), Path(line.split()[2])
+        assert inner == jail.inner_pid(started)  # QEMU itself, behind the jail's outer process (as root)
+        assert set(qemu_processes(str(runtime_dir))) == {started, inner}
         child.send_signal(signal.SIGKILL)
         await child.wait()
     with anyio.fail_after(10):
-        await wait_for_exit(qemu_pid)
+        await wait_for_exit(started)
         await wait_for_exit(inner)
     assert run_dir.exists(), "a SIGKILLed controller cannot clean up after itself..."
     async with Sandbox(make_config()):

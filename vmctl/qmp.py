@@ -8,7 +8,9 @@ missed. Cancellation is never wrapped.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,14 +125,25 @@ class QmpSession:
 
     async def send_fd(self, fd: int, name: str) -> None:
         """Hand an open file to QEMU under ``name`` (for ``fd:`` migration URIs)."""
-        self._client.send_fd_scm(fd)
+        self._send_fd_scm(fd)
         await self.execute("getfd", {"fdname": name})
 
     async def add_fd(self, fd: int, fdset_id: int, *, opaque: str | None = None) -> None:
         """Add an open file to QEMU's fd set ``fdset_id`` (a disk then opens ``/dev/fdset/ID``);
         ``opaque`` is shown by ``query-fdsets`` (the file's name)."""
-        self._client.send_fd_scm(fd)
+        self._send_fd_scm(fd)
         await self.execute("add-fd", {"fdset-id": fdset_id, **({"opaque": opaque} if opaque else {})})
+
+    def _send_fd_scm(self, fd: int) -> None:
+        """qemu.qmp's ``send_fd_scm``, also where the transport's socket is uvloop's stand-in
+        (no ``_sock`` to send on): the same message then goes out on a duplicate of it."""
+        writer = self._client._writer  # noqa: SLF001 - the one way to reach the socket
+        transport_sock = writer.transport.get_extra_info("socket") if writer is not None else None
+        if transport_sock is None or hasattr(transport_sock, "_sock"):
+            self._client.send_fd_scm(fd)
+            return
+        with socket.socket(fileno=os.dup(transport_sock.fileno())) as sock:
+            sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("@i", fd))])
 
     async def events(self) -> AsyncIterator[QmpEvent]:
         """Every event QEMU sends, in order, for as long as the session lives.

@@ -7,13 +7,15 @@ detached one's are watched through a pidfd instead of being reaped by asyncio.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import select
 import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,21 @@ async def resolve_accel(config: SandboxConfig, qemu: Path, log: Any) -> str:
     return "tcg"
 
 
+@contextlib.contextmanager
+def private_umask() -> Iterator[dict[str, Any]]:
+    """``umask 077`` for the child, however the running loop starts processes: asyncio's takes a
+    ``umask`` argument; uvloop's (Ray's async actors run on it when it is installed) rejects it,
+    so there this process's umask is 077 while the child is started."""
+    if isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
+        yield {"umask": 0o077}
+        return
+    old = os.umask(0o077)
+    try:
+        yield {}
+    finally:
+        os.umask(old)
+
+
 _WARNED: set[str] = set()
 _DETACHED_CHILDREN: set[subprocess.Popen[bytes]] = set()
 
@@ -183,12 +200,13 @@ class QemuLauncher:
             return self._spawn_detached(wrapped, fds, log_path, env)
         setpriv = shutil.which("setpriv")
         prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv and wrapped is argv else []
-        process = await anyio.open_process(
-            prefix + wrapped, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            pass_fds=fds, env=env,
-            start_new_session=True,  # a Ctrl-C aimed at the controller must not kill the VMs behind its back
-            umask=0o077,  # what QEMU creates (a template's memory file: guest RAM) is ours alone
-        )  # fmt: skip
+        with private_umask() as umask:  # what QEMU creates (a template's memory file: guest RAM) is ours alone
+            process = await anyio.open_process(
+                prefix + wrapped, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=fds, env=env,
+                start_new_session=True,  # a Ctrl-C aimed at the controller must not kill the VMs behind its back
+                **umask,
+            )  # fmt: skip
         return OsProcess(process)
 
     @staticmethod
