@@ -258,6 +258,7 @@ async def test_by_default_the_guest_cannot_reach_host_loopback_services(make_con
         assert sb.config.network == "egress" and sb.hypervisor.jail["netns"] == "on"
         address = await guest_address(sb)
         assert address, "the NIC got an address without hand-work"
+        assert [d.address for d in sb.devices] == [address], "and the device table reports it"
         gateway = (await sb.exec(["sh", "-c", "ip route | awk '/default/ {print $3}'"])).text.strip()
         for target in ("10.0.2.2", gateway, "127.0.0.1"):
             assert "host-secret" not in await fetch(sb, target, host_service), target

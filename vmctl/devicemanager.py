@@ -47,6 +47,21 @@ done
 exit 1
 """
 
+# The IPv4 address of NIC $1 (MAC $3), waited for up to $2 tenths of a second while the guest's
+# init asks for a lease (it marks each NIC it saw in /run); a guest without that init is not waited for.
+_NIC_ADDRESS = r"""
+n=0
+while [ "$n" -lt "$2" ]; do
+    a=$(ip -4 -o addr show dev "$1" 2>/dev/null | sed -n 's/.* inet \([0-9.\/]*\) .*/\1/p')
+    [ -n "$a" ] && { echo "$a"; exit 0; }
+    [ -e "/run/vmctl-net.$3" ] || [ "$n" -lt 20 ] || exit 1
+    n=$((n + 1)); sleep 0.1
+done
+exit 1
+"""
+#: how long a NIC's lease may take (the user-mode stack answers at once; passt too)
+NIC_ADDRESS_WAIT = 15.0
+
 
 def _pci_address(devices: list[dict[str, Any]], dev_id: str) -> str | None:
     """``query-pci``'s address of ``dev_id`` (the bus numbers the guest programmed)."""
@@ -108,7 +123,8 @@ class DeviceManager:
             if present is not None and dev_id not in present:
                 self._log.warning("recorded device is gone from QEMU; dropped", device=dev_id)
                 continue
-            self.queue.record(dev_id, device, where, hotplugged=True, guest_path=guest_path)
+            record = self.queue.record(dev_id, device, where, hotplugged=True, guest_path=guest_path)
+            record.address = row.get("address")
 
     def on_event(self, event: QmpEvent) -> None:
         self.queue.on_event(event)
@@ -152,6 +168,17 @@ class DeviceManager:
         found = await self._agent.wait_block_device(*key, timeout=wait)
         return found.removeprefix("/dev/") if found and key[0] == "net" else found
 
+    async def _note_address(self, record: PluggedDevice) -> None:
+        """A NIC's address once the guest holds a lease (None where nobody asks for one)."""
+        if record.guest_path is None or not isinstance(record.device, NetworkDevice | VhostUserNetDevice):
+            return
+        tenths = str(int(NIC_ADDRESS_WAIT * 10))
+        result = await self._agent.exec(["sh", "-c", _NIC_ADDRESS, "sh", record.guest_path, tenths,
+                                         str(record.device.mac)], timeout=NIC_ADDRESS_WAIT + GUEST_GRACE)  # fmt: skip
+        record.address = result.text.strip() or None if result.ok else None
+        if record.address is None:
+            self._log.info("no address for the NIC (the guest asked for no lease, or got none)", device=record.id)
+
     async def confirm_cold(self) -> None:
         """Ask the guest what it calls each cold-plugged disk and NIC.
 
@@ -174,6 +201,7 @@ class DeviceManager:
             elif actual is None:
                 raise GuestError(f"the guest does not show the cold-plugged device {record.id}")
             record.guest_path = actual
+            await self._note_address(record)
 
     # -- hotplug -----------------------------------------------------------------------------
 
@@ -203,6 +231,8 @@ class DeviceManager:
             found = await self._guest_name(record, wait)
             if found is None:
                 raise HotplugError(f"QEMU plugged {record.id} but the guest never showed it")
+            record.guest_path = found
+            await self._note_address(record)
             return found
 
         with deadline(timeout, f"hotplug of {dev_id}", HotplugTimeout):

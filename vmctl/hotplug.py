@@ -58,12 +58,15 @@ class PluggedDevice:
     state: DeviceState = DeviceState.PLUGGED
     guest_path: str | None = None
     cleanup: list[QmpCommand] = field(default_factory=list)
+    #: a NIC's IPv4 address in the guest (``10.0.2.15/24``), as its DHCP lease configured it
+    address: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         """The record a snapshot or a detached sandbox keeps of a hot-plugged device."""
         assert self.device is not None
         return {"id": self.id, "device": device_to_mapping(self.device), "bus": self.placement.bus,
-                "addr": self.placement.addr, "scsi_id": self.placement.scsi_id, "guest_path": self.guest_path}  # fmt: skip
+                "addr": self.placement.addr, "scsi_id": self.placement.scsi_id, "guest_path": self.guest_path,
+                "address": self.address}  # fmt: skip
 
 
 def row_device(row: Mapping[str, Any]) -> tuple[str, Device, Placement, str | None]:
