@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
+
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
 V2_CONTROLLERS = ("memory", "cpu", "pids")
@@ -152,19 +154,29 @@ class Cgroup:
                     pass
 
     def remove(self, *, wait: float = 5.0) -> bool:
-        """Remove the directories once their processes are gone (a killed QEMU takes a moment)."""
+        """Remove the directories once their processes are gone (a killed QEMU takes a moment).
+        Blocks while it waits: for callers outside an event loop (the CLI's ``rm``)."""
         deadline = time.monotonic() + wait
-        while True:
-            for d in list(self.dirs.values()):
-                try:
-                    d.rmdir()
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    continue
-            if not self.exists() or time.monotonic() >= deadline:
-                return not self.exists()
+        while not self._try_remove() and time.monotonic() < deadline:
             time.sleep(0.02)
+        return not self.exists()
+
+    async def remove_async(self, *, wait: float = 5.0) -> bool:
+        """:meth:`remove` that waits without blocking the event loop."""
+        with anyio.move_on_after(wait):
+            while not self._try_remove():  # noqa: ASYNC110 - an emptied cgroup sends no event
+                await anyio.sleep(0.02)
+        return not self.exists()
+
+    def _try_remove(self) -> bool:
+        for d in list(self.dirs.values()):
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+        return not self.exists()
 
 
 def _enable_v2(parent: Path) -> None:

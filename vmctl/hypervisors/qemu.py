@@ -231,7 +231,7 @@ class QemuHypervisor(Hypervisor):
                     sock.close()
                 await self._reap()
                 await self._qmp.close()
-                self._release_jail()
+                await self._release_jail()
         if failure is not None:
             raise failure
 
@@ -271,14 +271,14 @@ class QemuHypervisor(Hypervisor):
         if "mount" in self._jail.namespaces:
             self._jail.binds += [(p, p, True) for p in self._handover.extra_binds]
 
-    def _release_jail(self) -> None:
+    async def _release_jail(self) -> None:
         """After QEMU is gone (or let go): passt processes and descriptors, then the cgroup."""
         kept = self._keep_running and self._process is not None and self._process.returncode is None
         if self._handover is not None:
             self._handover.close(keep_running=kept)
         if self._cgroup is not None and not kept:
             self._cgroup.kill()  # nothing of this sandbox outlives it, whatever escaped the reap
-            if not self._cgroup.remove():
+            if not await self._cgroup.remove_async():
                 self.log.warning("cgroup not removed", cgroup=str(self._cgroup.path))
 
     async def _launch(self, tg: anyio.abc.TaskGroup) -> None:
