@@ -87,19 +87,24 @@ class _EventStream(EventListener):
 
 class _Reply:
     """One pending command's reply slot (``QMPClient`` makes an ``asyncio.Queue`` per command:
-    four deques and an event where one future does)."""
+    four deques and an event where one future does). qemu.qmp's reader puts the reply here, its
+    disconnect an ``ExecInterruptedError``; the timer a ``TimeoutError``."""
 
     __slots__ = ("future",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.future: asyncio.Future[Any] = loop.create_future()
 
-    def put_nowait(self, msg: object) -> None:  # the reply, or ExecInterruptedError on disconnect
+    def put_nowait(self, msg: object) -> None:
         if not self.future.done():
             self.future.set_result(msg)
 
     async def put(self, msg: object) -> None:
         self.put_nowait(msg)
+
+    def expire(self) -> None:
+        if not self.future.done():
+            self.future.set_exception(TimeoutError())
 
 
 class _SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -177,31 +182,29 @@ class _Client(QMPClient):
             else:
                 await listener.put(msg)
 
-    async def _issue(self, msg: Message) -> str | None:
-        msg_id = msg.get("id")
-        assert msg_id is None or isinstance(msg_id, str)
-        self._pending[msg_id] = _Reply(asyncio.get_running_loop())  # type: ignore[assignment]
-        self._outgoing.put_nowait(msg)  # unbounded: never blocks
-        return msg_id
-
-    async def _reply(self, msg_id: str | None) -> Message:
-        slot: _Reply = self._pending[msg_id]  # type: ignore[assignment]
-        try:
-            result = await slot.future
-        finally:
-            self._pending.pop(msg_id, None)
-        if isinstance(result, ExecInterruptedError):
-            raise result
-        return result  # type: ignore[no-any-return]
-
-    async def command(self, cmd: str, arguments: Mapping[str, object] | None = None) -> object:
-        """``execute``: the reply's ``return`` value; ``ExecuteError`` for an error reply."""
+    async def command(self, cmd: str, arguments: Mapping[str, object] | None, timeout: float | None) -> object:
+        """``execute`` in one coroutine: the reply's ``return`` value; ``ExecuteError`` for an error
+        reply, ``TimeoutError`` when none came within ``timeout`` seconds (``None``: no limit)."""
         if self._runstate is not Runstate.RUNNING:  # what qemu.qmp's @require(RUNNING) checks
             raise _LibStateError(f"{type(self).__name__} is not running ({self._runstate.name}).", self._runstate,
                                  Runstate.RUNNING)  # fmt: skip
-        msg = _Message({"execute": cmd} if arguments is None else {"execute": cmd, "arguments": arguments},
-                       eager=False)  # fmt: skip
-        reply = await self._execute(msg)
+        exec_id = self._get_exec_id()
+        msg = _Message({"execute": cmd, "id": exec_id} if arguments is None else
+                       {"execute": cmd, "arguments": arguments, "id": exec_id}, eager=False)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        slot = _Reply(loop)
+        self._pending[exec_id] = slot  # type: ignore[assignment]
+        # a timer instead of a cancel scope: a fifth of the cost, and the same effect here
+        timer = None if timeout is None else loop.call_at(loop.time() + timeout, slot.expire)
+        try:
+            self._outgoing.put_nowait(msg)  # unbounded: never blocks; qemu.qmp's writer task sends it
+            reply = await slot.future
+        finally:
+            self._pending.pop(exec_id, None)
+            if timer is not None:
+                timer.cancel()
+        if isinstance(reply, ExecInterruptedError):
+            raise reply
         if "error" in reply:
             try:
                 error_response = ErrorResponse(reply)
@@ -266,17 +269,14 @@ class QmpSession:
         """Run one command; :class:`VmctlTimeout` if no reply in ``timeout`` (default 30 s)."""
         limit = self.command_timeout if timeout is None else timeout
         try:
-            with anyio.fail_after(limit):
-                return await self._client.command(command, arguments)
+            return await self._client.command(command, arguments, limit)
         except ExecuteError as exc:
             raise QMPCommandError(command, arguments, exc.error.error.class_, exc.error.error.desc) from None
         except (ExecInterruptedError, _LibStateError, EOFError, ConnectionError) as exc:
             raise QMPDisconnected(f"QMP connection lost during {command}: {exc or type(exc).__name__}") from exc
         except _LibQMPError as exc:
             raise QMPError(f"QMP {command} failed: {exc}") from exc
-        except TimeoutError as exc:
-            if isinstance(exc, VmctlTimeout):
-                raise
+        except TimeoutError:
             raise VmctlTimeout(f"QMP {command} got no reply within {limit}s") from None
 
     async def send_fd(self, fd: int, name: str) -> None:
