@@ -305,10 +305,8 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
     async def paced(i: int, start: float, until: float) -> None:
         period = paced_period(n, rate)
         due = start + random.uniform(0, period)
-        while True:  # (not past the deadline: the phase ends when it says)
-            await anyio.sleep(max(0.0, min(due, until) - time.perf_counter()))
-            if time.perf_counter() >= until:
-                return
+        while due < until:  # (a session due after the deadline ends now: the phase ends when it says)
+            await anyio.sleep(max(0.0, due - time.perf_counter()))
             try:
                 await round_trip(i)
             except TimeoutError as exc:
