@@ -219,6 +219,9 @@ class Phases:
         self.failures: dict[str, list[str]] = {"flat-out": [], "paced": []}  # round trips that timed out
         self.gc_pause: dict[str, float] = {"setup": 0.0, "flat-out": 0.0, "paced": 0.0}
         self.gc_total: dict[str, float] = {"setup": 0.0, "flat-out": 0.0, "paced": 0.0}
+        #: phase -> generation -> [collections, longest (s)]
+        self.gc_generations: dict[str, dict[int, list[float]]] = {p: {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
+                                                                  for p in ("setup", "flat-out", "paced")}  # fmt: skip
         self.stall_at: dict[str, float] = {"setup": 0.0, "flat-out": 0.0, "paced": 0.0}
         #: the longest stall counting only the controller's own CPU time in it (not time the OS gave
         #: other processes: on a shared machine a wall-clock stall may be a preemption)
@@ -236,6 +239,9 @@ class Phases:
             pause = time.perf_counter() - self._gc_start
             self.gc_pause[self.current] = max(self.gc_pause[self.current], pause)
             self.gc_total[self.current] += pause
+            generation = self.gc_generations[self.current][info["generation"]]
+            generation[0] += 1
+            generation[1] = max(generation[1], pause)
 
     def begin(self, name: str) -> None:
         self.current = name
@@ -491,6 +497,9 @@ def result_record(name: str, n: int, connect_s: float, phases: Phases, rss_start
             "max_busy_stall_ms": phases.busy_stall["flat-out"] * 1e3 if phases.one_loop else float("nan"),
             "max_gc_ms": phases.gc_pause["flat-out"] * 1e3,
             "gc_total_ms": phases.gc_total["flat-out"] * 1e3,
+            "gc_by_generation": {
+                g: {"collections": c, "longest_ms": m * 1e3} for g, (c, m) in phases.gc_generations["flat-out"].items()
+            },  # fmt: skip
             "timed_out": len(phases.failures["flat-out"]),
         },
         "paced": {
@@ -505,6 +514,9 @@ def result_record(name: str, n: int, connect_s: float, phases: Phases, rss_start
             "max_busy_stall_ms": phases.busy_stall["paced"] * 1e3 if phases.one_loop else float("nan"),
             "max_gc_ms": phases.gc_pause["paced"] * 1e3,
             "gc_total_ms": phases.gc_total["paced"] * 1e3,
+            "gc_by_generation": {
+                g: {"collections": c, "longest_ms": m * 1e3} for g, (c, m) in phases.gc_generations["paced"].items()
+            },  # fmt: skip
             "timed_out": len(phases.failures["paced"]),
         },
         "rss_kib": {"start": rss_start, "connected": rss_connected, "after_flat_out": rss_after},
