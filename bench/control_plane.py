@@ -267,7 +267,7 @@ def paced_period(n: int, rate: float) -> float:
 
 
 async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, seconds: float,
-                           gc_mode: str = "plain") -> dict[str, Any]:  # fmt: skip
+                           gc_mode: str = "plain", inflight: int = 0) -> dict[str, Any]:  # fmt: skip
     import random
 
     import anyio
@@ -296,13 +296,20 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
                 emitted[i] = int(event.data.get("peer_emit_ns", 0))
                 machines[i].fire_if_allowed(trigger, event.name.lower())
 
+    # what an application can do to keep its loop responsive: bound the operations in flight
+    limiter = anyio.CapacityLimiter(inflight) if inflight else None
+
     async def round_trip(i: int) -> None:  # what Sandbox.pause() then Sandbox.resume() do
         session, machine, watcher = sessions[i], machines[i], watchers[i]
         for trigger, command, target in ((Trigger.PAUSE, "stop", SandboxState.PAUSED),
                                          (Trigger.RESUME, "cont", SandboxState.RUNNING)):  # fmt: skip
             machine.check(trigger)
             with anyio.fail_after(60):
-                await session.execute(command)
+                if limiter is None:
+                    await session.execute(command)
+                else:
+                    async with limiter:
+                        await session.execute(command)
                 await watcher.wait_for(target)
             phases.latencies[phases.current].append((now_ns() - emitted[i]) / 1e6)
 
@@ -538,7 +545,7 @@ def controller_main(args: argparse.Namespace) -> None:
         import anyio
 
         backend_options = {"use_uvloop": True} if args.loop == "uvloop" else {}
-        record = anyio.run(vmctl_controller, *options, args.gc, backend_options=backend_options)
+        record = anyio.run(vmctl_controller, *options, args.gc, args.inflight, backend_options=backend_options)
     else:
         record = legacy_controller(*options)
     record["loadavg_start"] = args.loadavg_start
@@ -561,9 +568,15 @@ def start_peers(directory: Path, n: int, processes: int, noise_interval: float) 
 
 
 #: a variant: the tree ("new" is this one, "old" the --old ref) and modifiers: "+uvloop" runs the
-#: controller on uvloop, "+freeze" calls gc.freeze() after start-up, "+settle" vmctl.settle_gc().
-#: "legacy" is the thread-per-VM baseline.
+#: controller on uvloop, "+freeze" calls gc.freeze() after start-up, "+settle" vmctl.settle_gc(),
+#: "+limitN" lets at most N commands be in flight at once (an anyio.CapacityLimiter in the bench's
+#: round trip, as an application would bound its own calls). "legacy" is the thread-per-VM baseline.
 MODIFIERS = ("uvloop", "freeze", "settle")
+
+
+def inflight_limit(mods: list[str]) -> int:
+    limits = [int(m.removeprefix("limit")) for m in mods if m.startswith("limit") and m[5:].isdigit()]
+    return limits[-1] if limits else 0
 
 
 def variant_command(variant: str, args: argparse.Namespace, directory: Path) -> tuple[list[str], dict[str, str]]:
@@ -573,12 +586,13 @@ def variant_command(variant: str, args: argparse.Namespace, directory: Path) -> 
     if variant == "legacy":
         return [sys.executable, __file__, "--role", "legacy", *common], dict(os.environ)
     tree, *mods = variant.split("+")
-    if tree not in ("new", "old") or any(m not in MODIFIERS for m in mods):
-        raise SystemExit(f"unknown variant {variant!r}: new or old, then +uvloop, +freeze or +settle; or legacy")
+    if tree not in ("new", "old") or any(m not in MODIFIERS and not inflight_limit([m]) for m in mods):
+        raise SystemExit(f"unknown variant {variant!r}: new or old, then +uvloop, +freeze, +settle or +limitN; "
+                         "or legacy")  # fmt: skip
     root = old_tree(args.old) if tree == "old" else REPO
     gc_mode = "freeze" if "freeze" in mods else "settle" if "settle" in mods else "plain"
     command = [sys.executable, __file__, "--role", "vmctl", "--loop", "uvloop" if "uvloop" in mods else "asyncio",
-               "--gc", gc_mode, *common]  # fmt: skip
+               "--gc", gc_mode, "--inflight", str(inflight_limit(mods)), *common]  # fmt: skip
     return command, dict(os.environ, PYTHONPATH=str(root))  # that tree's vmctl
 
 
@@ -660,7 +674,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--variants", default="new,legacy",
                         help="controllers to run, in this order: new or old (the --old ref's vmctl), each with "
-                             "+uvloop, +freeze (gc.freeze() after start-up) or +settle (vmctl.settle_gc()); "
+                             "+uvloop, +freeze (gc.freeze() after start-up), +settle (vmctl.settle_gc()) or "
+                             "+limitN (at most N commands in flight); "
                              "legacy (qemu.qmp.legacy, a thread per VM)")  # fmt: skip
     parser.add_argument("--old", default="159661b", help="git ref of the vmctl the 'old' variants run")
     parser.add_argument("--gc-freeze", action="store_true", help="add the variant new+freeze")
@@ -668,6 +683,7 @@ def main() -> None:
     parser.add_argument("--role", choices=["main", "peer", "vmctl", "legacy"], default="main", help=argparse.SUPPRESS)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help=argparse.SUPPRESS)
     parser.add_argument("--gc", choices=["plain", "freeze", "settle"], default="plain", help=argparse.SUPPRESS)
+    parser.add_argument("--inflight", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--loadavg-start", type=float, default=float("nan"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
