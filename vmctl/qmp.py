@@ -85,10 +85,14 @@ class _EventStream(EventListener):
         self._queue.put_nowait(event)
 
 
+_EXPIRED = object()
+
+
 class _Reply:
     """One pending command's reply slot (``QMPClient`` makes an ``asyncio.Queue`` per command:
     four deques and an event where one future does). qemu.qmp's reader puts the reply here, its
-    disconnect an ``ExecInterruptedError``; the timer a ``TimeoutError``."""
+    disconnect an ``ExecInterruptedError``, the timer ``_EXPIRED`` (a result, not an exception: a
+    caller cancelled at the same moment would leave an exception nobody retrieves)."""
 
     __slots__ = ("future",)
 
@@ -103,8 +107,7 @@ class _Reply:
         self.put_nowait(msg)
 
     def expire(self) -> None:
-        if not self.future.done():
-            self.future.set_exception(TimeoutError())
+        self.put_nowait(_EXPIRED)
 
 
 class _SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -203,6 +206,8 @@ class _Client(QMPClient):
             self._pending.pop(exec_id, None)
             if timer is not None:
                 timer.cancel()
+        if reply is _EXPIRED:
+            raise TimeoutError(f"no reply to {cmd} within {timeout}s")
         if isinstance(reply, ExecInterruptedError):
             raise reply
         if "error" in reply:
