@@ -42,13 +42,16 @@ import resource
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "control-plane-peer"},
                     "capabilities": ["oob"]}}  # fmt: skip
 
@@ -215,6 +218,15 @@ class Phases:
         self.transitions: dict[str, int] = {}
         self.failures: dict[str, list[str]] = {"flat-out": [], "paced": []}  # round trips that timed out
         self.gc_pause: dict[str, float] = {"setup": 0.0, "flat-out": 0.0, "paced": 0.0}
+        self.gc_total: dict[str, float] = {"setup": 0.0, "flat-out": 0.0, "paced": 0.0}
+        #: phase -> generation -> [collections, longest (s)]
+        self.gc_generations: dict[str, dict[int, list[float]]] = {p: {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
+                                                                  for p in ("setup", "flat-out", "paced")}  # fmt: skip
+        self.stall_at: dict[str, float] = {"setup": 0.0, "flat-out": 0.0, "paced": 0.0}
+        #: the longest stall counting only the controller's own CPU time in it (not time the OS gave
+        #: other processes: on a shared machine a wall-clock stall may be a preemption)
+        self.busy_stall: dict[str, float] = {"setup": 0.0, "flat-out": 0.0, "paced": 0.0}
+        self.one_loop = True  # the baseline's ticker is a thread of its own: its CPU time says nothing
         self._started = (0.0, 0.0)
         self._gc_start = 0.0
         gc.callbacks.append(self._gc)
@@ -224,7 +236,12 @@ class Phases:
         if phase == "start":
             self._gc_start = time.perf_counter()
         else:
-            self.gc_pause[self.current] = max(self.gc_pause[self.current], time.perf_counter() - self._gc_start)
+            pause = time.perf_counter() - self._gc_start
+            self.gc_pause[self.current] = max(self.gc_pause[self.current], pause)
+            self.gc_total[self.current] += pause
+            generation = self.gc_generations[self.current][info["generation"]]
+            generation[0] += 1
+            generation[1] = max(generation[1], pause)
 
     def begin(self, name: str) -> None:
         self.current = name
@@ -237,8 +254,11 @@ class Phases:
         self.transitions[self.current] = len(self.latencies[self.current])
         self.current = "setup"
 
-    def tick(self, lateness: float) -> None:
-        self.stall[self.current] = max(self.stall[self.current], lateness)
+    def tick(self, lateness: float, busy: float = 0.0) -> None:
+        self.busy_stall[self.current] = max(self.busy_stall[self.current], busy)
+        if lateness > self.stall[self.current]:
+            self.stall[self.current] = lateness
+            self.stall_at[self.current] = time.perf_counter() - self._started[0]
 
 
 def paced_period(n: int, rate: float) -> float:
@@ -247,7 +267,7 @@ def paced_period(n: int, rate: float) -> float:
 
 
 async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, seconds: float,
-                           freeze: bool = False) -> dict[str, Any]:  # fmt: skip
+                           gc_mode: str = "plain", inflight: int = 0) -> dict[str, Any]:  # fmt: skip
     import random
 
     import anyio
@@ -276,13 +296,20 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
                 emitted[i] = int(event.data.get("peer_emit_ns", 0))
                 machines[i].fire_if_allowed(trigger, event.name.lower())
 
+    # what an application can do to keep its loop responsive: bound the operations in flight
+    limiter = anyio.CapacityLimiter(inflight) if inflight else None
+
     async def round_trip(i: int) -> None:  # what Sandbox.pause() then Sandbox.resume() do
         session, machine, watcher = sessions[i], machines[i], watchers[i]
         for trigger, command, target in ((Trigger.PAUSE, "stop", SandboxState.PAUSED),
                                          (Trigger.RESUME, "cont", SandboxState.RUNNING)):  # fmt: skip
             machine.check(trigger)
             with anyio.fail_after(60):
-                await session.execute(command)
+                if limiter is None:
+                    await session.execute(command)
+                else:
+                    async with limiter:
+                        await session.execute(command)
                 await watcher.wait_for(target)
             phases.latencies[phases.current].append((now_ns() - emitted[i]) / 1e6)
 
@@ -293,13 +320,11 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
         except TimeoutError as exc:  # counted, and this session sits the phase out
             phases.failures["flat-out"].append(repr(exc))
 
-    async def paced(i: int, until: float) -> None:
+    async def paced(i: int, start: float, until: float) -> None:
         period = paced_period(n, rate)
-        due = time.perf_counter() + random.uniform(0, period)
-        while True:
+        due = start + random.uniform(0, period)
+        while due < until:  # (a session due after the deadline ends now: the phase ends when it says)
             await anyio.sleep(max(0.0, due - time.perf_counter()))
-            if time.perf_counter() >= until:
-                return
             try:
                 await round_trip(i)
             except TimeoutError as exc:
@@ -309,16 +334,20 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
 
     async def ticker() -> None:
         while True:
-            before = time.perf_counter()
+            before, cpu_before = time.perf_counter(), time.thread_time()
             await anyio.sleep(0.001)
-            phases.tick(time.perf_counter() - before - 0.001)
+            phases.tick(time.perf_counter() - before - 0.001, time.thread_time() - cpu_before - 0.001)
 
     for machine in machines:
         machine.fire(Trigger.START)
         machine.fire(Trigger.GUEST_READY)
-    if freeze:  # what an application can do once its long-lived objects exist (see the README)
+    if gc_mode == "freeze":  # what an application can do once its long-lived objects exist (see the README)
         gc.collect()
         gc.freeze()
+    elif gc_mode == "settle":  # the same, as vmctl offers it
+        from vmctl import settle_gc
+
+        settle_gc()
     rss_connected = rss_kib()
     async with anyio.create_task_group() as background:
         for i in range(n):
@@ -331,18 +360,19 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
                 drivers.start_soon(flat_out, i)
         phases.end()
         rss_after = rss_kib()
-        phases.begin("paced")
-        until = time.perf_counter() + seconds
+        start = time.perf_counter() + 0.5  # starting a thousand tasks is not part of the phase
+        until = start + seconds
         async with anyio.create_task_group() as drivers:
             for i in range(n):
-                drivers.start_soon(paced, i, until)
+                drivers.start_soon(paced, i, start, until)
+            await anyio.sleep(max(0.0, start - time.perf_counter()))
+            phases.begin("paced")
         phases.end()
         background.cancel_scope.cancel()
     threads = threading.active_count()
     for session in sessions:
         await session.close()
-    name = "vmctl, gc.freeze() after start-up" if freeze else "vmctl (1 loop, QmpSession)"
-    return result_record(name, n, connect_s, phases, rss_start, rss_connected, rss_after,
+    return result_record("vmctl", n, connect_s, phases, rss_start, rss_connected, rss_after,
                          vsz_start, vm_size_kib(), threads)  # fmt: skip
 
 
@@ -357,6 +387,7 @@ def legacy_controller(directory: Path, n: int, rounds: int, rate: float, seconds
     rss_start, vsz_start = rss_kib(), vm_size_kib()
     gate = threading.Barrier(n + 1)  # all connected / flat-out done / paced done
     phases = Phases()
+    phases.one_loop = False
     paced_until = [0.0]
     errors: list[BaseException] = []
 
@@ -469,7 +500,13 @@ def result_record(name: str, n: int, connect_s: float, phases: Phases, rss_start
             "cpu_us_per_transition": phases.cpu["flat-out"] / max(1, len(flat)) * 1e6,
             "latency_ms": latency(flat),
             "max_stall_ms": phases.stall["flat-out"] * 1e3,
+            "max_stall_at_s": phases.stall_at["flat-out"],
+            "max_busy_stall_ms": phases.busy_stall["flat-out"] * 1e3 if phases.one_loop else float("nan"),
             "max_gc_ms": phases.gc_pause["flat-out"] * 1e3,
+            "gc_total_ms": phases.gc_total["flat-out"] * 1e3,
+            "gc_by_generation": {
+                g: {"collections": c, "longest_ms": m * 1e3} for g, (c, m) in phases.gc_generations["flat-out"].items()
+            },  # fmt: skip
             "timed_out": len(phases.failures["flat-out"]),
         },
         "paced": {
@@ -480,7 +517,13 @@ def result_record(name: str, n: int, connect_s: float, phases: Phases, rss_start
             "cpu_share": phases.cpu["paced"] / phases.elapsed["paced"],
             "latency_ms": latency(paced),
             "max_stall_ms": phases.stall["paced"] * 1e3,
+            "max_stall_at_s": phases.stall_at["paced"],
+            "max_busy_stall_ms": phases.busy_stall["paced"] * 1e3 if phases.one_loop else float("nan"),
             "max_gc_ms": phases.gc_pause["paced"] * 1e3,
+            "gc_total_ms": phases.gc_total["paced"] * 1e3,
+            "gc_by_generation": {
+                g: {"collections": c, "longest_ms": m * 1e3} for g, (c, m) in phases.gc_generations["paced"].items()
+            },  # fmt: skip
             "timed_out": len(phases.failures["paced"]),
         },
         "rss_kib": {"start": rss_start, "connected": rss_connected, "after_flat_out": rss_after},
@@ -498,12 +541,14 @@ def result_record(name: str, n: int, connect_s: float, phases: Phases, rss_start
 def controller_main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.CRITICAL)
     options = (args.dir, args.sandboxes, args.rounds, args.paced_rate, args.paced_seconds)
-    if args.role in ("vmctl", "vmctl-frozen"):
+    if args.role == "vmctl":
         import anyio
 
-        record = anyio.run(vmctl_controller, *options, args.role == "vmctl-frozen")
+        backend_options = {"use_uvloop": True} if args.loop == "uvloop" else {}
+        record = anyio.run(vmctl_controller, *options, args.gc, args.inflight, backend_options=backend_options)
     else:
         record = legacy_controller(*options)
+    record["loadavg_start"] = args.loadavg_start
     print(json.dumps(record), flush=True)
 
 
@@ -522,47 +567,99 @@ def start_peers(directory: Path, n: int, processes: int, noise_interval: float) 
     return peers
 
 
-def run_controller(role: str, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--role", role, "--dir", str(directory),
-                          "--sandboxes", str(args.sandboxes), "--rounds", str(args.rounds),
-                          "--paced-rate", str(args.paced_rate), "--paced-seconds", str(args.paced_seconds)],
-                         capture_output=True, text=True, timeout=3600)  # fmt: skip
+#: a variant: the tree ("new" is this one, "old" the --old ref) and modifiers: "+uvloop" runs the
+#: controller on uvloop, "+freeze" calls gc.freeze() after start-up, "+settle" vmctl.settle_gc(),
+#: "+limitN" lets at most N commands be in flight at once (an anyio.CapacityLimiter in the bench's
+#: round trip, as an application would bound its own calls). "legacy" is the thread-per-VM baseline.
+MODIFIERS = ("uvloop", "freeze", "settle")
+
+
+def inflight_limit(mods: list[str]) -> int:
+    limits = [int(m.removeprefix("limit")) for m in mods if m.startswith("limit") and m[5:].isdigit()]
+    return limits[-1] if limits else 0
+
+
+def variant_command(variant: str, args: argparse.Namespace, directory: Path) -> tuple[list[str], dict[str, str]]:
+    common = ["--dir", str(directory), "--sandboxes", str(args.sandboxes), "--rounds", str(args.rounds),
+              "--paced-rate", str(args.paced_rate), "--paced-seconds", str(args.paced_seconds),
+              "--loadavg-start", str(os.getloadavg()[0])]  # fmt: skip
+    if variant == "legacy":
+        return [sys.executable, __file__, "--role", "legacy", *common], dict(os.environ)
+    tree, *mods = variant.split("+")
+    if tree not in ("new", "old") or any(m not in MODIFIERS and not inflight_limit([m]) for m in mods):
+        raise SystemExit(f"unknown variant {variant!r}: new or old, then +uvloop, +freeze, +settle or +limitN; "
+                         "or legacy")  # fmt: skip
+    root = old_tree(args.old) if tree == "old" else REPO
+    gc_mode = "freeze" if "freeze" in mods else "settle" if "settle" in mods else "plain"
+    command = [sys.executable, __file__, "--role", "vmctl", "--loop", "uvloop" if "uvloop" in mods else "asyncio",
+               "--gc", gc_mode, "--inflight", str(inflight_limit(mods)), *common]  # fmt: skip
+    return command, dict(os.environ, PYTHONPATH=str(root))  # that tree's vmctl
+
+
+def run_controller(variant: str, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    command, env = variant_command(variant, args, directory)
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
-        raise RuntimeError(f"the {role} controller failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+        raise RuntimeError(f"the {variant} controller failed:\n{out.stderr[-3000:]}")
+    record: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    record["variant"] = variant
+    return record
 
 
-def table(a: dict[str, Any], b: dict[str, Any]) -> str:
-    fa, fb, pa, pb = a["flat_out"], b["flat_out"], a["paced"], b["paced"]
+def old_tree(ref: str) -> Path:
+    """``ref``'s vmctl (git archive), unpacked once into bench/results/tree-REF."""
+    target = RESULTS / f"tree-{ref}"
+    if not (target / "vmctl" / "__init__.py").is_file():
+        blob = subprocess.run(["git", "-C", str(REPO), "archive", ref, "vmctl"], check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=BytesIO(blob)) as tar:
+            tar.extractall(target, filter="data")
+    return target
+
+
+def table(records: list[dict[str, Any]]) -> str:
     rows = [
-        ("flat out: transitions/s", fa["transitions_per_s"], fb["transitions_per_s"], "{:,.0f}", "higher"),
-        ("flat out: CPU per transition (us)", fa["cpu_us_per_transition"], fb["cpu_us_per_transition"], "{:.0f}",
+        ("flat out: transitions/s", lambda r: r["flat_out"]["transitions_per_s"], "{:,.0f}", "higher"),
+        ("flat out: CPU per transition (us)", lambda r: r["flat_out"]["cpu_us_per_transition"], "{:.0f}", "lower"),
+        ("flat out: event-to-waiter p50 (ms)", lambda r: r["flat_out"]["latency_ms"]["p50"], "{:.1f}", "lower"),
+        ("flat out: event-to-waiter p99 (ms)", lambda r: r["flat_out"]["latency_ms"]["p99"], "{:.1f}", "lower"),
+        ("flat out: longest stall (ms)", lambda r: r["flat_out"]["max_stall_ms"], "{:.1f}", "lower"),
+        ("flat out: longest stall, controller CPU only (ms)", lambda r: r["flat_out"].get("max_busy_stall_ms", 0.0),
+         "{:.1f}", "lower"),
+        ("flat out: longest garbage collection (ms)", lambda r: r["flat_out"]["max_gc_ms"], "{:.1f}", "lower"),
+        ("flat out: all garbage collections (ms)", lambda r: r["flat_out"].get("gc_total_ms", 0.0), "{:.0f}",
          "lower"),
-        ("flat out: event-to-waiter p50 (ms)", fa["latency_ms"]["p50"], fb["latency_ms"]["p50"], "{:.1f}", "lower"),
-        ("flat out: event-to-waiter p99 (ms)", fa["latency_ms"]["p99"], fb["latency_ms"]["p99"], "{:.1f}", "lower"),
-        ("flat out: longest stall (ms)", fa["max_stall_ms"], fb["max_stall_ms"], "{:.1f}", "lower"),
-        ("flat out: longest garbage collection (ms)", fa["max_gc_ms"], fb["max_gc_ms"], "{:.1f}", "lower"),
-        ("flat out: sessions timed out (60 s)", fa["timed_out"], fb["timed_out"], "{:.0f}", "lower"),
-        ("paced: transitions/s achieved", pa["transitions_per_s"], pb["transitions_per_s"], "{:,.0f}", "higher"),
-        ("paced: event-to-waiter p50 (ms)", pa["latency_ms"]["p50"], pb["latency_ms"]["p50"], "{:.2f}", "lower"),
-        ("paced: event-to-waiter p99 (ms)", pa["latency_ms"]["p99"], pb["latency_ms"]["p99"], "{:.2f}", "lower"),
-        ("paced: longest stall (ms)", pa["max_stall_ms"], pb["max_stall_ms"], "{:.1f}", "lower"),
-        ("paced: longest garbage collection (ms)", pa["max_gc_ms"], pb["max_gc_ms"], "{:.1f}", "lower"),
-        ("paced: sessions timed out (60 s)", pa["timed_out"], pb["timed_out"], "{:.0f}", "lower"),
-        ("paced: controller CPU (cores)", pa["cpu_share"], pb["cpu_share"], "{:.2f}", "lower"),
-        ("memory per session, RSS connected (KiB)", a["rss_per_session_kib"], b["rss_per_session_kib"], "{:.1f}",
+        ("flat out: sessions timed out (60 s)", lambda r: r["flat_out"]["timed_out"], "{:.0f}", "lower"),
+        ("paced: transitions/s achieved", lambda r: r["paced"]["transitions_per_s"], "{:,.0f}", "higher"),
+        ("paced: event-to-waiter p50 (ms)", lambda r: r["paced"]["latency_ms"]["p50"], "{:.2f}", "lower"),
+        ("paced: event-to-waiter p99 (ms)", lambda r: r["paced"]["latency_ms"]["p99"], "{:.2f}", "lower"),
+        ("paced: longest stall (ms)", lambda r: r["paced"]["max_stall_ms"], "{:.1f}", "lower"),
+        ("paced: longest stall, controller CPU only (ms)", lambda r: r["paced"].get("max_busy_stall_ms", 0.0),
+         "{:.1f}", "lower"),
+        ("paced: longest garbage collection (ms)", lambda r: r["paced"]["max_gc_ms"], "{:.1f}", "lower"),
+        ("paced: sessions timed out (60 s)", lambda r: r["paced"]["timed_out"], "{:.0f}", "lower"),
+        ("paced: controller CPU (cores)", lambda r: r["paced"]["cpu_share"], "{:.2f}", "lower"),
+        ("memory per session, RSS connected (KiB)", lambda r: r["rss_per_session_kib"], "{:.1f}", "lower"),
+        ("memory per session, RSS after flat out (KiB)", lambda r: r["rss_per_session_after_load_kib"], "{:.1f}",
          "lower"),
-        ("memory per session, RSS after flat out (KiB)", a["rss_per_session_after_load_kib"],
-         b["rss_per_session_after_load_kib"], "{:.1f}", "lower"),
-        ("virtual memory per session (KiB)", a["virtual_per_session_kib"], b["virtual_per_session_kib"], "{:,.0f}",
-         "lower"),
-        ("connect all sessions (s)", a["connect_all_s"], b["connect_all_s"], "{:.2f}", "lower"),
-        ("threads in the controller", a["threads"], b["threads"], "{:.0f}", "lower"),
+        ("virtual memory per session (KiB)", lambda r: r["virtual_per_session_kib"], "{:,.0f}", "lower"),
+        ("connect all sessions (s)", lambda r: r["connect_all_s"], "{:.2f}", "lower"),
+        ("threads in the controller", lambda r: r["threads"], "{:.0f}", "lower"),
+        ("load average (1 min) at start / end", None, "", ""),
     ]  # fmt: skip
-    out = [f"| metric | {a['controller']} | {b['controller']} | baseline / vmctl |", "| --- | --- | --- | --- |"]
-    for label, x, y, fmt, better in rows:
-        ratio = f"{y / x:.2f}" if x else "-"
-        out.append(f"| {label} ({better} is better) | {fmt.format(x)} | {fmt.format(y)} | {ratio} |")
+    names = [r["variant"] for r in records]
+    ratio = len(records) == 2
+    out = [f"| metric | {' | '.join(names)} |" + (f" {names[1]} / {names[0]} |" if ratio else ""),
+           "| --- |" + " --- |" * (len(records) + ratio)]  # fmt: skip
+    for label, get, fmt, better in rows:
+        if get is None:
+            cells = [f"{r.get('loadavg_start', float('nan')):.2f} / {r['loadavg'][0]:.2f}" for r in records]
+            out.append(f"| {label} | {' | '.join(cells)} |" + (" |" if ratio else ""))
+            continue
+        values = [get(r) for r in records]
+        line = f"| {label} ({better} is better) | {' | '.join(fmt.format(v) for v in values)} |"
+        if ratio:
+            line += f" {values[1] / values[0]:.2f} |" if values[0] else " - |"
+        out.append(line)
     return "\n".join(out)
 
 
@@ -575,10 +672,19 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=2, help="peer processes hosting the fake QMP servers")
     parser.add_argument("--noise-interval", type=float, default=1.0, help="seconds between RTC_CHANGE per VM")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--gc-freeze", action="store_true",
-                        help="also run vmctl with gc.freeze() after start-up and compare the two")
-    parser.add_argument("--role", choices=["main", "peer", "vmctl", "vmctl-frozen", "legacy"], default="main",
-                        help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--variants", default="new,legacy",
+                        help="controllers to run, in this order: new or old (the --old ref's vmctl), each with "
+                             "+uvloop, +freeze (gc.freeze() after start-up), +settle (vmctl.settle_gc()) or "
+                             "+limitN (at most N commands in flight); "
+                             "legacy (qemu.qmp.legacy, a thread per VM)")  # fmt: skip
+    parser.add_argument("--old", default="159661b", help="git ref of the vmctl the 'old' variants run")
+    parser.add_argument("--gc-freeze", action="store_true", help="add the variant new+freeze")
+    parser.add_argument("--uvloop", action="store_true", help="add the variant new+uvloop (pip install 'vmctl[fast]')")
+    parser.add_argument("--role", choices=["main", "peer", "vmctl", "legacy"], default="main", help=argparse.SUPPRESS)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help=argparse.SUPPRESS)
+    parser.add_argument("--gc", choices=["plain", "freeze", "settle"], default="plain", help=argparse.SUPPRESS)
+    parser.add_argument("--inflight", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--loadavg-start", type=float, default=float("nan"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
@@ -587,25 +693,28 @@ def main() -> None:
     if args.role == "peer":
         asyncio.run(run_peer(args.dir, args.first, args.count, args.noise_interval))
         return
-    if args.role in ("vmctl", "vmctl-frozen", "legacy"):
+    if args.role in ("vmctl", "legacy"):
         controller_main(args)
         return
-    needed = args.sandboxes * 5 + 100  # the baseline's threads each hold an event loop (epoll + self-pipe)
-    if limit < needed:
+    variants = [v for v in args.variants.split(",") if v]
+    extra = [v for v, on in (("new+freeze", args.gc_freeze), ("new+uvloop", args.uvloop)) if on]
+    variants += [v for v in extra if v not in variants]
+    for variant in variants:
+        variant_command(variant, args, Path("/"))  # refuse an unknown variant before starting anything
+    needed = args.sandboxes * (5 if "legacy" in variants else 1) + 100  # the baseline's threads each hold an
+    if limit < needed:  # event loop (epoll + self-pipe)
         sys.exit(f"the open-file limit is {limit}; {needed} are needed (raise the hard limit: ulimit -Hn)")
     directory = Path(tempfile.mkdtemp(prefix="vmctl-cp-", dir="/tmp"))
     peers = start_peers(directory, args.sandboxes, args.peers, args.noise_interval)
+    records = []
     try:
         print(f"{args.sandboxes} fake QMP peers in {len(peers)} processes, RTC_CHANGE every {args.noise_interval}s "
               f"per VM. Flat out: {args.rounds} pause/resume round trips per session, all at once. Paced: "
               f"{args.paced_rate:g} transitions/s offered for {args.paced_seconds:g}s.", flush=True)  # fmt: skip
-        vmctl = run_controller("vmctl", args, directory)
-        print(f"vmctl done (load average {vmctl['loadavg'][0]:.1f})", flush=True)
-        baseline = run_controller("legacy", args, directory)
-        print(f"baseline done (load average {baseline['loadavg'][0]:.1f})", flush=True)
-        frozen = run_controller("vmctl-frozen", args, directory) if args.gc_freeze else None
-        if frozen is not None:
-            print(f"vmctl with gc.freeze() done (load average {frozen['loadavg'][0]:.1f})", flush=True)
+        for variant in variants:
+            records.append(run_controller(variant, args, directory))
+            print(f"{variant} done (load average {records[-1]['loadavg_start']:.2f} at start, "
+                  f"{records[-1]['loadavg'][0]:.2f} at end)", flush=True)  # fmt: skip
     finally:
         for peer in peers:
             assert peer.stdin is not None
@@ -618,10 +727,7 @@ def main() -> None:
                 peer.wait()
         shutil.rmtree(directory, ignore_errors=True)
     print()
-    print(table(vmctl, baseline))
-    if frozen is not None:
-        print()
-        print(table(vmctl, frozen).replace("baseline / vmctl", "frozen / plain"))
+    print(table(records))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = args.out / f"control-plane-{stamp}.json"
@@ -641,10 +747,9 @@ def main() -> None:
             "noise_interval_s": args.noise_interval,
             "paced_rate": args.paced_rate,
             "paced_seconds": args.paced_seconds,
+            "old": args.old,
         },
-        "vmctl": vmctl,
-        "baseline": baseline,
-        "vmctl_gc_frozen": frozen,
+        "variants": records,
     }
     path.write_text(json.dumps(record, indent=2))
     print(f"\nwrote {path}")

@@ -45,6 +45,7 @@ from vmctl.errors import (
 )
 from vmctl.fleet import Fleet, FleetEvent, FleetEventKind, Outcome
 from vmctl.guestproc import GuestProcess, GuestStdin, GuestStream, ProcessContext
+from vmctl.heap import settle_gc
 from vmctl.hotplug import DeviceState, PluggedDevice
 from vmctl.hypervisors.base import Capabilities
 from vmctl.params import Param, deserialize_params, serialize_params
@@ -119,4 +120,5 @@ __all__ = [
     "deserialize_params",
     "guest",
     "serialize_params",
+    "settle_gc",
 ]

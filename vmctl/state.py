@@ -152,8 +152,7 @@ TRANSITIONS: dict[SandboxState, dict[Trigger, SandboxState]] = {
 TERMINAL_STATES = frozenset(state for state, row in TRANSITIONS.items() if all(nxt is state for nxt in row.values()))
 
 
-def reachable_from(state: SandboxState) -> frozenset[SandboxState]:
-    """Every state that some sequence of triggers can lead to from ``state`` (itself included)."""
+def _reachable(state: SandboxState) -> frozenset[SandboxState]:
     seen = {state}
     todo = [state]
     while todo:
@@ -164,6 +163,14 @@ def reachable_from(state: SandboxState) -> frozenset[SandboxState]:
     return frozenset(seen)
 
 
+_REACHABLE = {state: _reachable(state) for state in SandboxState}
+
+
+def reachable_from(state: SandboxState) -> frozenset[SandboxState]:
+    """Every state that some sequence of triggers can lead to from ``state`` (itself included)."""
+    return _REACHABLE[state]
+
+
 @dataclass(frozen=True)
 class Transition:
     """One step the sandbox took: from ``old`` to ``new`` because of ``trigger``."""
@@ -172,6 +179,24 @@ class Transition:
     new: SandboxState
     trigger: Trigger
     reason: str = ""
+
+
+#: Transitions are values: equal ones are shared instead of made anew for every step, so the
+#: histories of a thousand sandboxes pausing and resuming hold a few dozen objects instead of
+#: 100,000 (each one more for the garbage collector to walk on every full collection). Bounded:
+#: emptied when full (reasons may carry free text).
+_SHARED: dict[tuple[SandboxState, Trigger, str], Transition] = {}
+SHARED_TRANSITIONS_MAX = 1024
+
+
+def _step(old: SandboxState, trigger: Trigger, reason: str) -> Transition:
+    key = (old, trigger, reason)
+    step = _SHARED.get(key)
+    if step is None:
+        if len(_SHARED) >= SHARED_TRANSITIONS_MAX:
+            _SHARED.clear()
+        step = _SHARED[key] = Transition(old, TRANSITIONS[old][trigger], trigger, reason)
+    return step
 
 
 class StateMachine:
@@ -204,8 +229,8 @@ class StateMachine:
         """Apply ``trigger``; raise :class:`IllegalTransition` and change nothing if it is illegal."""
         self.check(trigger)
         old = self._state
-        new = TRANSITIONS[old][trigger]
-        step = Transition(old, new, trigger, reason)
+        step = _step(old, trigger, reason)
+        new = step.new
         if new is old:
             return step
         self._state = new
