@@ -160,6 +160,16 @@ class _Client(QMPClient):
             self.logger.debug("<-- %s", str(msg))
         return msg
 
+    def send_fd_scm(self, fd: int) -> None:
+        """qemu.qmp's, also where the transport's socket is uvloop's stand-in (no ``_sock`` to
+        send on): the same message then goes out on a duplicate of it."""
+        transport_sock = self._writer.transport.get_extra_info("socket") if self._writer is not None else None
+        if transport_sock is None or hasattr(transport_sock, "_sock"):
+            super().send_fd_scm(fd)
+            return
+        with socket.socket(fileno=os.dup(transport_sock.fileno())) as sock:
+            sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("@i", fd))])
+
     async def _bh_recv_message(self) -> None:
         """Read and route messages until the stream ends.
 
@@ -288,25 +298,14 @@ class QmpSession:
 
     async def send_fd(self, fd: int, name: str) -> None:
         """Hand an open file to QEMU under ``name`` (for ``fd:`` migration URIs)."""
-        self._send_fd_scm(fd)
+        self._client.send_fd_scm(fd)
         await self.execute("getfd", {"fdname": name})
 
     async def add_fd(self, fd: int, fdset_id: int, *, opaque: str | None = None) -> None:
         """Add an open file to QEMU's fd set ``fdset_id`` (a disk then opens ``/dev/fdset/ID``);
         ``opaque`` is shown by ``query-fdsets`` (the file's name)."""
-        self._send_fd_scm(fd)
+        self._client.send_fd_scm(fd)
         await self.execute("add-fd", {"fdset-id": fdset_id, **({"opaque": opaque} if opaque else {})})
-
-    def _send_fd_scm(self, fd: int) -> None:
-        """qemu.qmp's ``send_fd_scm``, also where the transport's socket is uvloop's stand-in
-        (no ``_sock`` to send on): the same message then goes out on a duplicate of it."""
-        writer = self._client._writer  # noqa: SLF001 - the one way to reach the socket
-        transport_sock = writer.transport.get_extra_info("socket") if writer is not None else None
-        if transport_sock is None or hasattr(transport_sock, "_sock"):
-            self._client.send_fd_scm(fd)
-            return
-        with socket.socket(fileno=os.dup(transport_sock.fileno())) as sock:
-            sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("@i", fd))])
 
     def events(self) -> _Events:
         """Every event QEMU sends, in order, for as long as the session lives (an async iterator).
