@@ -14,7 +14,7 @@ import pytest
 
 from vmctl import ConfigError, Sandbox, SandboxConfig, SandboxFailed
 from vmctl.devices import NetworkDevice, loopback_forward
-from vmctl.hypervisors import cgroups, jail
+from vmctl.hypervisors import cgroups, handover, jail
 from vmctl.hypervisors.base import RunPaths
 from vmctl.hypervisors.qemu import CappedLog
 
@@ -70,8 +70,8 @@ def test_network_mode_is_validated_and_forwards_default_to_loopback(make_config:
         make_config(network="everywhere")
     assert loopback_forward("tcp::2222-:22") == "tcp:127.0.0.1:2222-:22"
     assert loopback_forward("tcp:0.0.0.0:2222-:22") == "tcp:0.0.0.0:2222-:22"
-    assert jail._passt_forward("tcp:127.0.0.1:2222-:22") == ["-t", "127.0.0.1/2222:22"]  # noqa: SLF001
-    assert jail._passt_forward("udp::53-:53") == ["-u", "127.0.0.1/53:53"]  # noqa: SLF001
+    assert handover._passt_forward("tcp:127.0.0.1:2222-:22") == ["-t", "127.0.0.1/2222:22"]  # noqa: SLF001
+    assert handover._passt_forward("udp::53-:53") == ["-u", "127.0.0.1/53:53"]  # noqa: SLF001
 
 
 def test_a_capped_log_rotates_once_and_never_grows_past_its_limit(tmp_path: Path) -> None:

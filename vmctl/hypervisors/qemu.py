@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 
 from vmctl.config import SandboxConfig
 from vmctl.errors import GuestDisconnected, GuestError, QMPError, SandboxFailed
-from vmctl.hypervisors import cgroups, jail
+from vmctl.hypervisors import cgroups, handover, jail
 from vmctl.hypervisors.base import Capabilities, Hypervisor, Launcher, Start, VmProcess
 from vmctl.hypervisors.cmdline import build_command
 from vmctl.hypervisors.process import PidProcess, QemuLauncher, listen_unix
@@ -87,7 +87,7 @@ class QemuHypervisor(Hypervisor):
         self._migration = MigrationTracker()
         self._jail: jail.Jail | None = None
         self._cgroup: cgroups.Cgroup | None = None
-        self._handover: jail.Handover | None = None
+        self._handover: handover.Handover | None = None
         self._backend_sizes: dict[str, int] = {}
         #: where QEMU finds its kernel, initrd and firmware inside the jail (the effective config,
         #: for snapshots and records, keeps the user's paths)
@@ -201,7 +201,7 @@ class QemuHypervisor(Hypervisor):
                         self._process = PidProcess(self.plan.attach_pid)
                         self._cgroup = jail.existing_cgroup(self.paths)
                         if jail.inner_pid(self.plan.attach_pid) != self.plan.attach_pid:  # a jailed QEMU
-                            self._handover = jail.Handover(
+                            self._handover = handover.Handover(
                                 fd_disks=True, network=self._effective.network, jail=jail.Jail(), detached=True,
                                 log_path=self.paths.qemu_log, socket_dir=self.paths.qemu_dir, log=self.log,
                                 attached=True)  # fmt: skip
@@ -264,7 +264,7 @@ class QemuHypervisor(Hypervisor):
         if self._jail.cgroup is not None:
             self._jail.cgroup.create(jail.limits_for(self._effective))
             self._cgroup = self._jail.cgroup
-        self._handover = jail.Handover(fd_disks=self._jail.drops_user or "mount" in self._jail.namespaces,
+        self._handover = handover.Handover(fd_disks=self._jail.drops_user or "mount" in self._jail.namespaces,
                                        network=self._effective.network, jail=self._jail, detached=self.plan.detached,
                                        log_path=self.paths.qemu_log, socket_dir=self.paths.qemu_dir,
                                        log=self.log)  # fmt: skip
