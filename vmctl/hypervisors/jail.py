@@ -7,19 +7,18 @@ as ``user,cgroup``), and what the sandbox needs (``SandboxConfig.jail``; a tap N
 host's network namespace, a vhost-user backend a socket path the jail user cannot reach...).
 Every part left out is written down with its reason (``Jail.skipped``).
 
-QEMU then starts through :mod:`vmctl.hypervisors.jailexec`, which joins the cgroup, enters the
-namespaces, pivots into a minimal root, drops to the jail user and execs QEMU.
+QEMU then starts through the jail helper (:mod:`vmctl.hypervisors.jailhelper`, a small compiled
+program), which joins the cgroup, enters the namespaces, pivots into a minimal root, drops to the
+jail user and execs QEMU.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pwd
 import resource
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 from vmctl import paths as run_dirs
 from vmctl.config import SandboxConfig
 from vmctl.devices import Device, NetworkDevice, SerialPort, VfioDevice, VhostUserBlockDevice, VhostUserNetDevice
-from vmctl.hypervisors import cgroups
+from vmctl.hypervisors import cgroups, jailhelper
 from vmctl.hypervisors.base import RunPaths
 
 JAIL_ENV = "VMCTL_JAIL"
@@ -45,7 +44,6 @@ PIDS_MAX = 512
 CAP_SYS_RESOURCE = 24
 #: QEMU's whole environment
 MINIMAL_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
-HELPER = Path(__file__).with_name("jailexec.py")
 
 
 def operator_parts() -> set[str]:
@@ -103,6 +101,9 @@ def host_status() -> dict[str, tuple[bool, str]]:
     put("netns", ns_ok, "an empty network namespace unless a NIC needs the host's" if ns_ok else "needs root")
     version, why = cgroups.detect()
     put("cgroup", version is not None, why)
+    if root and not jailhelper.compiler_available():  # the helper that applies them is compiled
+        for part in ("user", "namespaces", "netns", "cgroup"):
+            put(part, False, f"the jail helper is built with gcc: {jailhelper.COMPILER_PACKAGES}")
     put("env", True, "QEMU gets only " + ", ".join(sorted(MINIMAL_ENV)))
     passt = shutil.which("passt")
     out["passt"] = (passt is not None, f"egress NICs use {passt}" if passt else
@@ -133,6 +134,8 @@ class Jail:
     cgroup: cgroups.Cgroup | None = None
     minimal_env: bool = True
     root: Path | None = None
+    #: the compiled jail helper (vmctl.hypervisors.jailhelper) that enters the jail and execs QEMU
+    helper: Path | None = None
     #: the file QEMU is run from (its argv[0] may be a link to it)
     exe: Path | None = None
     #: RLIMIT_MEMLOCK QEMU gets (bytes, -1: unlimited), for mlock=True under a jail user (8 MiB by default)
@@ -162,21 +165,25 @@ class Jail:
         """The command that starts QEMU inside this jail (``argv`` itself when nothing needs the helper)."""
         if self.uid is None and not self.namespaces and self.cgroup is None:
             return argv
-        spec = {
-            "uid": self.uid if self.uid is not None else os.geteuid(),
-            "gid": self.gid if self.gid is not None else os.getegid(),
-            "groups": list(self.extra_gids) if self.uid is not None else os.getgroups(),
-            "unshare": list(self.namespaces),
-            "cgroups": self.cgroup.procs_files if self.cgroup else [],
-            "root": str(self.root) if self.root else None,
-            "binds": [[str(p), str(at), w] for p, at, w in self.binds],
-            "env": self.env() or dict(os.environ),
-            "pdeathsig": pdeathsig,
-            "memlock": self.memlock,
-            "exe": str(self.exe) if self.exe else argv[0],
-            "argv": argv,
-        }
-        return [sys.executable, "-I", "-S", str(HELPER), json.dumps(spec)]
+        assert self.helper is not None, "jailhelper.ensure() first"
+        uid = self.uid if self.uid is not None else os.geteuid()
+        gid = self.gid if self.gid is not None else os.getegid()
+        groups = list(self.extra_gids) if self.uid is not None else os.getgroups()
+        out = [str(self.helper), "--uid", str(uid), "--gid", str(gid), "--groups", ",".join(map(str, groups)),
+               "--unshare", ",".join(self.namespaces), "--exe", str(self.exe) if self.exe else argv[0]]  # fmt: skip
+        for procs in self.cgroup.procs_files if self.cgroup else []:
+            out += ["--cgroup", procs]
+        if self.root is not None:
+            out += ["--root", str(self.root)]
+        for path, at, writable in self.binds:
+            out += ["--bind", str(path), str(at), "rw" if writable else "ro"]
+        for key, value in (self.env() or dict(os.environ)).items():
+            out += ["--env", f"{key}={value}"]
+        if self.memlock is not None:
+            out += ["--memlock", str(self.memlock)]
+        if pdeathsig:
+            out.append("--pdeathsig")
+        return [*out, "--", *argv]
 
 
 def cgroup_name(paths: RunPaths) -> str:
@@ -364,7 +371,7 @@ def inner_pid(pid: int) -> int:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return pid
-    if children and str(HELPER).encode() in cmdline:
+    if children and cmdline.split(b"\0", 1)[0].endswith(b"/" + jailhelper.NAME.encode()):
         return int(children[0])
     return pid
 

@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 
 from vmctl.config import SandboxConfig
 from vmctl.errors import GuestDisconnected, GuestError, QMPError, SandboxFailed
-from vmctl.hypervisors import cgroups, handover, jail
+from vmctl.hypervisors import cgroups, handover, jail, jailhelper
 from vmctl.hypervisors.base import Capabilities, Hypervisor, Launcher, Start, VmProcess
 from vmctl.hypervisors.cmdline import build_command
 from vmctl.hypervisors.process import PidProcess, QemuLauncher, listen_unix
@@ -260,6 +260,8 @@ class QemuHypervisor(Hypervisor):
     async def _enter_jail(self) -> None:
         devices = [d for _, d, _ in [*(self.plan.devices or ()), *self.plan.restored]]
         self._jail = jail.plan(self._effective, self.paths, devices, nic_netns=jail.nic_netns(self._effective, devices))
+        if self._jail.active:
+            self._jail.helper = await jailhelper.ensure()
         self._boot_files = jail.prepare(self._jail, self._effective, self.paths)
         if self._jail.cgroup is not None:
             self._jail.cgroup.create(jail.limits_for(self._effective))
