@@ -264,6 +264,7 @@ class QmpSession:
         # ours. (A second listener would leave the default one growing for the session's life.)
         self._listener: _EventStream = self._client.events
         self.command_timeout = command_timeout
+        self._hand_over_lock = anyio.Lock()
 
     @property
     def connected(self) -> bool:
@@ -298,14 +299,20 @@ class QmpSession:
 
     async def send_fd(self, fd: int, name: str) -> None:
         """Hand an open file to QEMU under ``name`` (for ``fd:`` migration URIs)."""
-        self._client.send_fd_scm(fd)
-        await self.execute("getfd", {"fdname": name})
+        await self._hand_over(fd, "getfd", {"fdname": name})
 
     async def add_fd(self, fd: int, fdset_id: int, *, opaque: str | None = None) -> None:
         """Add an open file to QEMU's fd set ``fdset_id`` (a disk then opens ``/dev/fdset/ID``);
         ``opaque`` is shown by ``query-fdsets`` (the file's name)."""
-        self._client.send_fd_scm(fd)
-        await self.execute("add-fd", {"fdset-id": fdset_id, **({"opaque": opaque} if opaque else {})})
+        await self._hand_over(fd, "add-fd", {"fdset-id": fdset_id, **({"opaque": opaque} if opaque else {})})
+
+    async def _hand_over(self, fd: int, command: str, arguments: dict[str, Any]) -> None:
+        """The descriptor, then the command that takes it, one pair at a time: QEMU gives a
+        received descriptor to the next command that asks for one, and a second descriptor
+        arriving first replaces the first (concurrent hotplugs lost disks or swapped them)."""
+        async with self._hand_over_lock:
+            self._client.send_fd_scm(fd)
+            await self.execute(command, arguments)
 
     def events(self) -> _Events:
         """Every event QEMU sends, in order, for as long as the session lives (an async iterator).
