@@ -169,6 +169,7 @@ class Cgroup:
         return not self.exists()
 
     def _try_remove(self) -> bool:
+        self.kill()  # whatever joined since the last look (a jail helper that was still starting)
         for d in list(self.dirs.values()):
             try:
                 d.rmdir()

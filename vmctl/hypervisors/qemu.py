@@ -229,9 +229,13 @@ class QemuHypervisor(Hypervisor):
             with anyio.CancelScope(shield=True):
                 for sock in listeners.values():
                     sock.close()
-                await self._reap()
-                await self._qmp.close()
-                await self._release_jail()
+                try:  # each step runs even if one before it raised: nothing may be left behind
+                    await self._reap()
+                finally:
+                    try:
+                        await self._qmp.close()
+                    finally:
+                        await self._release_jail()
         if failure is not None:
             raise failure
 
