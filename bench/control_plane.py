@@ -42,13 +42,13 @@ import resource
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
-from io import BytesIO
 from pathlib import Path
 from typing import Any
+
+from boot import old_tree  # bench scripts run with bench/ on sys.path
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -604,16 +604,6 @@ def run_controller(variant: str, args: argparse.Namespace, directory: Path) -> d
     record: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     record["variant"] = variant
     return record
-
-
-def old_tree(ref: str) -> Path:
-    """``ref``'s vmctl (git archive), unpacked once into bench/results/tree-REF."""
-    target = RESULTS / f"tree-{ref}"
-    if not (target / "vmctl" / "__init__.py").is_file():
-        blob = subprocess.run(["git", "-C", str(REPO), "archive", ref, "vmctl"], check=True, capture_output=True).stdout
-        with tarfile.open(fileobj=BytesIO(blob)) as tar:
-            tar.extractall(target, filter="data")
-    return target
 
 
 def table(records: list[dict[str, Any]]) -> str:

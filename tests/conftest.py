@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -96,3 +97,13 @@ async def assert_no_stray_tasks() -> None:
     current = asyncio.current_task()
     stray = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
     assert stray == [], f"tasks still running: {stray}"
+
+
+@contextmanager
+def short_dir() -> Iterator[Path]:
+    """A short directory for unix sockets (108-byte path limit), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

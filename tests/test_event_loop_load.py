@@ -10,11 +10,9 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import shutil
-import tempfile
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +20,13 @@ import anyio
 import pytest
 from anyio.abc import SocketStream
 
-from tests.conftest import assert_no_stray_tasks
+from tests.conftest import assert_no_stray_tasks, short_dir
 from vmctl import settle_gc
 from vmctl.errors import QMPCommandError, QMPDisconnected
 from vmctl.qmp import QmpSession
 from vmctl.state import StateMachine, Transition, Trigger
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, "capabilities": []}}
-
-
-@contextmanager
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vl-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class Peer:

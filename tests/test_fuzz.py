@@ -11,11 +11,9 @@ import dataclasses
 import json
 import math
 import re
-import shutil
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import assert_no_stray_tasks, socket_fd_count
+from tests.conftest import assert_no_stray_tasks, short_dir, socket_fd_count
 from vmctl import Sandbox, SandboxConfig, SandboxState
 from vmctl import agent as agent_module
 from vmctl import agentproto as proto
@@ -60,16 +58,6 @@ from vmctl.testing import FakeQemu, fake_config
 CONFIG_FIELDS = sorted(f.name for f in dataclasses.fields(SandboxConfig))
 DEVICE_FIELDS = sorted({f.name for cls in DEVICE_TYPES.values() for f in dataclasses.fields(cls)})
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@contextmanager
-def short_dir() -> Iterator[Path]:
-    """A short directory for unix sockets (108-byte path limit), removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="vf-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
