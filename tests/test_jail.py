@@ -74,6 +74,19 @@ def test_network_mode_is_validated_and_forwards_default_to_loopback(make_config:
     assert handover._passt_forward("udp::53-:53") == ["-u", "127.0.0.1/53:53"]  # noqa: SLF001
 
 
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("console_log_limit_mib", None, "must be an integer"),  # found by test_fuzz: it raised TypeError
+    ("console_log_limit_mib", 0, "at least 1"),
+    ("memory_limit_mib", "lots", "must be an integer"),
+    ("memory_limit_mib", 16, "at least"),
+])  # fmt: skip
+def test_the_jails_limits_are_checked_with_a_config_error(make_config: MakeConfig, field: str, value: object,
+                                                          says: str) -> None:  # fmt: skip
+    with pytest.raises(ConfigError, match=says) as info:
+        make_config(**{field: value})
+    assert field in info.value.fields
+
+
 def test_a_capped_log_rotates_once_and_never_grows_past_its_limit(tmp_path: Path) -> None:
     log = CappedLog(tmp_path / "console.log", 1000)
     for i in range(500):

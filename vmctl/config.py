@@ -315,10 +315,6 @@ class SandboxConfig:
         return serialize_params([Param(f"-{k}" if k else k, v) for k, v in self.hypervisor_params], "")
 
 
-def typed_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) or value is None
-
-
 def _validate(c: SandboxConfig) -> list[Problem]:
     problems: list[Problem] = []
 
@@ -340,10 +336,6 @@ def _validate(c: SandboxConfig) -> list[Problem]:
                      "it loads the disk drivers and switches to the image)")  # fmt: skip
     if c.network not in get_args(Network):
         bad("network", f"{c.network!r}: use one of {', '.join(get_args(Network))}")
-    if typed_int(c.memory_limit_mib) and c.memory_limit_mib is not None and c.memory_limit_mib < MIN_MEMORY_MIB:
-        bad("memory_limit_mib", f"must be at least {MIN_MEMORY_MIB} MiB")
-    if typed_int(c.console_log_limit_mib) and c.console_log_limit_mib < 1:
-        bad("console_log_limit_mib", "must be at least 1")
     if c.image_overlay is True and c.image is None:
         bad("image_overlay", "puts the image under a per-sandbox overlay: set image too")
     if c.image is not None and c.disable_block_devices:
@@ -467,6 +459,10 @@ def _check_sizes(c: SandboxConfig, bad: Any, mistyped: set[str]) -> None:
     def typed(*names: str) -> bool:
         return not mistyped.intersection(names)
 
+    if typed("memory_limit_mib") and c.memory_limit_mib is not None and c.memory_limit_mib < MIN_MEMORY_MIB:
+        bad("memory_limit_mib", f"must be at least {MIN_MEMORY_MIB} MiB")
+    if typed("console_log_limit_mib") and c.console_log_limit_mib < 1:
+        bad("console_log_limit_mib", "must be at least 1")
     if typed("vcpus", "max_vcpus"):
         max_vcpus = c.max_vcpus or 1
         if c.vcpus < 1:
