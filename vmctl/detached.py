@@ -193,7 +193,6 @@ def remove(path: Path) -> None:
     kill_qemu_in(path)  # a QEMU whose start never got as far as a record
     group = jail.existing_cgroup(RunPaths(path, path))
     if group is not None:  # the jail's cgroup goes with the directory (and whatever is left in it)
-        group.kill()
         group.remove()
     remove_tree(path)
     prune(path.parent)

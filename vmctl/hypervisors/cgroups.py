@@ -154,8 +154,9 @@ class Cgroup:
                     pass
 
     def remove(self, *, wait: float = 5.0) -> bool:
-        """Remove the directories once their processes are gone (a killed QEMU takes a moment).
-        Blocks while it waits: for callers outside an event loop (the CLI's ``rm``)."""
+        """Kill what is left in the cgroup and remove its directories once those processes are
+        gone (a killed QEMU takes a moment). Blocks while it waits: for callers outside an event
+        loop (the CLI's ``rm``)."""
         deadline = time.monotonic() + wait
         while not self._try_remove() and time.monotonic() < deadline:
             time.sleep(0.02)

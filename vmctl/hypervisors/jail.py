@@ -105,7 +105,7 @@ def host_status() -> dict[str, tuple[bool, str]]:
         for part in ("user", "namespaces", "netns", "cgroup"):
             put(part, False, f"the jail helper is built with gcc: {jailhelper.COMPILER_PACKAGES}")
     put("env", True, "QEMU gets only " + ", ".join(sorted(MINIMAL_ENV)))
-    passt = shutil.which("passt")
+    passt = passt_path()
     out["passt"] = (passt is not None, f"egress NICs use {passt}" if passt else
                     "passt is not installed: network='egress' NICs fall back to 'none' (no egress)")  # fmt: skip
     return out

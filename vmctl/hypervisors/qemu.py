@@ -283,7 +283,7 @@ class QemuHypervisor(Hypervisor):
         if self._handover is not None:
             self._handover.close(keep_running=kept)
         if self._cgroup is not None and not kept:
-            self._cgroup.kill()  # nothing of this sandbox outlives it, whatever escaped the reap
+            # removal kills what is left in it first: nothing of this sandbox outlives it
             if not await self._cgroup.remove_async():
                 self.log.warning("cgroup not removed", cgroup=str(self._cgroup.path))
 
