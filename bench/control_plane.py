@@ -267,10 +267,15 @@ def paced_period(n: int, rate: float) -> float:
 
 
 async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, seconds: float,
-                           gc_mode: str = "plain", inflight: int = 0) -> dict[str, Any]:  # fmt: skip
+                           gc_mode: str = "plain", inflight: int = 0, bound: str = "default") -> dict[str, Any]:  # fmt: skip
     import random
 
     import anyio
+
+    if bound != "default":  # vmctl's own bound on commands in flight (the default applies otherwise)
+        from vmctl import limit_commands_in_flight
+
+        limit_commands_in_flight(None if bound == "none" else int(bound))
 
     from vmctl.qmp import QmpSession
     from vmctl.state import SandboxState, StateMachine, Trigger
@@ -545,7 +550,8 @@ def controller_main(args: argparse.Namespace) -> None:
         import anyio
 
         backend_options = {"use_uvloop": True} if args.loop == "uvloop" else {}
-        record = anyio.run(vmctl_controller, *options, args.gc, args.inflight, backend_options=backend_options)
+        record = anyio.run(vmctl_controller, *options, args.gc, args.inflight, args.bound,
+                           backend_options=backend_options)  # fmt: skip
     else:
         record = legacy_controller(*options)
     record["loadavg_start"] = args.loadavg_start
@@ -570,13 +576,20 @@ def start_peers(directory: Path, n: int, processes: int, noise_interval: float) 
 #: a variant: the tree ("new" is this one, "old" the --old ref) and modifiers: "+uvloop" runs the
 #: controller on uvloop, "+freeze" calls gc.freeze() after start-up, "+settle" vmctl.settle_gc(),
 #: "+limitN" lets at most N commands be in flight at once (an anyio.CapacityLimiter in the bench's
-#: round trip, as an application would bound its own calls). "legacy" is the thread-per-VM baseline.
-MODIFIERS = ("uvloop", "freeze", "settle")
+#: round trip, as an application would bound its own calls), "+boundN" sets vmctl's own bound
+#: (``vmctl.limit_commands_in_flight(N)``; "new" without it runs vmctl's default) and "+unbounded"
+#: removes it. "legacy" is the thread-per-VM baseline.
+MODIFIERS = ("uvloop", "freeze", "settle", "unbounded")
 
 
-def inflight_limit(mods: list[str]) -> int:
-    limits = [int(m.removeprefix("limit")) for m in mods if m.startswith("limit") and m[5:].isdigit()]
+def inflight_limit(mods: list[str], prefix: str = "limit") -> int:
+    limits = [int(m.removeprefix(prefix)) for m in mods if m.startswith(prefix) and m[len(prefix):].isdigit()]
     return limits[-1] if limits else 0
+
+
+def vmctl_bound(mods: list[str]) -> str:
+    """The --bound a variant's controller passes to vmctl: default, none, or a number."""
+    return "none" if "unbounded" in mods else str(inflight_limit(mods, "bound") or "default")
 
 
 def variant_command(variant: str, args: argparse.Namespace, directory: Path) -> tuple[list[str], dict[str, str]]:
@@ -586,13 +599,17 @@ def variant_command(variant: str, args: argparse.Namespace, directory: Path) -> 
     if variant == "legacy":
         return [sys.executable, __file__, "--role", "legacy", *common], dict(os.environ)
     tree, *mods = variant.split("+")
-    if tree not in ("new", "old") or any(m not in MODIFIERS and not inflight_limit([m]) for m in mods):
-        raise SystemExit(f"unknown variant {variant!r}: new or old, then +uvloop, +freeze, +settle or +limitN; "
-                         "or legacy")  # fmt: skip
+    if tree not in ("new", "old") or any(m not in MODIFIERS and not inflight_limit([m])
+                                         and not inflight_limit([m], "bound") for m in mods):  # fmt: skip
+        raise SystemExit(f"unknown variant {variant!r}: new or old, then +uvloop, +freeze, +settle, +limitN, "
+                         "+boundN or +unbounded; or legacy")  # fmt: skip
+    if tree == "old" and vmctl_bound(mods) != "default":
+        raise SystemExit(f"{variant}: the old tree has no bound of its own (use +limitN)")
     root = old_tree(args.old) if tree == "old" else REPO
     gc_mode = "freeze" if "freeze" in mods else "settle" if "settle" in mods else "plain"
     command = [sys.executable, __file__, "--role", "vmctl", "--loop", "uvloop" if "uvloop" in mods else "asyncio",
-               "--gc", gc_mode, "--inflight", str(inflight_limit(mods)), *common]  # fmt: skip
+               "--gc", gc_mode, "--inflight", str(inflight_limit(mods)), "--bound", vmctl_bound(mods),
+               *common]  # fmt: skip
     return command, dict(os.environ, PYTHONPATH=str(root))  # that tree's vmctl
 
 
@@ -665,7 +682,8 @@ def main() -> None:
     parser.add_argument("--variants", default="new,legacy",
                         help="controllers to run, in this order: new or old (the --old ref's vmctl), each with "
                              "+uvloop, +freeze (gc.freeze() after start-up), +settle (vmctl.settle_gc()) or "
-                             "+limitN (at most N commands in flight); "
+                             "+limitN (at most N commands in flight, bounded by the bench), +boundN (vmctl's "
+                             "own bound set to N) or +unbounded (vmctl's bound removed); "
                              "legacy (qemu.qmp.legacy, a thread per VM)")  # fmt: skip
     parser.add_argument("--old", default="159661b", help="git ref of the vmctl the 'old' variants run")
     parser.add_argument("--gc-freeze", action="store_true", help="add the variant new+freeze")
@@ -674,6 +692,7 @@ def main() -> None:
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help=argparse.SUPPRESS)
     parser.add_argument("--gc", choices=["plain", "freeze", "settle"], default="plain", help=argparse.SUPPRESS)
     parser.add_argument("--inflight", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--bound", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--loadavg-start", type=float, default=float("nan"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)

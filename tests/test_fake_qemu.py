@@ -8,8 +8,18 @@ import anyio
 import pytest
 
 from tests.conftest import assert_no_stray_tasks
-from vmctl import ExecResult, ReadyTimeout, Sandbox, SandboxFailed, SandboxState, VmctlTimeout
+from vmctl import (
+    ConfigError,
+    ExecResult,
+    ReadyTimeout,
+    Sandbox,
+    SandboxFailed,
+    SandboxState,
+    VmctlTimeout,
+    limit_commands_in_flight,
+)
 from vmctl.errors import QMPCommandError
+from vmctl.qmp import DEFAULT_COMMANDS_IN_FLIGHT
 from vmctl.testing import FakeQemu, QmpErrorReply, fake_config
 
 
@@ -217,3 +227,36 @@ async def test_predicted_mmio_disk_names_are_confirmed_and_a_mismatch_fails(tmp_
         async with sb:
             pytest.fail("a wrong disk name must not start")
     assert sb.state is SandboxState.FAILED
+
+
+async def test_commands_past_the_bound_wait_for_a_slot_within_their_timeout(tmp_path: Path) -> None:
+    """With one command in flight at a time, a QEMU that never answers holds the only slot: another
+    sandbox's command is not sent, times out naming the bound, and goes through once it is free."""
+    hung, healthy = FakeQemu(hang={"stop"}), FakeQemu()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with Sandbox(fake_config(tmp_path / "a"), backend=hung) as a, \
+            Sandbox(fake_config(tmp_path / "b"), backend=healthy) as b:  # fmt: skip
+        limit_commands_in_flight(1)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.pause)  # holds the slot: no reply ever comes
+                await anyio.wait_all_tasks_blocked()
+                with pytest.raises(VmctlTimeout, match="pause"):
+                    await b.pause(timeout=0.3)
+                with pytest.raises(VmctlTimeout, match="waited 0.3s for a command slot.*limit_commands_in_flight"):
+                    await b.hypervisor.qmp.execute("query-status", timeout=0.3)  # type: ignore[attr-defined]
+                assert not {"stop", "query-status"} & set(healthy.commands()), "a command past the bound is not sent"
+                assert b.state is SandboxState.RUNNING
+                tg.cancel_scope.cancel()  # the hung pause gives its slot back when cancelled
+            await b.pause(timeout=5)
+            assert b.state is SandboxState.PAUSED and "stop" in healthy.commands()
+        finally:
+            limit_commands_in_flight(DEFAULT_COMMANDS_IN_FLIGHT)
+    await assert_no_stray_tasks()
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "8"])
+def test_a_bad_bound_names_itself(bad: object) -> None:
+    with pytest.raises(ConfigError, match="limit: commands in flight must be a whole number"):
+        limit_commands_in_flight(bad)  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import assert_no_stray_tasks, qemu_processes
 from vmctl import (
+    BlockDevice,
     IllegalTransition,
     Sandbox,
     SandboxConfig,
@@ -20,7 +21,9 @@ from vmctl import (
     SandboxState,
     Trigger,
     guest,
+    limit_commands_in_flight,
 )
+from vmctl.qmp import DEFAULT_COMMANDS_IN_FLIGHT
 
 pytestmark = pytest.mark.qemu
 MakeConfig = Callable[..., SandboxConfig]
@@ -74,21 +77,43 @@ async def test_exec_stdin_stderr_exit_code_and_timeout(make_config: MakeConfig) 
             await sb.exec("echo hi")  # type: ignore[arg-type]
 
 
-async def test_three_sandboxes_at_once_in_one_loop(make_config: MakeConfig, runtime_dir: Path) -> None:
+@pytest.fixture
+def one_command_at_a_time() -> Iterator[None]:
+    limit_commands_in_flight(1)
+    try:
+        yield
+    finally:
+        limit_commands_in_flight(DEFAULT_COMMANDS_IN_FLIGHT)
+
+
+@pytest.mark.usefixtures("one_command_at_a_time")
+async def test_three_sandboxes_at_once_in_one_loop(make_config: MakeConfig, runtime_dir: Path, tmp_path: Path) -> None:
+    """Also with one QMP command in flight at a time across all three (hotplugs, pauses and execs
+    running at once): nothing vmctl does holds a command slot while it waits for another."""
     boot_ids: dict[int, str] = {}
+    disks: dict[int, str | None] = {}
 
     async def one(i: int) -> None:
+        disk = tmp_path / f"disk{i}.img"
+        disk.write_bytes(b"\0" * (4 << 20))
         async with Sandbox(make_config(), id=f"trio-{i}") as sb:
-            r = await sb.exec(["cat", "/proc/sys/kernel/random/boot_id"], check=True)
-            boot_ids[i] = r.text.strip()
-            await sb.pause()
-            await sb.resume()
+
+            async def plug() -> None:
+                disks[i] = (await sb.hotplug(BlockDevice(path=disk))).guest_path
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(plug)
+                r = await sb.exec(["cat", "/proc/sys/kernel/random/boot_id"], check=True)
+                boot_ids[i] = r.text.strip()
+                await sb.pause()
+                await sb.resume()
 
     async with anyio.create_task_group() as tg:
         for i in range(3):
             tg.start_soon(one, i)
     assert sorted(boot_ids) == [0, 1, 2]
     assert len(set(boot_ids.values())) == 3, "each sandbox is its own guest"
+    assert all(str(path).startswith("/dev/") for path in disks.values()), disks
     await assert_no_stray_tasks()
 
 

@@ -50,6 +50,7 @@ from vmctl.hotplug import DeviceState, PluggedDevice
 from vmctl.hypervisors.base import Capabilities
 from vmctl.params import Param, deserialize_params, serialize_params
 from vmctl.pool import PoolEvent, PoolEventKind, PoolStats, SandboxPool
+from vmctl.qmp import limit_commands_in_flight
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState, Transition, Trigger
 
@@ -119,6 +120,7 @@ __all__ = [
     "__version__",
     "deserialize_params",
     "guest",
+    "limit_commands_in_flight",
     "serialize_params",
     "settle_gc",
 ]
