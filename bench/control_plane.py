@@ -16,9 +16,11 @@ Two controllers drive the same load, each in a fresh process:
   ``STOP`` is among them (batch reads: ``pull_event`` one event at a time, as
   ``QEMUMachine.event_wait`` does, collapses under the noise an idle connection piles up).
 
-Two phases: *flat out* (every session does ``--rounds`` round trips back to back, all at once:
-throughput, and latency under saturation) and *paced* (``--paced-rate`` transitions/s offered by
-all sessions together for ``--paced-seconds``: latency and CPU at a load both can carry).
+Two phases: *flat out* (every session does ``--rounds`` round trips back to back; vmctl's
+sessions begin at random moments within the phase's first ``--flat-spread`` seconds, 50 ms by
+default, or all in one pass of the loop with ``+burst``: throughput, and latency under
+saturation) and *paced* (``--paced-rate`` transitions/s offered by all sessions together for
+``--paced-seconds``: latency and CPU at a load both can carry).
 
 Metrics: transitions per second (a pause or a resume confirmed by its event), event-to-waiter
 latency p50/p99, memory per session (RSS delta / N, thread stacks included as touched), CPU per
@@ -261,13 +263,19 @@ class Phases:
             self.stall_at[self.current] = time.perf_counter() - self._started[0]
 
 
+#: drivers begin this long after their phase does: uvloop rounds timers to the millisecond, so a
+#: driver due at the phase's start could otherwise finish a round trip before the phase began
+TIMER_MARGIN = 0.002
+
+
 def paced_period(n: int, rate: float) -> float:
     """Seconds between one session's round trips so that n sessions offer ``rate`` transitions/s."""
     return 2 * n / rate
 
 
 async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, seconds: float,
-                           gc_mode: str = "plain", inflight: int = 0, bound: str = "default") -> dict[str, Any]:  # fmt: skip
+                           gc_mode: str = "plain", inflight: int = 0, bound: str = "default",
+                           flat_spread: float = 0.05) -> dict[str, Any]:  # fmt: skip
     import random
 
     import anyio
@@ -318,7 +326,8 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
                 await watcher.wait_for(target)
             phases.latencies[phases.current].append((now_ns() - emitted[i]) / 1e6)
 
-    async def flat_out(i: int) -> None:
+    async def flat_out(i: int, start: float) -> None:
+        await anyio.sleep(max(0.0, start - time.perf_counter()))
         try:
             for _ in range(rounds):
                 await round_trip(i)
@@ -327,7 +336,7 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
 
     async def paced(i: int, start: float, until: float) -> None:
         period = paced_period(n, rate)
-        due = start + random.uniform(0, period)
+        due = start + TIMER_MARGIN + random.uniform(0, period)
         while due < until:  # (a session due after the deadline ends now: the phase ends when it says)
             await anyio.sleep(max(0.0, due - time.perf_counter()))
             try:
@@ -359,10 +368,14 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
             background.start_soon(pump, i)
         background.start_soon(ticker)
         await anyio.sleep(0.2)  # let the pumps start
-        phases.begin("flat-out")
+        # the drivers exist before the phase (starting a thousand tasks is not part of it) and begin
+        # at random moments within its first `flat_spread` seconds (0: all in one pass of the loop)
+        start = time.perf_counter() + 0.5
         async with anyio.create_task_group() as drivers:
             for i in range(n):
-                drivers.start_soon(flat_out, i)
+                drivers.start_soon(flat_out, i, start + TIMER_MARGIN + random.uniform(0, flat_spread))
+            await anyio.sleep(max(0.0, start - time.perf_counter()))
+            phases.begin("flat-out")
         phases.end()
         rss_after = rss_kib()
         start = time.perf_counter() + 0.5  # starting a thousand tasks is not part of the phase
@@ -550,7 +563,7 @@ def controller_main(args: argparse.Namespace) -> None:
         import anyio
 
         backend_options = {"use_uvloop": True} if args.loop == "uvloop" else {}
-        record = anyio.run(vmctl_controller, *options, args.gc, args.inflight, args.bound,
+        record = anyio.run(vmctl_controller, *options, args.gc, args.inflight, args.bound, args.flat_spread,
                            backend_options=backend_options)  # fmt: skip
     else:
         record = legacy_controller(*options)
@@ -578,8 +591,9 @@ def start_peers(directory: Path, n: int, processes: int, noise_interval: float) 
 #: "+limitN" lets at most N commands be in flight at once (an anyio.CapacityLimiter in the bench's
 #: round trip, as an application would bound its own calls), "+boundN" sets vmctl's own bound
 #: (``vmctl.limit_commands_in_flight(N)``; "new" without it runs vmctl's default) and "+unbounded"
-#: removes it. "legacy" is the thread-per-VM baseline.
-MODIFIERS = ("uvloop", "freeze", "settle", "unbounded")
+#: removes it; "+burst" starts the flat-out phase's 1000 sessions in one pass of the loop instead
+#: of spread over its first 50 ms. "legacy" is the thread-per-VM baseline.
+MODIFIERS = ("uvloop", "freeze", "settle", "unbounded", "burst")
 
 
 def inflight_limit(mods: list[str], prefix: str = "limit") -> int:
@@ -602,14 +616,14 @@ def variant_command(variant: str, args: argparse.Namespace, directory: Path) -> 
     if tree not in ("new", "old") or any(m not in MODIFIERS and not inflight_limit([m])
                                          and not inflight_limit([m], "bound") for m in mods):  # fmt: skip
         raise SystemExit(f"unknown variant {variant!r}: new or old, then +uvloop, +freeze, +settle, +limitN, "
-                         "+boundN or +unbounded; or legacy")  # fmt: skip
+                         "+boundN, +unbounded or +burst; or legacy")  # fmt: skip
     if tree == "old" and vmctl_bound(mods) != "default":
         raise SystemExit(f"{variant}: the old tree has no bound of its own (use +limitN)")
     root = old_tree(args.old) if tree == "old" else REPO
     gc_mode = "freeze" if "freeze" in mods else "settle" if "settle" in mods else "plain"
     command = [sys.executable, __file__, "--role", "vmctl", "--loop", "uvloop" if "uvloop" in mods else "asyncio",
                "--gc", gc_mode, "--inflight", str(inflight_limit(mods)), "--bound", vmctl_bound(mods),
-               *common]  # fmt: skip
+               "--flat-spread", "0" if "burst" in mods else str(args.flat_spread), *common]  # fmt: skip
     return command, dict(os.environ, PYTHONPATH=str(root))  # that tree's vmctl
 
 
@@ -693,6 +707,8 @@ def main() -> None:
     parser.add_argument("--gc", choices=["plain", "freeze", "settle"], default="plain", help=argparse.SUPPRESS)
     parser.add_argument("--inflight", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--bound", default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--flat-spread", type=float, default=0.05,
+                        help="flat out: sessions begin at random moments within this many seconds (+burst: 0)")  # fmt: skip
     parser.add_argument("--loadavg-start", type=float, default=float("nan"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)

@@ -22,6 +22,8 @@ import logging
 import os
 import socket
 import struct
+import weakref
+from collections import deque
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,6 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from anyio.lowlevel import RunVar
 from qemu.qmp import (
     ConnectError,
     EventListener,
@@ -49,11 +50,10 @@ from vmctl.errors import ConfigError, Problem, QMPCommandError, QMPDisconnected,
 DEFAULT_COMMAND_TIMEOUT = 30.0
 
 #: Commands in flight at once in one event loop, across all sessions (see
-#: :func:`limit_commands_in_flight`; 100-250 measured best at 1000 sessions).
-DEFAULT_COMMANDS_IN_FLIGHT = 200
+#: :func:`limit_commands_in_flight`; measured best at 1000 sessions, ``bench/README.md``).
+DEFAULT_COMMANDS_IN_FLIGHT = 100
 
 _commands_in_flight: int | None = DEFAULT_COMMANDS_IN_FLIGHT
-_command_slots: RunVar[tuple[int, anyio.Semaphore]] = RunVar("vmctl_qmp_command_slots")
 
 
 def limit_commands_in_flight(limit: int | None) -> None:
@@ -61,11 +61,11 @@ def limit_commands_in_flight(limit: int | None) -> None:
 
     A command past the bound waits for a free slot (in order) before it is sent, and that wait
     counts towards its timeout. With a thousand sandboxes moving at once, the bound keeps the
-    loop's longest stall short at the same throughput (``bench/control_plane.py``: 53-86 ms
-    unbounded, 27-43 ms at 100-250). A QEMU that never answers holds its slot until the command
-    times out (30 s by default), so a bound far below the number of sandboxes that may hang at
-    once would slow the healthy ones. ``None`` removes the bound. Applies to commands started
-    after the call; the default is :data:`DEFAULT_COMMANDS_IN_FLIGHT`.
+    loop's longest stall short (``bench/control_plane.py``, ``bench/README.md``). A QEMU that
+    never answers holds its slot until the command times out (30 s by default), so a bound far
+    below the number of sandboxes that may hang at once would slow the healthy ones. ``None``
+    removes the bound. Applies to commands started after the call; the default is
+    :data:`DEFAULT_COMMANDS_IN_FLIGHT`.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError([Problem("limit", f"commands in flight must be a whole number >= 1 or None, not {limit!r}")])
@@ -73,20 +73,65 @@ def limit_commands_in_flight(limit: int | None) -> None:
     _commands_in_flight = limit
 
 
-class _NoSlot(Exception):  # noqa: N818 - internal, becomes a VmctlTimeout
-    """No command slot came free within the command's timeout."""
+class _Slots:
+    """One event loop's command slots: a counter and a line of waiting futures.
+
+    Not an ``anyio.Semaphore`` under a cancel scope: measured at 1000 sessions flat out, entering a
+    scope for every waiting command cost a third more CPU per transition; a loop timer on the
+    waiter's future costs next to nothing (the same choice as ``_Reply``)."""
+
+    __slots__ = ("free", "limit", "waiting")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.free = limit
+        self.waiting: deque[asyncio.Future[bool]] = deque()
+
+    async def acquire(self, timeout: float | None) -> bool:
+        """Take a slot; False if none came free within ``timeout`` seconds."""
+        if self.free and not self.waiting:
+            self.free -= 1
+            return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self.waiting.append(waiter)
+        timer = None if timeout is None else loop.call_at(loop.time() + timeout, _give_up, waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self.release()  # handed a slot in the same pass as the cancellation: pass it on
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def release(self) -> None:
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                return
+        self.free += 1
 
 
-def _slots() -> anyio.Semaphore | None:
-    """This loop's command slots for the current bound (made on first use in each loop)."""
+def _give_up(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+_loop_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Slots] = weakref.WeakKeyDictionary()
+
+
+def _slots() -> _Slots | None:
+    """The running loop's command slots for the current bound (made on first use in each loop)."""
     limit = _commands_in_flight
     if limit is None:
         return None
-    current = _command_slots.get(None)
-    if current is None or current[0] != limit:
-        current = (limit, anyio.Semaphore(limit, fast_acquire=True))
-        _command_slots.set(current)
-    return current[1]
+    loop = asyncio.get_running_loop()
+    slots = _loop_slots.get(loop)
+    if slots is None or slots.limit != limit:
+        slots = _loop_slots[loop] = _Slots(limit)
+    return slots
 
 
 @dataclass(frozen=True)
@@ -335,19 +380,12 @@ class QmpSession:
             slots = _slots()
             if slots is None:
                 return await self._client.command(command, arguments, limit)
-            remaining = limit
-            if slots.value:  # a free slot: taken without a pass of the loop (fast_acquire)
-                await slots.acquire()
-            else:  # all taken: wait in line, within the command's own timeout
-                started, acquired = anyio.current_time(), False
-                with anyio.move_on_after(limit):
-                    await slots.acquire()
-                    acquired = True
-                if not acquired:
-                    raise _NoSlot(f"QMP {command} waited {limit}s for a command slot: all "
-                                  f"{_commands_in_flight} were in flight (vmctl.limit_commands_in_flight)")  # fmt: skip
-                remaining = None if limit is None else max(0.0, limit - (anyio.current_time() - started))
+            started = asyncio.get_running_loop().time()
+            if not await slots.acquire(limit):
+                raise VmctlTimeout(f"QMP {command} waited {limit}s for a command slot: all {slots.limit} were in "
+                                   "flight (vmctl.limit_commands_in_flight)")  # fmt: skip
             try:
+                remaining = None if limit is None else max(0.0, limit - (asyncio.get_running_loop().time() - started))
                 return await self._client.command(command, arguments, remaining)
             finally:
                 slots.release()
@@ -357,8 +395,8 @@ class QmpSession:
             raise QMPDisconnected(f"QMP connection lost during {command}: {exc or type(exc).__name__}") from exc
         except _LibQMPError as exc:
             raise QMPError(f"QMP {command} failed: {exc}") from exc
-        except _NoSlot as exc:
-            raise VmctlTimeout(str(exc)) from None
+        except VmctlTimeout:
+            raise  # no slot came free (ours already)
         except TimeoutError:
             raise VmctlTimeout(f"QMP {command} got no reply within {limit}s") from None
 
