@@ -7,6 +7,7 @@ session name, equal transitions shared, objects taken out of collections on requ
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -17,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio.abc import SocketStream
 
 from tests.conftest import assert_no_stray_tasks, short_dir
-from vmctl import settle_gc
+from vmctl import VmctlTimeout, limit_commands_in_flight, settle_gc
 from vmctl.errors import QMPCommandError, QMPDisconnected
-from vmctl.qmp import QmpSession
+from vmctl.qmp import DEFAULT_COMMANDS_IN_FLIGHT, QmpSession, _slots
 from vmctl.state import StateMachine, Transition, Trigger
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, "capabilities": []}}
@@ -205,3 +207,89 @@ def test_settle_gc_takes_live_objects_out_of_collections(unfreeze: None) -> None
     assert any(o is later for o in gc.get_objects())
     gc.unfreeze()
     assert any(o is kept for o in gc.get_objects())
+
+
+@pytest.fixture
+def five_in_flight() -> Iterator[None]:
+    limit_commands_in_flight(5)
+    yield
+    limit_commands_in_flight(DEFAULT_COMMANDS_IN_FLIGHT)
+
+
+@pytest.mark.usefixtures("five_in_flight")
+async def test_commands_wait_for_a_slot_and_leave_the_line_when_they_give_up() -> None:
+    """Five in flight at a time: a peer holding its replies sees exactly five commands; callers in
+    line that time out or are cancelled leave it at once, the rest all get their replies once the
+    peer answers, and every slot is free again afterwards."""
+    received: list[dict[str, Any]] = []
+    release, five_arrived = anyio.Event(), anyio.Event()
+
+    async def serve(stream: SocketStream) -> None:
+        await stream.send(json.dumps(GREETING).encode() + b"\n")
+        decoder, buffer = json.JSONDecoder(), ""
+        async with anyio.create_task_group() as tg:
+            while True:
+                buffer += (await stream.receive()).decode()
+                while buffer.strip():
+                    try:
+                        command, end = decoder.raw_decode(buffer.lstrip())
+                    except ValueError:
+                        break  # the rest of this message is still on its way
+                    buffer = buffer.lstrip()[end:]
+                    if command["execute"] == "qmp_capabilities":
+                        await stream.send(b'{"return": {}}\n')
+                        continue
+                    received.append(command)
+                    five_arrived.set() if len(received) == 5 else None
+                    tg.start_soon(answer, stream, command)
+
+    async def answer(stream: SocketStream, command: dict[str, Any]) -> None:
+        await release.wait()
+        await stream.send(json.dumps({"return": command["execute"], "id": command["id"]}).encode() + b"\n")
+
+    session = QmpSession("slots")
+    replies: list[object] = []
+    gave_up: list[str] = []
+
+    async def call(name: str, timeout: float | None = None) -> None:
+        try:
+            replies.append(await session.execute(name, timeout=timeout))
+        except VmctlTimeout as exc:
+            gave_up.append(str(exc))
+
+    with short_dir() as directory:
+        listener = await anyio.create_unix_listener(directory / "qmp.sock")
+        async with anyio.create_task_group() as outer:
+
+            async def accept() -> None:
+                async with listener, await listener.accept() as stream:
+                    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        await serve(stream)
+
+            outer.start_soon(accept)
+            await session.connect(directory / "qmp.sock")
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    for i in range(12):
+                        tg.start_soon(call, f"cmd-{i}")
+                    await five_arrived.wait()
+                    tg.start_soon(call, "impatient", 0.2)
+                    async with anyio.create_task_group() as doomed:
+                        for i in range(3):
+                            doomed.start_soon(call, f"doomed-{i}")
+                        await anyio.wait_all_tasks_blocked()
+                        doomed.cancel_scope.cancel()
+                    while not gave_up:
+                        await anyio.wait_all_tasks_blocked()
+                        await anyio.lowlevel.checkpoint()
+                    slots = _slots()
+                    assert slots is not None
+                    assert len(received) == 5, "no more than five sent while five are unanswered"
+                    assert len(slots.waiting) == 7, "the impatient and the cancelled callers left the line"
+                    release.set()
+            await session.close()
+            outer.cancel_scope.cancel()
+    await assert_no_stray_tasks()
+    assert sorted(replies) == sorted(f"cmd-{i}" for i in range(12))  # type: ignore[type-var]
+    assert len(gave_up) == 1 and "waited 0.2s for a command slot" in gave_up[0]
+    assert slots.free == 5 and not slots.waiting

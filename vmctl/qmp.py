@@ -96,14 +96,19 @@ class _Slots:
         self.waiting.append(waiter)
         timer = None if timeout is None else loop.call_at(loop.time() + timeout, _give_up, waiter)
         try:
-            return await waiter
+            granted = await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.result():
+            if not waiter.cancelled() and waiter.result():
                 self.release()  # handed a slot in the same pass as the cancellation: pass it on
+            else:
+                self.waiting.remove(waiter)
             raise
         finally:
             if timer is not None:
                 timer.cancel()
+        if not granted:
+            self.waiting.remove(waiter)  # gave up: out of the line now, not at the next release
+        return granted
 
     def release(self) -> None:
         while self.waiting:
