@@ -197,19 +197,39 @@ def _probe_lock() -> anyio.Lock:
     return lock
 
 
+#: verdicts kept in the cache file: one per probing kernel, so hosts (and benchmarks) that start
+#: guests with several kernels do not re-probe, 15 s each, every time the kernel changes
+VERDICTS_KEPT = 16
+
+
 def _read_verdict(key: str) -> KvmVerdict | None:
+    return _read_verdicts().get(key)
+
+
+def _read_verdicts() -> dict[str, KvmVerdict]:
     try:
         data = json.loads(_verdict_file().read_text())
-        verdict = KvmVerdict(**data)
-    except (OSError, ValueError, TypeError):
-        return None
-    return verdict if verdict.host_key == key else None
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, KvmVerdict] = {}
+    for row in data if isinstance(data, list) else [data]:  # one object: the format before
+        try:
+            verdict = KvmVerdict(**row)
+        except TypeError:
+            continue
+        out[verdict.host_key] = verdict
+    return out
 
 
 def _write_verdict(verdict: KvmVerdict) -> None:
+    """Add ``verdict`` to the file (the newest ``VERDICTS_KEPT``). Two processes writing at once
+    may lose one of the two: that kernel is then probed again, nothing worse."""
+    others = sorted((v for v in _read_verdicts().values() if v.host_key != verdict.host_key),
+                    key=lambda v: v.checked_at)  # fmt: skip
+    kept = [*others[-(VERDICTS_KEPT - 1):], verdict]  # fmt: skip
     path = _verdict_file()
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(verdict)))
+    tmp.write_text(json.dumps([asdict(v) for v in kept]))
     tmp.replace(path)
 
 
