@@ -33,13 +33,10 @@ async def test_two_guest_kernels_are_probed_once_each(tmp_path: Path, monkeypatc
     assert probed == kernels
 
 
-async def test_a_verdict_file_from_before_is_still_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The file held one verdict (an object) before it held several (a list)."""
+def test_the_cache_keeps_the_newest_verdicts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VMCTL_CACHE_DIR", str(tmp_path / "cache"))
-    verdict = host.KvmVerdict(False, "no", 1.0, "k1")
-    host._write_verdict(verdict)
-    path = host._verdict_file()
-    path.write_text(path.read_text()[1:-1])  # the single object, as an older vmctl wrote it
-    assert host._read_verdict("k1") == verdict
-    path.write_text("not json")
-    assert host._read_verdict("k1") is None
+    for n in range(host.VERDICTS_KEPT + 4):
+        host._write_verdict(host.KvmVerdict(False, "no", float(n), f"k{n}"))
+    assert len(list(host._verdict_dir().iterdir())) == host.VERDICTS_KEPT
+    assert host._read_verdict(f"k{host.VERDICTS_KEPT + 3}") is not None
+    assert host._read_verdict("k0") is None
