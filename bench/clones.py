@@ -51,10 +51,14 @@ async def clones_once(alone: int, at_once: int, pss_clones: int, extra: dict[str
                                      pss: list[float] | None = None, all_up: list[int] | None = None) -> None:  # fmt: skip
             started = time.perf_counter()
             async with Sandbox(clone_cfg) as sb:
+                entered = time.perf_counter()
                 await sb.exec(["true"])
                 answered = time.perf_counter() - started
                 steps = dict(getattr(getattr(sb, "_hv", None), "startup_timings", {}))
-                out.append({"answer": answered, "steps": steps, "accel": sb.config.accel})
+                if steps:  # the first exec, as a step after spawn too
+                    steps["exec_answered"] = round(steps.get("ready", 0.0) + answered - (entered - started), 4)
+                out.append({"answer": answered, "steps": steps, "accel": sb.config.accel,
+                            "tb": await _translated_blocks(sb)})  # fmt: skip
                 if hold is not None and pss is not None and all_up is not None:
                     all_up.append(1)
                     if len(all_up) == pss_clones:
@@ -84,6 +88,18 @@ async def clones_once(alone: int, at_once: int, pss_clones: int, extra: dict[str
         for p in work.iterdir():
             p.unlink()
         work.rmdir()
+
+
+async def _translated_blocks(sb: Any) -> int | None:
+    """TCG translation blocks made so far in this clone's QEMU (``info jit``), if it tells."""
+    qmp = getattr(getattr(sb, "_hv", None), "qmp", None)
+    if qmp is None or sb.config.accel != "tcg":
+        return None
+    out = await qmp.execute("human-monitor-command", {"command-line": "info jit"})
+    for line in str(out).splitlines():
+        if line.startswith("TB count"):
+            return int(line.split()[-1])
+    return None
 
 
 def _pss_mib(pid: int | None) -> float:
@@ -145,6 +161,9 @@ def main(rounds: int, old: str, alone: int, at_once: int, pss_clones: int, varia
         print("new, alone, steps after spawn (p50 s): " + ", ".join(
             f"{k} {med([c['steps'][k] for s in samples['new'] for c in s['alone'] if k in c['steps']]):.3f}"
             for k in keys))  # fmt: skip
+        tbs = [c["tb"] for s in samples["new"] for c in s["alone"] if c.get("tb")]
+        if tbs:
+            print(f"new, alone, TCG blocks translated by the first answer (p50): {med(tbs):.0f}")
     ratios = {}
     if "new" in table and "old" in table:
         ratios = {k: table["new"][k] / table["old"][k] for k in ("alone", "at_once", "pss")}

@@ -157,8 +157,8 @@ def _host_key(qemu: Path, version: str, kernel: Path) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def _verdict_file() -> Path:
-    return cache_dir() / "kvm-verdict.json"
+def _verdict_dir() -> Path:
+    return cache_dir() / "kvm-verdicts"
 
 
 async def kvm_boots_guests(qemu: Path, kernel: Path, *, timeout: float = KVM_PROBE_TIMEOUT) -> KvmVerdict:
@@ -197,20 +197,36 @@ def _probe_lock() -> anyio.Lock:
     return lock
 
 
+#: verdicts kept: one file per probing kernel (and QEMU and host boot), so hosts (and benchmarks)
+#: that start guests with several kernels do not re-probe, 15 s each, every time the kernel changes
+VERDICTS_KEPT = 16
+
+
 def _read_verdict(key: str) -> KvmVerdict | None:
     try:
-        data = json.loads(_verdict_file().read_text())
-        verdict = KvmVerdict(**data)
+        verdict = KvmVerdict(**json.loads((_verdict_dir() / f"{key}.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
     return verdict if verdict.host_key == key else None
 
 
 def _write_verdict(verdict: KvmVerdict) -> None:
-    path = _verdict_file()
+    """Write ``verdict`` to its own file (atomically); keep the newest ``VERDICTS_KEPT``."""
+    directory = _verdict_dir()
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / f"{verdict.host_key}.json"
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(asdict(verdict)))
     tmp.replace(path)
+    for stale in sorted(directory.glob("*.json"), key=_mtime)[:-VERDICTS_KEPT]:
+        stale.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # another process pruned it meanwhile
+        return 0.0
 
 
 async def _boot_probe(qemu: Path, kernel: Path, timeout: float, key: str) -> KvmVerdict:
