@@ -325,14 +325,17 @@ def _assemble(pkg: Path, out: Path, busybox: bytes, agent: bytes, package: str, 
     builtin = (
         {_module_name(Path(line)) for line in builtin_file.read_text().split()} if builtin_file.exists() else set()
     )
-    order = _load_order([m for m in GUEST_MODULES if m not in builtin], available)
-    mods = f"lib/modules/{kernel_version}"  # where busybox modprobe looks (uname -r)
+    wanted = [m for m in GUEST_MODULES if m not in builtin]
+    order = _load_order(wanted, available)
+    # where busybox modprobe looks (uname -r); load-order names what the init asks modprobe for,
+    # modules.dep adds what each needs
+    mods = f"lib/modules/{kernel_version}"
     entries = _root_tree(busybox, agent, _busybox_applets()) + [
         cpio.chardev_entry("dev/console", 5, 1),
         cpio.chardev_entry("dev/null", 1, 3, 0o666),
         cpio.file_entry("etc/vmctl-initramfs", b"this initramfs switches to root= when given\n"),
         cpio.dir_entry(mods),
-        cpio.file_entry(f"{mods}/load-order", "".join(f"{m}.ko\n" for m in order).encode()),
+        cpio.file_entry(f"{mods}/load-order", "".join(f"{m}\n" for m in wanted).encode()),
         cpio.file_entry(f"{mods}/modules.dep", _modules_dep(order, available).encode()),
     ]
     entries += [cpio.file_entry(f"{mods}/{m}.ko", _read_module(available[m])) for m in order]

@@ -24,9 +24,12 @@ SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 #: (bench/README.md, "Where cold boot goes"): the crypto self-tests (~0.35 s; the KDF one ignores
 #: cryptomgr.notests, ~0.13 s, and its initcall is nothing but the test), the 64 MiB bounce buffer
 #: the kernel sets aside, zeroes and keeps once memory hotplug can reach above 4 GiB (virtio
-#: needs none), and probing a PS/2 mouse and keyboard nobody attaches.
+#: needs none), probing a PS/2 mouse and keyboard nobody attaches, and rewriting the ~9,000
+#: ``lock`` prefixes of the kernel's text for a single CPU (noreplace-smp: each rewrite is a
+#: ``text_poke`` with two CR3 switches, each a full TLB flush under TCG, ~0.05 s at boot and as
+#: much again at the first CPU hotplug, which puts them back).
 FAST_BOOT_PARAMS = ("cryptomgr.notests", "initcall_blacklist=crypto_kdf108_init", "swiotlb=noforce",
-                    "i8042.noaux", "i8042.nokbd", "i8042.nopnp")  # fmt: skip
+                    "i8042.noaux", "i8042.nokbd", "i8042.nopnp", "noreplace-smp")  # fmt: skip
 
 
 def kernel_cmdline(config: SandboxConfig) -> str:
