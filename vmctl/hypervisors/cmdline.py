@@ -26,8 +26,8 @@ SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 #: the kernel sets aside, zeroes and keeps once memory hotplug can reach above 4 GiB (virtio
 #: needs none), probing a PS/2 mouse and keyboard nobody attaches, and rewriting the ~9,000
 #: ``lock`` prefixes of the kernel's text for a single CPU (noreplace-smp: each rewrite is a
-#: ``text_poke`` with two CR3 switches, each a full TLB flush under TCG, ~0.05 s at boot and as
-#: much again at the first CPU hotplug, which puts them back).
+#: ``text_poke`` with two CR3 switches, each a full TLB flush under TCG: 0.05-0.1 s at boot, and
+#: the first CPU hotplug would put them all back the same way).
 FAST_BOOT_PARAMS = ("cryptomgr.notests", "initcall_blacklist=crypto_kdf108_init", "swiotlb=noforce",
                     "i8042.noaux", "i8042.nokbd", "i8042.nopnp", "noreplace-smp")  # fmt: skip
 
