@@ -98,3 +98,21 @@ async def test_fast_boot_reaches_qemu_and_guest(make_config: MakeConfig) -> None
                 await anyio.sleep(0.2)
         assert {"virtio_blk", "virtio_scsi", "virtio_net"} <= set((await sb.exec(["cut", "-d ", "-f1", "/proc/modules"])).text.split())
         assert sb.hypervisor.startup_timings.keys() >= {"spawned", "qmp", "agent_connected", "cont", "ready"}  # type: ignore[attr-defined]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("machine", ["q35", "microvm"])
+async def test_guest_modprobe_brings_back_a_driver_with_what_it_needs(make_config: MakeConfig, machine: str) -> None:
+    """The default guest's modprobe knows the drivers vmctl ships: after the background batch (which
+    also loads the virtio transport the machine lacks), a driver unloaded with its dependencies
+    comes back by name, and they with it."""
+    async with Sandbox(make_config(machine=machine)) as sb:
+        # the guest-side wait vmctl itself uses before a CPU or memory hotplug (vmctl.resize)
+        await sb.exec(["sh", "-c", "while [ -e /run/vmctl-modules-loading ]; do sleep 0.05; done"], check=True)
+        loaded = set((await sb.exec(["cut", "-d ", "-f1", "/proc/modules"], check=True)).text.split())
+        assert {"virtio_pci", "virtio_mmio", "virtio_console", "pvpanic_pci"} <= loaded
+        vsock = ["vmw_vsock_virtio_transport", "vmw_vsock_virtio_transport_common", "vsock"]
+        await sb.exec(["rmmod", *vsock], check=True)
+        assert not set(vsock) & set((await sb.exec(["cut", "-d ", "-f1", "/proc/modules"])).text.split())
+        await sb.exec(["modprobe", "vmw_vsock_virtio_transport"], check=True)
+        assert set(vsock) <= set((await sb.exec(["cut", "-d ", "-f1", "/proc/modules"])).text.split())

@@ -24,9 +24,14 @@ SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 #: (bench/README.md, "Where cold boot goes"): the crypto self-tests (~0.35 s; the KDF one ignores
 #: cryptomgr.notests, ~0.13 s, and its initcall is nothing but the test), the 64 MiB bounce buffer
 #: the kernel sets aside, zeroes and keeps once memory hotplug can reach above 4 GiB (virtio
-#: needs none), and probing a PS/2 mouse and keyboard nobody attaches.
+#: needs none), probing a PS/2 mouse and keyboard nobody attaches, and rewriting the ~9,000
+#: ``lock`` prefixes of the kernel's text for a single CPU (noreplace-smp: each rewrite is a
+#: ``text_poke`` with two CR3 switches, each a full TLB flush under TCG: 0.05-0.1 s at boot, and
+#: the first CPU hotplug would put them all back the same way), and the PCIe port services (AER
+#: and PME on each root port, ~0.04 s of probing for one): QEMU's q35 hot-plugs through ACPI
+#: (acpiphp; its _OSC keeps native PCIe hotplug), which pcie_ports=compat leaves as it is.
 FAST_BOOT_PARAMS = ("cryptomgr.notests", "initcall_blacklist=crypto_kdf108_init", "swiotlb=noforce",
-                    "i8042.noaux", "i8042.nokbd", "i8042.nopnp")  # fmt: skip
+                    "i8042.noaux", "i8042.nokbd", "i8042.nopnp", "noreplace-smp", "pcie_ports=compat")  # fmt: skip
 
 
 def kernel_cmdline(config: SandboxConfig) -> str:
