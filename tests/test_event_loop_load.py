@@ -7,6 +7,7 @@ session name, equal transitions shared, objects taken out of collections on requ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -25,7 +26,7 @@ from anyio.abc import SocketStream
 from tests.conftest import assert_no_stray_tasks, short_dir
 from vmctl import VmctlTimeout, limit_commands_in_flight, settle_gc
 from vmctl.errors import QMPCommandError, QMPDisconnected
-from vmctl.qmp import DEFAULT_COMMANDS_IN_FLIGHT, QmpSession, _slots
+from vmctl.qmp import DEFAULT_COMMANDS_IN_FLIGHT, QmpSession, _give_up, _Slots, _slots
 from vmctl.state import StateMachine, Transition, Trigger
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, "capabilities": []}}
@@ -293,3 +294,25 @@ async def test_commands_wait_for_a_slot_and_leave_the_line_when_they_give_up() -
     assert sorted(replies) == sorted(f"cmd-{i}" for i in range(12))  # type: ignore[type-var]
     assert len(gave_up) == 1 and "waited 0.2s for a command slot" in gave_up[0]
     assert slots.free == 5 and not slots.waiting
+
+
+@pytest.mark.parametrize("how", ["gives up", "is cancelled"])
+async def test_a_waiter_passed_over_by_a_release_leaves_quietly(how: str) -> None:
+    """A release skips waiters that are done; one that gave up or was cancelled in the same pass
+    of the loop, before its task resumed, is then no longer in the line when it leaves it."""
+    slots = _Slots(1)
+    assert await slots.acquire(None)
+    task = asyncio.ensure_future(slots.acquire(None))
+    await asyncio.sleep(0)  # the task now waits in line
+    (waiter,) = slots.waiting
+    if how == "gives up":
+        _give_up(waiter)  # what its timer does
+    else:
+        task.cancel()
+    slots.release()  # in the same pass, before the task resumes
+    if how == "gives up":
+        assert await task is False
+    else:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert slots.free == 1 and not slots.waiting

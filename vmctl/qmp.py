@@ -18,6 +18,7 @@ event and waiter before a timer can fire, and the longest stall grows with how m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -101,14 +102,19 @@ class _Slots:
             if not waiter.cancelled() and waiter.result():
                 self.release()  # handed a slot in the same pass as the cancellation: pass it on
             else:
-                self.waiting.remove(waiter)
+                self._leave(waiter)
             raise
         finally:
             if timer is not None:
                 timer.cancel()
         if not granted:
-            self.waiting.remove(waiter)  # gave up: out of the line now, not at the next release
+            self._leave(waiter)  # gave up: out of the line now, not at the next release
         return granted
+
+    def _leave(self, waiter: asyncio.Future[bool]) -> None:
+        # a release may have passed over it already (it skips waiters that are done)
+        with contextlib.suppress(ValueError):
+            self.waiting.remove(waiter)
 
     def release(self) -> None:
         while self.waiting:
