@@ -101,17 +101,13 @@ def _root_tree(busybox: bytes, agent: bytes, applets: Iterable[str]) -> list[cpi
     ]
 
 
-def _applets_from(listing: bytes) -> list[str]:
-    return listing.decode(errors="replace").split()
-
-
 def _busybox_applets() -> list[str]:
     """The applets of the host's static busybox (``busybox --list``), the one the guest carries."""
     try:
         done = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, check=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:
         raise HostError(f"{BUSYBOX} --list failed: {exc}") from exc
-    return _applets_from(done.stdout)
+    return done.stdout.decode(errors="replace").split()
 
 
 async def _build_root_image(target: Path, agent: bytes) -> None:
@@ -119,11 +115,11 @@ async def _build_root_image(target: Path, agent: bytes) -> None:
     if shutil.which("mke2fs") is None:
         raise HostError("building the root image needs mke2fs: apt-get install e2fsprogs")
     busybox = BUSYBOX.read_bytes()
-    listing = await anyio.run_process([str(BUSYBOX), "--list"])
+    applets = await anyio.to_thread.run_sync(_busybox_applets)
     work = Path(tempfile.mkdtemp(prefix=".image-", dir=target.parent))
     try:
         tree = work / "tree"
-        root = _root_tree(busybox, agent, _applets_from(listing.stdout))
+        root = _root_tree(busybox, agent, applets)
         for entry in [*root, cpio.file_entry("etc/vmctl-disk-root", b"")]:
             path = tree / entry.name
             if stat.S_ISDIR(entry.mode):
@@ -330,15 +326,16 @@ def _assemble(pkg: Path, out: Path, busybox: bytes, agent: bytes, package: str, 
     # where busybox modprobe looks (uname -r); load-order names what the init asks modprobe for,
     # modules.dep adds what each needs
     mods = f"lib/modules/{kernel_version}"
+    modules = {m: _read_module(available[m]) for m in order}  # each decompressed once from here on
     entries = _root_tree(busybox, agent, _busybox_applets()) + [
         cpio.chardev_entry("dev/console", 5, 1),
         cpio.chardev_entry("dev/null", 1, 3, 0o666),
         cpio.file_entry("etc/vmctl-initramfs", b"this initramfs switches to root= when given\n"),
         cpio.dir_entry(mods),
         cpio.file_entry(f"{mods}/load-order", "".join(f"{m}\n" for m in wanted).encode()),
-        cpio.file_entry(f"{mods}/modules.dep", _modules_dep(order, available).encode()),
+        cpio.file_entry(f"{mods}/modules.dep", _modules_dep(order, modules).encode()),
     ]
-    entries += [cpio.file_entry(f"{mods}/{m}.ko", _read_module(available[m])) for m in order]
+    entries += [cpio.file_entry(f"{mods}/{m}.ko", data) for m, data in modules.items()]
     shutil.copyfile(vmlinuz[-1], out / "vmlinuz")
     cpio.write_initramfs(out / "initrd.img", entries, compress=False)  # faster to boot, see cpio
     assets = GuestAssets(out / "vmlinuz", out / "initrd.img", kernel_version, package, tuple(order), key)
@@ -379,21 +376,17 @@ def module_depends(data: bytes) -> list[str]:
     return [d.decode().replace("-", "_") for d in match.group(1).split(b",") if d]
 
 
-def _modules_dep(order: list[str], available: dict[str, Path]) -> str:
+def _modules_dep(order: list[str], modules: dict[str, bytes]) -> str:
     """``modules.dep`` for busybox ``modprobe``, which then loads a module and its dependencies in
     one process (one ``insmod`` each cost a fork and an exec). As depmod writes it: each module's
-    dependencies, all of them, the ones loaded last first."""
-    deps = {m: module_depends(_read_module(available[m])) for m in order}
+    dependencies, all of them, the ones loaded last first. ``order`` (from :func:`_load_order`) has
+    every module after its dependencies, so each one's closure is known by the time it comes."""
+    needs: dict[str, set[str]] = {}
     lines = []
     for name in order:
-        needed: set[str] = set()
-        todo = list(deps[name])
-        while todo:
-            dep = todo.pop()
-            if dep not in needed:
-                needed.add(dep)
-                todo += deps.get(dep, [])
-        chain = [m for m in reversed(order) if m in needed]
+        direct = module_depends(modules[name])
+        needs[name] = set(direct).union(*(needs[d] for d in direct))
+        chain = [m for m in reversed(order) if m in needs[name]]
         lines.append(f"{name}.ko:" + "".join(f" {m}.ko" for m in chain) + "\n")
     return "".join(lines)
 
