@@ -7,6 +7,7 @@ starts (the jail's last step joins it before ``exec``), and removed once QEMU is
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -43,8 +44,10 @@ def _own_paths() -> dict[str, str]:
     return out
 
 
+@functools.cache
 def detect() -> tuple[int | None, str]:
-    """The cgroup version usable here (1 or 2, or None) and why."""
+    """The cgroup version usable here (1 or 2, or None) and why: the host's mounts and this
+    process's uid, asked once (every start asks, through the jail's plan and its host status)."""
     if os.geteuid() != 0:
         return None, "the controller is not root (cgroups need root or a delegated subtree)"
     controllers = ROOT / "cgroup.controllers"
