@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import signal
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import anyio
 import pytest
 
 from tests.conftest import assert_no_stray_tasks
-from vmctl import GuestOSError, Sandbox, SandboxConfig, SandboxFailed, guest
+from vmctl import GuestOSError, InvalidArgument, Sandbox, SandboxConfig, SandboxFailed, guest
 
 pytestmark = pytest.mark.qemu
 MakeConfig = Callable[..., SandboxConfig]
@@ -191,4 +192,101 @@ async def test_disk_image_guest_and_a_failing_sandbox_fails_every_stream(make_co
                 assert sb.pid is not None
                 os.kill(sb.pid, signal.SIGKILL)
         assert len(errors) == 3 and all(isinstance(e, SandboxFailed) for e in errors), errors
+    await assert_no_stray_tasks()
+
+
+def host_modes(top: Path) -> dict[str, int]:
+    """``{relative path: st_mode & 0o7777}`` for ``top`` ("") and everything under it."""
+    found = {"": top.lstat().st_mode & 0o7777}
+    for path in top.rglob("*"):
+        found[str(path.relative_to(top))] = path.lstat().st_mode & 0o7777
+    return found
+
+
+HOSTILE_MODES = (
+    "mkdir -p /root/h/sdir /root/h/wdir && cd /root/h && echo x > suid && echo y > sgid && echo z > plain"
+    " && echo w > wdir/inner && chmod 4755 suid && chmod 2755 sgid && chmod 644 plain && chmod 1777 sdir"
+    " && chmod 777 wdir && chmod 666 wdir/inner && chmod 6777 /root/h"
+)
+
+
+async def test_a_download_drops_setuid_setgid_and_sticky_bits_and_applies_the_umask(make_config: MakeConfig,
+                                                                                    tmp_path: Path) -> None:  # fmt: skip
+    async with Sandbox(make_config()) as sb:
+        await sb.exec(["sh", "-c", HOSTILE_MODES], check=True)
+        guest = (await sb.exec(["stat", "-c", "%a %n", "/root/h/suid", "/root/h/sgid", "/root/h/sdir"])).text
+        assert guest.split("\n")[:3] == ["4755 /root/h/suid", "2755 /root/h/sgid", "1777 /root/h/sdir"]
+        old = os.umask(0o022)
+        try:
+            for umask in (0o022, 0o077):
+                os.umask(umask)
+                out = tmp_path / f"umask{umask:03o}"
+                assert await sb.download("/root/h", out) == []
+                assert host_modes(out) == {
+                    "": 0o777 & ~umask, "suid": 0o755 & ~umask, "sgid": 0o755 & ~umask, "plain": 0o644 & ~umask,
+                    "sdir": 0o777 & ~umask, "wdir": 0o777 & ~umask, "wdir/inner": 0o666 & ~umask,
+                }, f"umask {umask:03o}"
+                assert all(p.lstat().st_uid == os.getuid() for p in out.rglob("*"))
+                assert (out / "suid").read_bytes() == b"x\n"
+                single = tmp_path / f"suid{umask:03o}"
+                await sb.download("/root/h/suid", single)
+                assert single.stat().st_mode & 0o7777 == 0o755 & ~umask
+
+            # the guest's modes when asked for, still without setuid, setgid or sticky bits
+            os.umask(0o077)
+            kept = tmp_path / "kept"
+            assert await sb.download("/root/h", kept, keep_modes=True) == []
+            assert host_modes(kept) == {
+                "": 0o777, "suid": 0o755, "sgid": 0o755, "plain": 0o644, "sdir": 0o777, "wdir": 0o777,
+                "wdir/inner": 0o666,
+            }
+            await sb.download("/root/h/sgid", tmp_path / "sgid-kept", keep_modes=True)
+            assert (tmp_path / "sgid-kept").stat().st_mode & 0o7777 == 0o755
+        finally:
+            os.umask(old)
+    await assert_no_stray_tasks()
+
+
+SPECIAL_FILES = (
+    "mkdir -p /root/s/sub && cd /root/s && echo nl > 'new\nline' && echo dash > ./-dash && echo in > sub/file"
+    " && ln -s /etc/passwd link && ln -s / rootlink && ln -s ../../../../../tmp up && ln -s /root sub/dirlink"
+    " && mknod chr c 1 3 && mknod blk b 7 0 && mkfifo fifo"
+    # a socket: busybox syslogd binds /dev/log, here /root/s in a mount namespace of its own
+    " && unshare -m sh -c 'mount --bind /root/s /dev && syslogd -O /tmp/syslog.out"
+    " && while [ ! -S /dev/log ]; do usleep 10000; done && killall -9 syslogd' && mv log sock"
+)
+
+
+async def test_a_download_skips_and_reports_links_devices_fifos_and_sockets(make_config: MakeConfig,
+                                                                            tmp_path: Path) -> None:  # fmt: skip
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"host data\n")
+    async with Sandbox(make_config()) as sb:
+        await sb.exec(["sh", "-c", SPECIAL_FILES], check=True)
+        out = tmp_path / "out"
+        skipped = await sb.download("/root/s", out)
+        assert sorted(skipped) == sorted(f"/root/s/{n}" for n in
+                                         ["link", "rootlink", "up", "sub/dirlink", "chr", "blk", "fifo", "sock"])
+        # only files and directories reach the host; a name with a newline is kept as it is
+        kinds = {str(p.relative_to(out)): stat.S_IFMT(p.lstat().st_mode) for p in out.rglob("*")}
+        assert kinds == {"new\nline": stat.S_IFREG, "-dash": stat.S_IFREG, "sub": stat.S_IFDIR,
+                         "sub/file": stat.S_IFREG}
+        assert (out / "new\nline").read_bytes() == b"nl\n"
+
+        # a single file downloaded onto a host symlink replaces the link, never writes through it
+        link = tmp_path / "link"
+        link.symlink_to(victim)
+        await sb.download("/root/s/sub/file", link)
+        assert not link.is_symlink() and link.read_bytes() == b"in\n"
+        assert victim.read_bytes() == b"host data\n"
+        # a tree is never downloaded onto anything that exists, a dangling symlink included
+        dangling = tmp_path / "dangling"
+        dangling.symlink_to(tmp_path / "nowhere")
+        with pytest.raises(InvalidArgument, match="exists"):
+            await sb.download("/root/s", dangling)
+        # a guest special file named directly is refused, not opened
+        for special in ("fifo", "chr", "sock"):
+            with pytest.raises(InvalidArgument, match="neither a file nor a directory"):
+                await sb.download(f"/root/s/{special}", tmp_path / special)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "link", "out", "victim"]
     await assert_no_stray_tasks()
