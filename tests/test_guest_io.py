@@ -290,3 +290,38 @@ async def test_a_download_skips_and_reports_links_devices_fifos_and_sockets(make
                 await sb.download(f"/root/s/{special}", tmp_path / special)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "link", "out", "victim"]
     await assert_no_stray_tasks()
+
+
+async def test_a_symlink_swapped_into_a_download_under_way_is_never_followed(make_config: MakeConfig,
+                                                                              tmp_path: Path) -> None:  # fmt: skip
+    """Someone on the host replaces a directory the download has finished with a symlink to a
+    directory of theirs, while the download still runs: the download never goes through it."""
+    size = 32 * 1024 * 1024
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "keep").write_bytes(b"mine\n")
+    out = tmp_path / "out"
+    async with Sandbox(make_config(memory_mib=384)) as sb:
+        await sb.exec(["sh", "-c", "mkdir -p /root/r/a /root/r/b && chmod 777 /root/r/a /root/r/b"
+                       f" && dd if=/dev/zero of=/root/r/a/big bs=1M count={size >> 20} 2>/dev/null"
+                       " && cp /root/r/a/big /root/r/b/big"], check=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: sb.download("/root/r", out, keep_modes=True))
+            with anyio.fail_after(60):
+                while True:  # one directory done, the other's file under way: stop the guest there
+                    sizes = {d: max([p.stat().st_size for p in (part / d).glob("*big*")], default=-1)
+                             for part in tmp_path.glob(".out.vmctl-*") for d in "ab"}
+                    done = [d for d, n in sizes.items() if n == size]
+                    if done and any(0 <= n < size // 2 for n in sizes.values()):
+                        await sb.pause()
+                        break
+                    await anyio.sleep(0.005)
+            [partial] = tmp_path.glob(".out.vmctl-*")
+            assert any(0 <= p.stat().st_size < size for p in partial.glob("*/*big*")), "still under way"
+            (partial / done[0]).rename(tmp_path / "moved")
+            (partial / done[0]).symlink_to(victim)
+            await sb.resume()
+        assert (out / ("b" if done[0] == "a" else "a") / "big").stat().st_size == size
+    assert victim.stat().st_mode & 0o7777 == 0o700, "the download changed a directory through a symlink"
+    assert sorted(p.name for p in victim.iterdir()) == ["keep"] and (victim / "keep").read_bytes() == b"mine\n"
+    await assert_no_stray_tasks()
