@@ -7,6 +7,7 @@ guest or the controller reports.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -324,4 +325,48 @@ async def test_a_symlink_swapped_into_a_download_under_way_is_never_followed(mak
         assert (out / ("b" if done[0] == "a" else "a") / "big").stat().st_size == size
     assert victim.stat().st_mode & 0o7777 == 0o700, "the download changed a directory through a symlink"
     assert sorted(p.name for p in victim.iterdir()) == ["keep"] and (victim / "keep").read_bytes() == b"mine\n"
+    await assert_no_stray_tasks()
+
+
+async def test_an_upload_replaces_files_merges_into_directories_and_refuses_a_kind_change(make_config: MakeConfig,
+                                                                                          tmp_path: Path) -> None:  # fmt: skip
+    tree = tmp_path / "tree"
+    (tree / "adir").mkdir(parents=True)
+    (tree / "same").write_bytes(b"new\n")
+    (tree / "added").write_bytes(b"added\n")
+    (tree / "adir" / "x").write_bytes(b"x\n")
+    os.chmod(tree, 0o755)
+    os.chmod(tree / "adir", 0o755)
+    async with Sandbox(make_config()) as sb:
+        await sb.exec(["sh", "-c", "mkdir -p /root/u/adir && cd /root/u && echo old > same && echo keep > keep"
+                       " && echo secret > /root/secret && ln -s /root/secret ln && mkdir isdir && echo f > afile"
+                       " && chmod 700 /root/u && chmod 750 adir"], check=True)
+
+        async def listing(*paths: str) -> list[str]:
+            return (await sb.exec(["stat", "-c", "%a %n", *paths])).text.split("\n")[:len(paths)]
+
+        # a tree into a directory that exists: merged, files of the same name replaced, the rest
+        # kept, and the directories that were there keep their modes
+        assert await sb.upload(tree, "/root/u") == []
+        assert await sb.read_file("/root/u/same") == b"new\n"
+        assert await sb.read_file("/root/u/keep") == b"keep\n"
+        assert await sb.read_file("/root/u/adir/x") == b"x\n"
+        assert await listing("/root/u", "/root/u/adir") == ["700 /root/u", "750 /root/u/adir"]
+
+        # a file onto a file or a symlink replaces it (the link itself, not what it points to)
+        one = tmp_path / "one"
+        one.write_bytes(b"one\n")
+        await sb.upload(one, "/root/u/ln")
+        assert (await sb.exec(["test", "-L", "/root/u/ln"])).exit_code == 1
+        assert await sb.read_file("/root/secret") == b"secret\n"
+
+        # a file never replaces a directory, a tree never replaces a file: refused, nothing changed
+        with pytest.raises(GuestOSError, match="Is a directory") as refused:
+            await sb.upload(one, "/root/u/isdir")
+        assert refused.value.errno == errno.EISDIR
+        with pytest.raises(GuestOSError, match="exists and is not a directory") as refused:
+            await sb.upload(tree, "/root/u/afile")
+        assert refused.value.errno == errno.ENOTDIR
+        assert await sb.read_file("/root/u/afile") == b"f\n"
+        assert (await sb.exec(["sh", "-c", "ls -A /root/u/isdir; ls -A /root/u | grep vmctl"])).stdout == b""
     await assert_no_stray_tasks()
