@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 from tests.conftest import assert_no_stray_tasks
-from vmctl import GuestOSError, InvalidArgument, Sandbox, SandboxConfig, SandboxFailed, guest
+from vmctl import GuestError, GuestOSError, InvalidArgument, Sandbox, SandboxConfig, SandboxFailed, guest
 
 pytestmark = pytest.mark.qemu
 MakeConfig = Callable[..., SandboxConfig]
@@ -369,4 +369,36 @@ async def test_an_upload_replaces_files_merges_into_directories_and_refuses_a_ki
         assert refused.value.errno == errno.ENOTDIR
         assert await sb.read_file("/root/u/afile") == b"f\n"
         assert (await sb.exec(["sh", "-c", "ls -A /root/u/isdir; ls -A /root/u | grep vmctl"])).stdout == b""
+    await assert_no_stray_tasks()
+
+
+async def test_a_hostile_agent_cannot_make_a_download_escape_its_target_or_plant_modes(make_config: MakeConfig,
+                                                                                       tmp_path: Path) -> None:  # fmt: skip
+    """The real agent replaced, as root in the guest, by one that lists what no file system
+    holds (tests/hostile_files_agent.c says what it answers)."""
+    binary = tmp_path / "hostile"
+    await anyio.run_process(["gcc", "-static", "-O2", "-o", str(binary), str(Path(__file__).with_name("hostile_files_agent.c"))])
+    escaped = Path("/tmp/escaped")
+    escaped.unlink(missing_ok=True)
+    async with Sandbox(make_config()) as sb:
+        assert await sb.upload(binary, "/root/hostile") == []
+        with pytest.raises(GuestError, match="restarted"):  # the hostile agent's READY ends this call
+            await sb.exec(["sh", "-c", "mv /root/hostile /sbin/vmctl-agent && kill -9 $(pidof vmctl-agent)"])
+        old = os.umask(0o022)
+        try:
+            out = tmp_path / "out"
+            assert await sb.download("/modes", out) == ["/modes/odd"]  # a kind it does not know: skipped
+            assert host_modes(out) == {"": 0o755, "f": 0o755, "d": 0o755}, "mode 0xffffffff became"
+            assert (out / "f").read_bytes() == b"hostile\n"
+            assert await sb.download("/modes", tmp_path / "kept", keep_modes=True) == ["/modes/odd"]
+            assert host_modes(tmp_path / "kept") == {"": 0o777, "f": 0o777, "d": 0o777}
+            for remote, refusal in [("/dup", "listed 'twice' twice"), ("/dotdot", "malformed listing"),
+                                    ("/slash", "malformed listing"), ("/deep", "deeper than 128 directories"),
+                                    ("/long", "a name of 300 bytes")]:  # fmt: skip
+                with pytest.raises(GuestError, match=refusal):
+                    await sb.download(remote, tmp_path / "refused")
+        finally:
+            os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile", "kept", "out"], "a partial download is left"
+    assert not escaped.exists()
     await assert_no_stray_tasks()

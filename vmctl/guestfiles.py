@@ -203,7 +203,7 @@ def _guest_name(remote: bytes, name: bytes, seen: set[bytes]) -> None:
     """A name from the guest's listing that the host can create once in this directory (the
     agent protocol already refuses ``/``, NUL, empty names, ``.`` and ``..``)."""
     if name in seen:
-        raise GuestError(f"guest agent listed {name[:100]!r} twice in {os.fsdecode(remote)!r}")
+        raise GuestError(f"guest agent listed {os.fsdecode(name[:100])!r} twice in {os.fsdecode(remote)!r}")
     if len(name) > NAME_MAX:
         raise GuestError(f"guest agent listed a name of {len(name)} bytes in {os.fsdecode(remote)!r}")
     seen.add(name)
@@ -214,9 +214,11 @@ async def _download_tree(client: AgentClient, remote: bytes, dir_fd: int, skippe
     """Fill the host directory ``dir_fd`` from ``remote``. Every entry is made relative to its
     directory's descriptor, new (``O_EXCL``, ``mkdir``) and never through a symlink
     (``O_NOFOLLOW``), so nothing found on the host, or put there meanwhile, redirects a write."""
+    entries = await _list(client, remote)
     seen: set[bytes] = set()
-    for kind, mode, name in await _list(client, remote):
+    for _kind, _mode, name in entries:  # the whole listing first: a bad one creates nothing
         _guest_name(remote, name, seen)
+    for kind, mode, name in entries:
         child = remote + b"/" + name
         if kind == proto.KIND_FILE:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=dir_fd)
