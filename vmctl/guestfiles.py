@@ -28,7 +28,7 @@ from vmctl.agent import WINDOW, AgentClient
 from vmctl.agentproto import T, pack
 from vmctl.errors import GuestError, InvalidArgument
 
-__all__ = ["download", "read_file", "upload", "write_file"]
+__all__ = ["download", "read_file", "upload", "write_file", "write_local"]
 
 GuestPath = str | bytes | PurePosixPath
 LocalPath = str | os.PathLike[str]
@@ -174,6 +174,14 @@ def _mode_policy(keep_modes: bool) -> Callable[[int], int]:
     return lambda mode: mode & mask
 
 
+def _refuse_directory(target: Path) -> None:
+    try:
+        if stat.S_ISDIR(target.lstat().st_mode):
+            raise InvalidArgument(f"download target {target} is a directory; give the file's new path")
+    except FileNotFoundError:
+        pass
+
+
 async def _fetch(client: AgentClient, remote: bytes, fd: int, policy: Callable[[int], int]) -> None:
     """Stream a guest file into the new host file ``fd`` (closed here) and give it its mode."""
     async with await anyio.open_file(fd, "wb") as f:
@@ -184,15 +192,26 @@ async def _fetch(client: AgentClient, remote: bytes, fd: int, policy: Callable[[
 
 async def _download_file(client: AgentClient, remote: bytes, target: Path, policy: Callable[[int], int]) -> None:
     """One file onto ``target`` (replacing a file or symlink there, never writing through it)."""
-    try:
-        if stat.S_ISDIR(target.lstat().st_mode):
-            raise InvalidArgument(f"download target {target} is a directory; give the file's new path")
-    except FileNotFoundError:
-        pass
+    _refuse_directory(target)
     partial = target.with_name(f".{target.name}.vmctl-{secrets.token_hex(4)}")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
     try:
         await _fetch(client, remote, fd, policy)
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_local(target: Path, data: bytes) -> None:
+    """Write ``data`` to the host file ``target`` as a download does: a new temporary file
+    (``O_EXCL``, never through a symlink), mode 0o666 minus the umask, renamed onto ``target``."""
+    _refuse_directory(target)
+    partial = target.with_name(f".{target.name}.vmctl-{secrets.token_hex(4)}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
         partial.replace(target)
     except BaseException:
         partial.unlink(missing_ok=True)
