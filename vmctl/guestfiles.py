@@ -121,7 +121,12 @@ async def _local_blocks(path: Path) -> AsyncIterator[bytes]:
 
 async def upload(client: AgentClient, local: LocalPath, remote: GuestPath) -> list[Path]:
     """Copy a local file or directory tree to ``remote`` in the guest, modes kept. Entries that
-    are neither files nor directories (symlinks, devices) are not copied: they are returned."""
+    are neither files nor directories (symlinks, devices) are not copied: they are returned.
+
+    What is there already: a file replaces a file or symlink (the link, not what it names), never
+    a directory (``EISDIR``); a tree merges into a directory (same-named files replaced, other
+    entries and the existing directories' modes kept; onto a file: ``ENOTDIR``). Each file is
+    atomic; a tree is not: a failure part-way keeps the files copied so far."""
     source, target = Path(local), guest_path(remote)
     info = source.stat()
     if not stat.S_ISDIR(info.st_mode):

@@ -426,7 +426,8 @@ class Sandbox:
 
     @requires(Trigger.EXEC)
     async def upload(self, local: str | Path, remote: GuestPath) -> list[Path]:
-        """Copy a local file or tree into the guest, modes kept; returns what was not copied."""
+        """Copy a local file or tree into the guest, modes kept (a tree merges into a directory
+        there: :func:`vmctl.guestfiles.upload`); returns what was not copied."""
         return await self._guest_call(guestfiles.upload(self._live().agent, local, remote))
 
     @requires(Trigger.EXEC)
