@@ -1,8 +1,10 @@
 """Guest I/O on real QEMU: processes with live streams, file transfers, the C agent.
 
 Three boots: one for processes, one for files, one disk-image guest that is then killed under
-running streams. Nothing here sleeps in place of an event: each wait is for something the
-guest or the controller reports.
+running streams; then one boot each for what a hostile guest (root inside) can make a download
+or an upload do: modes, special files and links, a symlink swapped in on the host mid-download,
+destinations that exist, and an agent replaced by tests/hostile_files_agent.c. Nothing here
+sleeps in place of an event: each wait is for something the guest or the controller reports.
 """
 
 from __future__ import annotations
