@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 
+from vmctl import reaper
 from vmctl.errors import HostError, NotSupported
 from vmctl.hypervisors.cmdline import opt
 from vmctl.hypervisors.jail import MINIMAL_ENV, Jail, jail_user, passt_path
@@ -135,6 +136,7 @@ class Handover:
         if self._tmp_dir is None:
             uid, gid = (self.jail.uid, self.jail.gid) if self.jail.uid is not None else jail_user()[:2]
             self._tmp_dir = Path(tempfile.mkdtemp(prefix="vmctl-passt-", dir="/tmp"))
+            reaper.add_dir(self._tmp_dir)  # removed by the reaper should the controller die first
             os.chown(self._tmp_dir, uid, gid if gid is not None else -1)
         return self._tmp_dir
 
@@ -207,6 +209,7 @@ class Handover:
         self._passt.clear()
         if self._tmp_dir is not None:  # a QEMU left running keeps its own mount of it
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            reaper.forget(self._tmp_dir)
             self._tmp_dir = None
 
 
