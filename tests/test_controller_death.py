@@ -133,3 +133,41 @@ async def test_nothing_a_killed_controller_made_outlives_it_for_long(
         await anyio.sleep(0.02)
     assert left() == [], f"still there {time.monotonic() - killed:.1f}s after the controller was killed"
     print(f"everything gone {time.monotonic() - killed:.2f}s after the SIGKILL")
+
+
+DETACHING_CHILD = """
+import sys, anyio
+from vmctl import Sandbox, SandboxConfig
+async def main():
+    config = SandboxConfig(kernel=sys.argv[1], initrd=sys.argv[2], memory_mib=256)
+    async with Sandbox(config, id="lives-on", detached=True) as sb:
+        print(sb.hypervisor.pid, sb.run_dir, flush=True)
+        await anyio.sleep_forever()
+anyio.run(main)
+"""
+
+
+async def test_a_detached_sandbox_keeps_its_files_while_its_qemu_runs_and_they_go_when_it_ends(
+    assets: guest.GuestAssets, runtime_dir: Path
+) -> None:
+    async with await anyio.open_process(
+        [sys.executable, "-c", DETACHING_CHILD, str(assets.kernel), str(assets.initrd)], stderr=subprocess.DEVNULL
+    ) as child:
+        assert child.stdout is not None
+        with anyio.fail_after(120):
+            line = (await BufferedByteReceiveStream(child.stdout).receive_until(b"\n", 4096)).decode()
+        pid, run_dir = int(line.split()[0]), Path(line.split()[1])
+        groups = cgroups_named([run_dir.name])
+        assert len(groups) == 3 and run_dir.is_dir()
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+    await anyio.sleep(1)  # ten times what the reaper took to remove a killed controller's files above
+    assert cgroups_named([run_dir.name]) == groups and run_dir.is_dir(), "a detached QEMU keeps its files"
+    assert pid in qemu_processes(str(run_dir))
+    os.kill(pid, signal.SIGKILL)  # the sandbox ends; nobody calls vmctl
+    killed = time.monotonic()
+    while (run_dir.exists() or cgroups_named([run_dir.name])) and time.monotonic() - killed < 3:  # noqa: ASYNC110
+        await anyio.sleep(0.02)
+    assert not run_dir.exists() and cgroups_named([run_dir.name]) == [], "its files went with its QEMU"
+    assert not (runtime_dir / "detached").exists()
+    print(f"gone {time.monotonic() - killed:.2f}s after its QEMU")
