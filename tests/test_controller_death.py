@@ -31,7 +31,7 @@ async def main():
     async with Sandbox(config) as sb:
         from vmctl import reaper
         # the process started, QEMU itself, its run dir, the controller's reaper
-        print(sb.hypervisor.pid, sb.pid, sb.run_dir, reaper._reaper.pid, flush=True)
+        print(sb.hypervisor.pid, sb.pid, sb.run_dir, reaper.reaper_pid(), flush=True)
         await anyio.sleep_forever()
 anyio.run(main)
 """
