@@ -118,6 +118,11 @@ async def test_nothing_a_killed_controller_made_outlives_it_for_long(
         pids = set(qemu_processes(str(runtime_dir))) | set(processes_mentioning(str(passt_dirs[0])))
         assert len(qemu_processes(str(runtime_dir))) == 8  # four QEMUs, each behind its jail's outer process
         assert len(pids) == 9  # and passt
+        # every jailed QEMU gets a passt directory mounted (a NIC may be hot-plugged later)
+        passt_dirs = sorted({Path(a) for p in qemu_processes(str(runtime_dir))
+                             for a in Path(f"/proc/{p}/cmdline").read_bytes().decode().split("\0")
+                             if a.startswith("/tmp/vmctl-passt-")})  # fmt: skip
+        assert len(passt_dirs) == 4 and all(d.is_dir() for d in passt_dirs), passt_dirs
         child.send_signal(signal.SIGKILL)
         await child.wait()
         killed = time.monotonic()
