@@ -92,6 +92,8 @@ def watch(pid: int, directory: Path, cgroups: list[Path]) -> None:
     """QEMU ``pid`` (a detached sandbox let go) keeps ``directory`` and ``cgroups``: remove them when it ends."""
     for path in (directory, *cgroups):
         forget(path)
+    if _held_elsewhere(directory / WATCH_LOCK) and reaper_pid() is None:
+        return  # another process's reaper watches it: no need to start one just to learn that
     _tell({"op": "watch", "pid": pid, "path": str(directory), "cgroups": [str(c) for c in cgroups]})
 
 
