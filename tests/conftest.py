@@ -50,6 +50,30 @@ def qemu_processes(marker: str) -> list[int]:
     return pids
 
 
+def processes_left(pids: set[int]) -> list[str]:
+    """Those of ``pids`` that still exist, zombies included (a zombie has no command line)."""
+    out = []
+    for pid in sorted(pids):
+        try:
+            state = next(li for li in Path(f"/proc/{pid}/status").read_text().splitlines() if li.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        out.append(f"{pid} {state}")
+    return out
+
+
+def cgroups_named(prefixes: list[str]) -> list[str]:
+    """Sandbox cgroups (in every hierarchy: each v1 controller, and v2) made for the run
+    directories named ``prefixes`` (a cgroup is named ``<run dir name>-<hash>``)."""
+    found = []
+    for top in Path("/sys/fs/cgroup").iterdir():
+        for dirpath, dirnames, _ in os.walk(top):
+            if Path(dirpath).name == "vmctl":
+                found += [f"{dirpath}/{d}" for d in dirnames if any(d.startswith(p + "-") for p in prefixes)]
+                dirnames.clear()
+    return sorted(found)
+
+
 def open_fds_under(path: str) -> list[str]:
     out = []
     for fd in Path("/proc/self/fd").iterdir():

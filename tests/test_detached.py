@@ -21,6 +21,7 @@ from vmctl import (
     SandboxNotFound,
     SandboxState,
     guest,
+    reaper,
 )
 from vmctl.state import Trigger
 
@@ -102,12 +103,20 @@ async def test_hotplugged_devices_are_known_after_attach(
         await sb.stop()
 
 
-async def test_a_record_whose_qemu_is_gone_is_reported_and_cleaned(
+async def test_a_record_whose_qemu_is_gone_is_reported_and_cleaned_where_no_reaper_removed_it(
     make_config: Callable[..., SandboxConfig], runtime_dir: Path
 ) -> None:
+    """Its reaper removes a detached sandbox's files when QEMU ends (test_controller_death.py);
+    where the reaper was killed too, the next ``vmctl ps`` reports the record once and removes it."""
     async with Sandbox(make_config(), id="doomed", detached=True) as sb:
         pid = sb.pid
-    assert pid is not None
+    reaper_pid = reaper.reaper_pid()
+    assert pid is not None and reaper_pid is not None
+    reaper_fd = os.pidfd_open(reaper_pid)
+    os.kill(reaper_pid, signal.SIGKILL)  # nothing else may remove the record
+    with anyio.fail_after(10):
+        await anyio.wait_readable(reaper_fd)
+    os.close(reaper_fd)
     pidfd = os.pidfd_open(pid)
     os.kill(pid, signal.SIGKILL)
     with anyio.fail_after(10):
@@ -157,3 +166,36 @@ def test_ids_that_could_escape_the_state_dir_are_refused(bad: str, runtime_dir: 
     with pytest.raises(InvalidArgument, match="id: "):
         Sandbox.attach(bad)
     assert list(runtime_dir.iterdir()) == []  # nothing was created on the way to the refusal
+
+
+def reapers_of(controller: int) -> list[int]:
+    """Live reaper processes started by the process ``controller``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            ours = b"vmctl/reaper.py" in b" ".join(argv) and argv[-2:-1] == [str(controller).encode()]
+            if entry.name.isdigit() and ours and alive(int(entry.name)):
+                out.append(int(entry.name))
+        except OSError:
+            pass
+    return out
+
+
+async def test_attaching_from_the_cli_leaves_no_reaper_behind(
+    make_config: Callable[..., SandboxConfig], runtime_dir: Path
+) -> None:
+    """One reaper watches a detached sandbox (this process's): each ``vmctl exec`` attaching to
+    it starts one of its own, which must end with the command instead of watching too."""
+    async with Sandbox(make_config(), id="visited", detached=True):
+        pass
+    for _ in range(2):
+        cli = await anyio.open_process([sys.executable, "-m", "vmctl.cli", "exec", "visited", "--", "true"])
+        assert await cli.wait() == 0
+        await cli.aclose()
+        with anyio.fail_after(5):
+            while reapers_of(cli.pid):  # noqa: ASYNC110 - not our child: nothing to wait on
+                await anyio.sleep(0.02)
+    async with Sandbox.attach("visited") as sb:
+        await sb.stop()
+    assert not (runtime_dir / "detached").exists()

@@ -11,7 +11,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from tests.conftest import assert_no_stray_tasks, qemu_processes
+from tests.conftest import assert_no_stray_tasks, cgroups_named, processes_left, qemu_processes
 from vmctl import (
     BlockDevice,
     IllegalTransition,
@@ -23,6 +23,7 @@ from vmctl import (
     guest,
     limit_commands_in_flight,
 )
+from vmctl.hypervisors import jail
 from vmctl.qmp import DEFAULT_COMMANDS_IN_FLIGHT
 
 pytestmark = pytest.mark.qemu
@@ -170,9 +171,12 @@ async def test_sigkill_moves_to_failed_and_wakes_every_waiter(make_config: MakeC
 
 @pytest.mark.parametrize("cancel_after", ["create", "launch", "qmp", "cont", "boot"])
 async def test_cancelling_start_leaves_nothing(make_config: MakeConfig, runtime_dir: Path, cancel_after: str) -> None:
-    """Cancel the start at each phase it goes through, seen from the state machine and QEMU."""
+    """Cancel the start at each phase it goes through, seen from the state machine and QEMU:
+    when the cancelled start returns, its processes are reaped (not even a zombie is left), its
+    cgroups and its run directory are gone."""
     sb = Sandbox(make_config())
     reached = anyio.Event()
+    pids: set[int] = set()
 
     async def watch() -> None:
         if cancel_after == "create":
@@ -180,6 +184,8 @@ async def test_cancelling_start_leaves_nothing(make_config: MakeConfig, runtime_
             return
         while True:
             hv = sb._hv  # noqa: SLF001 - the test inspects the phase it cancels in
+            if hv is not None and hv.pid is not None:
+                pids.update({hv.pid, jail.inner_pid(hv.pid)})  # the jail's outer process, QEMU
             done = {
                 "launch": hv is not None and hv.pid is not None,
                 "qmp": hv is not None and hv.qmp.connected,  # type: ignore[attr-defined]
@@ -206,6 +212,9 @@ async def test_cancelling_start_leaves_nothing(make_config: MakeConfig, runtime_
     assert sb.state is SandboxState.STOPPED, sb.history
     assert SandboxState.FAILED not in [t.new for t in sb.history], "a cancelled start is a stop, not a failure"
     assert qemu_processes(str(runtime_dir)) == []
+    assert processes_left(pids) == [], "the cancelled start returned before its processes were reaped"
+    assert sb.run_dir is not None and not sb.run_dir.exists()
+    assert cgroups_named([sb.run_dir.name]) == []
     await assert_no_stray_tasks()
 
 

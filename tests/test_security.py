@@ -449,3 +449,24 @@ def test_a_remote_download_replaces_a_planted_symlink_and_never_writes_through_i
     with pytest.raises(InvalidArgument, match="is a directory"):
         write_local(tmp_path, b"x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result", "victim"]
+
+
+async def test_a_passt_directory_left_when_even_the_reaper_was_killed_is_swept_unless_in_use(tmp_path: Path) -> None:
+    from vmctl.hypervisors.handover import sweep_stale_passt_dirs
+
+    old, in_use, young = (tmp_path / f"vmctl-passt-{name}" for name in ("old", "inuse", "young"))
+    for d in (old, in_use, young):
+        d.mkdir(mode=0o700)
+    for d in (old, in_use):
+        os.utime(d, (0, 0))  # long past the start-up window
+    holder_argv = [sys.executable, "-c", "import time; time.sleep(30)", f"{in_use}/net0.sock"]  # as passt names it
+    async with await anyio.open_process(holder_argv) as holder:
+        try:
+            with anyio.fail_after(5):
+                while b"net0.sock" not in Path(f"/proc/{holder.pid}/cmdline").read_bytes():  # noqa: ASYNC110 - its exec
+                    await anyio.sleep(0.005)
+            assert sweep_stale_passt_dirs(tmp_path, os.getuid()) == [old]
+            assert sweep_stale_passt_dirs(tmp_path, os.getuid() + 1) == []  # another user's are left alone
+        finally:
+            holder.kill()
+    assert not old.exists() and in_use.is_dir() and young.is_dir()

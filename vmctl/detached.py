@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmctl import reaper
 from vmctl.errors import InvalidArgument, QMPCommandError, SandboxBusy, SandboxNotFound
 from vmctl.hypervisors import jail
 from vmctl.hypervisors.base import Hypervisor, RunPaths
@@ -132,6 +133,7 @@ def claim(sandbox_id: str) -> tuple[Path, AttachLock]:
             continue
         lock = AttachLock(path, sandbox_id)
         write_owner(path)
+        reaper.add_dir(path)  # a start cut short by our death: its half-started QEMU and directory go
         return path, lock
     raise SandboxBusy(f"id: could not claim a directory for {sandbox_id!r} in {state_dir()}")
 
@@ -287,6 +289,7 @@ class Hold:
         self.process = process
         self.log_dir = log_dir
         self._lock: AttachLock | None = lock
+        self._watched = False
 
     @classmethod
     def claim(cls, sandbox_id: str) -> Hold:
@@ -307,6 +310,10 @@ class Hold:
             self.process = process_identity(pid) or ""
         write_record(Record(id=sandbox_id, pid=pid, process=self.process, config=config, created=self.created,
                             devices=devices, last_state=state, directory=self.directory, log_dir=self.log_dir))  # fmt: skip
+        if not self._watched:  # from now on QEMU keeps the directory and cgroup, and they go with it
+            group = jail.existing_cgroup(RunPaths(self.directory, self.directory))
+            reaper.watch(pid, self.directory, list(group.dirs.values()) if group is not None else [])
+            self._watched = True
 
     def forget(self) -> None:
         """The sandbox is gone: remove its directory (and the state dir, if it was the last)."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmctl import overlays
+from vmctl import overlays, reaper
 from vmctl.config import SandboxConfig
 from vmctl.errors import ConfigError, InvalidArgument, Problem, QMPError
 from vmctl.hotplug import PluggedDevice, row_device
@@ -75,6 +75,7 @@ async def write_snapshot(hv: Hypervisor, target: Path, *, sandbox_id: str, confi
                          devices: Sequence[PluggedDevice]) -> Path:  # fmt: skip
     """Save a paused VM into ``target`` atomically (a hidden sibling renamed at the end)."""
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    reaper.add_dir(partial)  # a save cut short by our death leaves no half-written snapshot
     try:
         try:
             await hv.save_state(partial / SNAPSHOT_STATE, skip_shared=False)

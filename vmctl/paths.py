@@ -12,6 +12,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+from vmctl import reaper
 from vmctl.errors import HostError
 
 
@@ -73,13 +74,15 @@ def process_identity(pid: int) -> str | None:
 def make_run_dir() -> Path:
     """A fresh private directory for one sandbox's sockets and logs, marked with its owner.
 
-    Directories left by a controller that died without cleaning up (SIGKILL, power loss) are
-    removed here, together with any QEMU still holding them.
+    Should this process die without removing it, its reaper does (:mod:`vmctl.reaper`);
+    directories left where even that failed (the reaper killed too, power loss) are removed
+    here, together with any QEMU still holding them.
     """
     base = runtime_dir()
     sweep_stale_run_dirs(base)
     path = Path(tempfile.mkdtemp(prefix="sb-", dir=base))
     write_owner(path)
+    reaper.add_dir(path)
     return path
 
 
@@ -141,3 +144,4 @@ def _qemu_processes_in(run_dir: Path) -> list[int]:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+    reaper.forget(path)

@@ -43,6 +43,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from vmctl import reaper
 from vmctl.cluster.wire import Reply, to_wire
 from vmctl.config import SandboxConfig
 from vmctl.errors import InvalidArgument, NodeLost, SandboxNotFound
@@ -327,6 +328,7 @@ class HostService:
         try:
             entry = self._find(sandbox_id)
             work = Path(tempfile.mkdtemp(prefix="move-", dir=runtime_dir()))
+            reaper.add_dir(work)  # removed by the reaper should this actor die first
             try:
                 if entry.sandbox.state is SandboxState.RUNNING:
                     await entry.sandbox.pause()
@@ -348,6 +350,7 @@ class HostService:
         """Fetch a snapshot's chunks, unpack it here and start the sandbox from it."""
         try:
             work = Path(tempfile.mkdtemp(prefix="move-", dir=runtime_dir()))
+            reaper.add_dir(work)  # removed by the reaper should this actor die first
             try:
                 archive = work / "snap.tar"
                 with archive.open("wb") as f:

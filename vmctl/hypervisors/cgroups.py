@@ -16,6 +16,8 @@ from pathlib import Path
 
 import anyio
 
+from vmctl import reaper
+
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
 V2_CONTROLLERS = ("memory", "cpu", "pids")
@@ -93,6 +95,7 @@ class Cgroup:
                 if self.version == 2:
                     _enable_v2(d.parent)
                 d.mkdir(mode=0o755, parents=True, exist_ok=True)
+                reaper.add_cgroup(d)  # removed by the reaper should the controller die first
                 self._write_limits(controller, d, limits)
         except BaseException:
             self.remove(wait=0)
@@ -181,6 +184,7 @@ class Cgroup:
                 pass
             except OSError:
                 continue
+            reaper.forget(d)
         return not self.exists()
 
 

@@ -10,19 +10,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 
+from vmctl import reaper
 from vmctl.errors import HostError, NotSupported
 from vmctl.hypervisors.cmdline import opt
 from vmctl.hypervisors.jail import MINIMAL_ENV, Jail, jail_user, passt_path
 
 PASST_START_TIMEOUT = 5.0
+PASST_DIR_PREFIX = "vmctl-passt-"
+#: a passt directory no process names is stale once this old (younger: a start may be under way)
+PASST_DIR_STALE_AFTER_S = 120.0
 
 _PASST_CHILDREN: set[subprocess.Popen[bytes]] = set()
 
@@ -134,7 +140,9 @@ class Handover:
             return self.socket_dir
         if self._tmp_dir is None:
             uid, gid = (self.jail.uid, self.jail.gid) if self.jail.uid is not None else jail_user()[:2]
-            self._tmp_dir = Path(tempfile.mkdtemp(prefix="vmctl-passt-", dir="/tmp"))
+            sweep_stale_passt_dirs(Path("/tmp"), uid)
+            self._tmp_dir = Path(tempfile.mkdtemp(prefix=PASST_DIR_PREFIX, dir="/tmp"))
+            reaper.add_dir(self._tmp_dir)  # removed by the reaper should the controller die first
             os.chown(self._tmp_dir, uid, gid if gid is not None else -1)
         return self._tmp_dir
 
@@ -207,7 +215,44 @@ class Handover:
         self._passt.clear()
         if self._tmp_dir is not None:  # a QEMU left running keeps its own mount of it
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            reaper.forget(self._tmp_dir)
             self._tmp_dir = None
+
+
+def sweep_stale_passt_dirs(base: Path, uid: int) -> list[Path]:
+    """Remove passt directories (``uid``'s, the jail user's) that a controller left when even its
+    reaper could not remove them (the reaper killed too): old enough not to be starting, and
+    named by no process (neither a jail helper's bind mount nor a passt's socket)."""
+    now = time.time()
+    candidates = []
+    for path in base.glob(PASST_DIR_PREFIX + "*"):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == uid and now - info.st_mtime > PASST_DIR_STALE_AFTER_S:
+            candidates.append(path)
+    if not candidates:
+        return []
+    named = _named_by_processes([str(p) for p in candidates])
+    stale = [p for p in candidates if str(p) not in named]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _named_by_processes(paths: list[str]) -> set[str]:
+    """Those of ``paths`` that some process's command line names."""
+    needles = {p: p.encode() for p in paths}
+    named: set[str] = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            named.update(p for p, n in needles.items() if n in cmdline)
+    return named
 
 
 def _passt_forward(rule: str) -> list[str]:

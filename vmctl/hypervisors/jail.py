@@ -19,6 +19,7 @@ import os
 import pwd
 import resource
 import shutil
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,6 +375,29 @@ def inner_pid(pid: int) -> int:
     if children and cmdline.split(b"\0", 1)[0].endswith(b"/" + jailhelper.NAME.encode()):
         return int(children[0])
     return pid
+
+
+def kill_inner(pid: int) -> bool:
+    """SIGKILL QEMU itself behind the jail's outer process ``pid``, which then reaps it and exits
+    the same way. Killing the outer process first would orphan QEMU: a zombie until the host's
+    init reaps it (about 2 s here), after the caller thought it gone. False: no such QEMU (not
+    jailed in a PID namespace, not forked yet, or gone), so the caller kills ``pid`` itself."""
+    inner = inner_pid(pid)
+    if inner == pid:
+        return False
+    try:
+        pidfd = os.pidfd_open(inner)
+    except OSError:
+        return False
+    try:
+        if inner_pid(pid) != inner:  # asked again once the pidfd pins it: no pid-reuse race
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
 
 
 def host_thread_ids(pid: int, tids: dict[int, int]) -> dict[int, int]:

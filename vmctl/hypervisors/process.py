@@ -26,7 +26,7 @@ from vmctl import host
 from vmctl.config import SandboxConfig
 from vmctl.errors import ConfigError, HostError, Problem
 from vmctl.hypervisors.base import VmProcess
-from vmctl.hypervisors.jail import MINIMAL_ENV, Jail
+from vmctl.hypervisors.jail import MINIMAL_ENV, Jail, kill_inner
 from vmctl.lines import read_lines
 
 
@@ -48,7 +48,9 @@ class OsProcess:
         return await self._process.wait()
 
     def kill(self) -> None:
-        if self._process.returncode is None:
+        """SIGKILL QEMU; jailed, QEMU itself, so that the jail's outer process reaps it before
+        exiting (:func:`~vmctl.hypervisors.jail.kill_inner`); called again, the outer one too."""
+        if self._process.returncode is None and not kill_inner(self._process.pid):
             try:
                 self._process.kill()
             except ProcessLookupError:
@@ -106,7 +108,7 @@ class PidProcess:
         return self._rc
 
     def kill(self) -> None:
-        if self._pidfd is not None and self.returncode is None:
+        if self._pidfd is not None and self.returncode is None and not kill_inner(self._pid):
             try:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:

@@ -329,6 +329,9 @@ class QemuHypervisor(Hypervisor):
             if self._process.returncode is None:
                 self._closing = True
                 self._process.kill()
+                with anyio.move_on_after(2):
+                    await self._process.wait()
+                self._process.kill()  # the jail's outer process, should it not have followed QEMU
             with anyio.move_on_after(10):
                 self._note_exit(await self._process.wait())
         with anyio.move_on_after(2):
@@ -443,6 +446,9 @@ class QemuHypervisor(Hypervisor):
         if not self._exited.is_set():
             self.log.warning("QEMU did not exit, killing it")
             self._process.kill()
+            with anyio.move_on_after(2):
+                await self._exited.wait()
+            self._process.kill()  # the jail's outer process, should it not have followed QEMU
             with anyio.move_on_after(10):
                 await self._exited.wait()
 
