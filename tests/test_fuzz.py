@@ -520,6 +520,7 @@ async def test_an_endless_stream_of_output_is_an_output_limit_error() -> None:
         ([(T.CREDIT, 1, proto.u32(5))], "unexpected frame"),
         ([(T.READY, 0, proto.u32(1) + b"b1"), (T.READY, 0, proto.u32(1) + b"b2")], "restarted"),
         ([(T.READY, 5, b"")], "malformed READY"),
+        ([(T.READY, 0, proto.u32(1) + b"b" * (proto.MAX_BOOT_ID + 1))], "malformed READY"),
     ],
 )
 async def test_malformed_agent_frames_are_guest_errors(frames: list[tuple[int, int, bytes]], match: str) -> None:
@@ -846,3 +847,9 @@ async def test_malformed_events_do_not_fail_the_sandbox(tmp_path: Path) -> None:
         assert (await sb.exec(["echo", "ok"])).stdout == b"ok\n"
     assert sb.state is SandboxState.STOPPED
     await assert_no_stray_tasks()
+
+
+def test_a_guest_error_message_is_kept_only_up_to_its_cap() -> None:
+    """An ERROR frame may carry up to 1 MiB; the exception that reaches the caller keeps 4 KiB."""
+    errno, message = proto.parse_error(proto.i32(5) + b"m" * proto.MAX_PAYLOAD)
+    assert errno == 5 and len(message) == proto.MAX_MESSAGE

@@ -7,7 +7,11 @@ output data per stream, credits, the exit. One reader task dispatches frames to 
 one writer task sends what the channels post, in order. Sending never outruns the guest: DATA
 frames go out only within the credit the guest granted, and output credit is granted back only
 as the consumer takes the data (up to a limit buffered unread), so memory stays bounded on both
-sides however much flows.
+sides however much flows. The guest is held to the same rule: each channel counts the credit it
+granted, and DATA beyond it ends the connection (:class:`~vmctl.agentproto.FlowViolation`), so
+what the controller keeps of a request's output never exceeds what it offered, whatever the
+guest sends. A connection ended by the guest breaking the protocol is reported to
+``on_violation`` (the sandbox fails: see the README's guest-agent section).
 
 When the connection drops, every channel is failed; a cancelled caller releases its own channel
 (and tells the guest to kill or drop what belonged to it), so no entry is ever left behind.
@@ -52,6 +56,7 @@ WINDOW = 1024 * 1024
 #: (``sb.process``), and the most an ``exec`` collects before it kills the command.
 DEFAULT_OUTPUT_LIMIT = 64 * 1024 * 1024
 GUEST_FRAMES = frozenset({T.PONG, T.STARTED, T.DATA, T.EOF, T.CREDIT, T.EXIT, T.RESULT, T.ERROR})
+STREAM_NAMES = {1: "stream 1 (stdout, file data)", 2: "stream 2 (stderr)"}
 
 Argv = Sequence[str | bytes]
 Env = Mapping[str, str] | Mapping[bytes, bytes] | None
@@ -201,11 +206,15 @@ class Channel:
     Output (stream 1 and 2) is buffered per stream; credit for it goes back to the guest as the
     consumer takes it, and at once while less than ``limit`` is buffered unread. ``hard_limit``
     (for ``exec``, which collects everything) fails the channel once the total goes over it.
+    The request itself grants ``window`` bytes on each stream in ``output`` (none on the others);
+    DATA beyond what was granted is a :class:`~vmctl.agentproto.FlowViolation` unless the
+    channel is not ``metered`` (the benchmarks' SOURCE, which ignores credit by design).
     Input (stream 0) goes out within ``credit_out``, which the guest raises with CREDIT frames.
     """
 
-    def __init__(self, client: AgentClient, request_id: int, *, credit_out: int = 0, window: int = WINDOW,
-                 limit: int | None = None, hard_limit: int | None = None) -> None:  # fmt: skip
+    def __init__(self, client: AgentClient, request_id: int, *, credit_out: int = 0, output: tuple[int, ...] = (),
+                 window: int = WINDOW, limit: int | None = None, hard_limit: int | None = None,
+                 metered: bool = True) -> None:  # fmt: skip
         self.id = request_id
         self._client = client
         self._changed = anyio.Event()
@@ -223,6 +232,9 @@ class Channel:
         self._chunks: dict[int, deque[bytes]] = {1: deque(), 2: deque()}
         self._buffered = {1: 0, 2: 0}
         self._ungranted = {1: 0, 2: 0}
+        #: output credit granted to the guest and not yet used, per stream
+        self._credit_in = {s: window if s in output else 0 for s in (1, 2)}
+        self.metered = metered
         self.eof = {1: False, 2: False}
 
     @property
@@ -240,11 +252,18 @@ class Channel:
         if self.failure is None or _is_disconnect(self.failure):
             self.failure = failure
             self.finished = True
+            for stream in (1, 2):  # nobody can take it any more (waiters raise the failure first)
+                self._chunks[stream].clear()
+                self._buffered[stream] = 0
             self._notify()
 
     def on_frame(self, frame: Frame) -> None:
+        """Take one frame; a :class:`~vmctl.agentproto.FlowViolation` ends the connection (the
+        reader's caller), any other malformed frame only this request."""
         try:
             self._on_frame(frame)
+        except proto.FlowViolation:
+            raise
         except ProtocolError as exc:
             message = f"guest agent sent a malformed frame: {exc}"
             self.fail(lambda: GuestError(message))
@@ -253,6 +272,12 @@ class Channel:
     def _on_frame(self, frame: Frame) -> None:
         kind, stream, payload = frame.type, frame.stream, frame.payload
         if kind == T.DATA and stream in (1, 2):
+            if self.metered:
+                if len(payload) > self._credit_in[stream]:
+                    raise proto.FlowViolation(
+                        f"it sent {len(payload)} bytes on {STREAM_NAMES[stream]} beyond the credit granted "
+                        f"({self._credit_in[stream]} bytes left)")  # fmt: skip
+                self._credit_in[stream] -= len(payload)
             if not payload or self.eof[stream] or self.finished:
                 return
             self._chunks[stream].append(payload)
@@ -291,6 +316,7 @@ class Channel:
             return  # the consumer is behind: the guest waits until it catches up
         if owed >= self.window // 4 or self._buffered[stream] == 0:
             self._ungranted[stream] = 0
+            self._credit_in[stream] += owed
             self._client.post(pack(T.CREDIT, self.id, proto.u32(owed), stream))
 
     async def wait_for(self, ready: Callable[[], object]) -> None:
@@ -364,8 +390,10 @@ class Channel:
 class AgentClient:
     """Talks to the vmctl agent in one guest."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, on_violation: Callable[[str], None] | None = None) -> None:
         self.path = path
+        #: told (before any waiter is failed) when the guest ended the connection by breaking the protocol
+        self._on_violation = on_violation
         self.boot_id: str | None = None
         self._stream: SocketStream | None = None
         self._ready = anyio.Event()
@@ -398,6 +426,7 @@ class AgentClient:
             raise GuestDisconnected(f"cannot connect to the agent socket {self.path}: {exc}") from exc
         task_status.started()
         reason: list[Failure] = [lambda: GuestDisconnected("guest agent connection closed")]
+        violation: str | None = None
         try:
             async with anyio.create_task_group() as tg:
 
@@ -406,14 +435,18 @@ class AgentClient:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(write)
-                reason[0] = await self._read_loop(stream)
+                reason[0], violation = await self._read_loop(stream)
                 tg.cancel_scope.cancel()
         finally:
+            if violation is not None and self._on_violation is not None:
+                self._on_violation(violation)  # first: waiters then get the sandbox's own error
             self.fail_all(reason[0])
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _read_loop(self, stream: SocketStream) -> Failure:
+    async def _read_loop(self, stream: SocketStream) -> tuple[Failure, str | None]:
+        """Dispatch frames until the connection ends: why it ended, and the protocol violation
+        that ended it (None if the connection closed)."""
         reader = BufferedByteReceiveStream(stream)
         while True:
             try:
@@ -422,10 +455,10 @@ class AgentClient:
                 self._dispatch(Frame(kind, request_id, payload, stream_no))
             except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError,
                     OSError):  # fmt: skip
-                return lambda: GuestDisconnected("guest agent connection closed")
+                return (lambda: GuestDisconnected("guest agent connection closed")), None
             except ProtocolError as exc:
                 message = f"guest agent broke the protocol: {exc}"
-                return lambda: GuestDisconnected(message)
+                return (lambda message=message: GuestDisconnected(message)), message
 
     async def _write_loop(self, stream: SocketStream, reason: list[Failure]) -> None:
         while True:
@@ -444,7 +477,7 @@ class AgentClient:
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.type == T.READY:
-            if frame.id != 0 or len(frame.payload) < 4:
+            if frame.id != 0 or not 4 <= len(frame.payload) <= 4 + proto.MAX_BOOT_ID:
                 raise ProtocolError("a malformed READY frame")
             if self._ready.is_set():  # the agent restarted: what it was running is gone
                 for stale in self._channels.values():
@@ -481,14 +514,17 @@ class AgentClient:
 
     # -- channels (used by guestproc and guestfiles too) ----------------------------------------
 
-    def open_channel(self, **options: int | None) -> Channel:
-        """A channel under a fresh id; release it with :meth:`release` in ``finally``."""
+    def open_channel(self, *, credit_out: int = 0, output: tuple[int, ...] = (), limit: int | None = None,
+                     hard_limit: int | None = None, metered: bool = True) -> Channel:  # fmt: skip
+        """A channel under a fresh id (options: :class:`Channel`); release it with :meth:`release`
+        in ``finally``."""
         if self._closed_reason is not None:
             raise make_error(self._closed_reason)
         if self._stream is None:
             raise GuestDisconnected("guest agent not connected")
         request_id = (self._prefix << 32) | next(self._ids)
-        channel = self._channels[request_id] = Channel(self, request_id, **options)  # type: ignore[arg-type]
+        channel = self._channels[request_id] = Channel(self, request_id, credit_out=credit_out, output=output,
+                                                       limit=limit, hard_limit=hard_limit, metered=metered)  # fmt: skip
         return channel
 
     def release(self, channel: Channel) -> None:
@@ -542,7 +578,7 @@ class AgentClient:
         started = time.monotonic()
         # the guest kills the command at ``timeout``; the host gives its answer a grace period
         host_limit = None if timeout is None else timeout + TIMEOUT_GRACE
-        channel = self.open_channel(credit_out=proto.STDIN_WINDOW, hard_limit=output_limit)
+        channel = self.open_channel(credit_out=proto.STDIN_WINDOW, output=(1, 2), hard_limit=output_limit)
         try:
             with deadline(host_limit, "exec", lambda _: VmctlTimeout(
                     f"guest agent did not answer exec {args[0]!r} within {timeout}s")):  # fmt: skip
@@ -607,7 +643,7 @@ class AgentClient:
     async def channel_source(self, nbytes: int) -> int:
         """Benchmarks: the agent sends ``nbytes`` of zeros as fast as the port goes, ignoring
         credit and doing nothing else; returns the bytes received."""
-        channel = self.open_channel(hard_limit=None)
+        channel = self.open_channel(output=(1,), metered=False)
         received = 0
         try:
             self.post(pack(T.SOURCE, channel.id, nbytes.to_bytes(8, "little")))

@@ -14,6 +14,8 @@ DATA bytes as the receiver granted. A process starts with ``window`` bytes of cr
 stdout and stderr (given in the SPAWN request) and ``STDIN_WINDOW`` for its stdin (implicit);
 more is granted with CREDIT frames as the receiver consumes data. So neither side ever buffers
 more than a window per stream, and a slow reader makes the writer wait, never the whole port.
+DATA beyond the credit granted is a :class:`FlowViolation`: the receiver ends the connection,
+as for a frame over the size limit, rather than keep or silently drop what it was not offered.
 
 This module is pure: packing and unpacking, no I/O. The C agent (guest/files/vmctl-agent.c)
 implements the same table; a frame longer than ``MAX_PAYLOAD`` is a protocol error on both sides.
@@ -29,6 +31,10 @@ from dataclasses import dataclass
 HEADER = struct.Struct("<IBBHQ")
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 1 << 20
+#: The longest boot id a READY frame may carry (the C agent sends the kernel's, 36 characters).
+MAX_BOOT_ID = 256
+#: The longest guest message kept from an ERROR frame (the rest is cut off).
+MAX_MESSAGE = 4096
 #: The largest DATA frame either side sends.
 CHUNK = 64 * 1024
 #: Credit the guest grants for a new process's stdin (or a file being written) before it says so.
@@ -71,6 +77,10 @@ STDIN, STDOUT, STDERR = 0, 1, 2
 
 class ProtocolError(ValueError):
     """A frame that breaks the format."""
+
+
+class FlowViolation(ProtocolError):
+    """DATA beyond the credit the receiver granted: the connection cannot be trusted any more."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,7 @@ def parse_error(payload: bytes) -> tuple[int, str]:
     if len(payload) < 4:
         raise ProtocolError("an ERROR frame without its errno")
     (errno,) = struct.unpack_from("<i", payload)
-    return errno, payload[4:].decode(errors="replace")
+    return errno, payload[4:4 + MAX_MESSAGE].decode(errors="replace")
 
 
 def parse_exit(payload: bytes) -> tuple[int, bool]:

@@ -63,7 +63,7 @@ async def _put(client: AgentClient, remote: bytes, mode: int, blocks: AsyncItera
 
 async def _get(client: AgentClient, remote: bytes, sink: Callable[[bytes], Awaitable[object]]) -> int:
     """Stream a guest file into ``sink``; its mode."""
-    channel = client.open_channel(limit=2 * WINDOW)  # credit only as the sink keeps up
+    channel = client.open_channel(output=(1,), limit=2 * WINDOW)  # credit only as the sink keeps up
     try:
         client.post(pack(T.FREAD, channel.id, proto.u32(WINDOW) + remote))
         info = (await channel.wait_reply()).payload

@@ -152,7 +152,7 @@ async def start(client: AgentClient, argv: Argv, *, env: Env = None, cwd: str | 
         raise InvalidArgument(f"output_limit: at least {WINDOW} bytes")
     timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000))
     payload = proto.spawn_payload(args, encode_env(env), encode_path(cwd, "cwd"), timeout_ms, WINDOW)
-    channel = client.open_channel(credit_out=proto.STDIN_WINDOW, limit=output_limit)
+    channel = client.open_channel(credit_out=proto.STDIN_WINDOW, output=(1, 2), limit=output_limit)
     try:
         client.post(pack(T.SPAWN, channel.id, payload))
         reply = await guard(channel.wait_reply())

@@ -254,7 +254,8 @@ class Sandbox:
     async def _launch(self, tg: TaskGroup) -> tuple[Trigger, str]:
         """Everything a start does before the guest is confirmed: run dir, plan, QEMU, devices."""
         paths, plan = await self._origin.prepare()
-        agent = self._events.agent = AgentClient(paths.agent_socket)
+        # an agent that breaks the protocol fails the sandbox: its channel is gone for good
+        agent = self._events.agent = AgentClient(paths.agent_socket, on_violation=self._events.on_fault)
         self._hv = hv = self._backend(self._config, paths, self.id, self._events, self.log, plan=plan, agent=agent)
         if self._config.boot_to_be_template and not hv.capabilities().templates:
             raise NotSupported(f"the {hv.name} backend cannot boot VM templates (see capabilities())")
