@@ -22,6 +22,8 @@
  * out only once the cgroup is empty, so the host says "killed" only about what is gone. A command
  * that ends by itself keeps what it left in the background (a daemon); its cgroup goes once that
  * ends. Without cgroup2 (or cgroup.kill, before Linux 5.14) the process group is killed instead.
+ * Empty cgroups are kept for the next commands (up to CG_KEEP): making and removing one costs
+ * ~12 ms under TCG, moving a process into one 0.6 ms.
  * The agent is the child subreaper of all it started (orphans are reaped here, so a killed tree
  * can be seen to be gone), and its own oom_score_adj is -1000 (commands start at 0): a guest
  * flooded by its commands loses commands to the OOM killer, not the agent.
@@ -102,6 +104,10 @@ static char *in;
 static size_t in_len;
 static int sigpipe_fds[2];
 static char cg_base[320];     /* the parent of the commands' cgroups; "" without cgroup2 */
+#define CG_KEEP 16
+static char *cg_free[CG_KEEP]; /* empty cgroups, ready for the next commands */
+static int cg_nfree;
+static unsigned cg_next;
 static int oom_protected;     /* the agent's oom_score_adj is -1000: commands reset theirs to 0 */
 static char scratch[CHUNK];
 
@@ -200,6 +206,42 @@ static void close_fd(int *fd) {
     *fd = -1;
 }
 
+static int read_line(const char *path, char *buf, size_t cap);
+
+/* Whether a cgroup has no process left (exited ones count as gone, reaped or not). */
+static int cg_empty(const char *cg) {
+    char path[400], line[64];
+    snprintf(path, sizeof path, "%s/cgroup.events", cg);
+    return read_line(path, line, sizeof line) < 0 || strcmp(line, "populated 0") == 0;
+}
+
+/* An empty cgroup for a new command (a kept one, else a new one), or NULL. */
+static char *take_cg(void) {
+    if (cg_nfree) return cg_free[--cg_nfree];
+    for (int tries = 0; tries < 100; tries++) {
+        char *cg;
+        if (asprintf(&cg, "%s/c%u", cg_base, cg_next++) < 0) die("asprintf");
+        if (mkdir(cg, 0755) == 0) return cg;
+        free(cg);
+        if (errno != EEXIST) break;
+    }
+    return NULL;
+}
+
+/* A cgroup whose command is over: kept for the next (once empty) or removed. */
+static void release_cg(char *cg) {
+    if (!cg_empty(cg)) { /* what it left in the background runs on: looked at again on SIGCHLD */
+        struct sess *l = new_sess(0, S_CGROUP);
+        l->closed = 1;
+        l->cg = cg;
+    } else if (cg_nfree < CG_KEEP) {
+        cg_free[cg_nfree++] = cg;
+    } else {
+        rmdir(cg);
+        free(cg);
+    }
+}
+
 static void free_sess(struct sess *s) {
     for (struct sess **p = &sessions; *p; p = &(*p)->next)
         if (*p == s) {
@@ -211,20 +253,12 @@ static void free_sess(struct sess *s) {
     close_fd(&s->out_fd[2]);
     close_fd(&s->fd);
     if (s->tmp) unlink(s->tmp);
-    if (s->cg && rmdir(s->cg) < 0 && errno == EBUSY) { /* still populated: removed once empty */
-        struct sess *l = new_sess(0, S_CGROUP);
-        l->closed = 1;
-        l->cg = s->cg;
-        s->cg = NULL;
-    }
-    free(s->cg);
+    if (s->cg) release_cg(s->cg);
     free(s->inbuf);
     free(s->path);
     free(s->tmp);
     free(s);
 }
-
-static int read_line(const char *path, char *buf, size_t cap);
 
 /* Kill a command and everything it started: its cgroup, else its process group. */
 static void kill_tree(struct sess *s) {
@@ -245,22 +279,19 @@ static void kill_tree(struct sess *s) {
 
 /* Whether nothing of a killed command's tree is left (zombies are reaped by us: the subreaper). */
 static int tree_gone(struct sess *s) {
-    if (s->cg) {
-        char path[400], line[64];
-        snprintf(path, sizeof path, "%s/cgroup.events", s->cg);
-        if (read_line(path, line, sizeof line) == 0) return strcmp(line, "populated 0") == 0;
-    }
+    if (s->cg) return cg_empty(s->cg);
     return kill(-s->pid, 0) < 0 && errno == ESRCH;
 }
 
-/* Remove the cgroups of finished commands whose background processes have ended since. */
+/* The cgroups of finished commands whose background processes have ended since: kept or removed. */
 static void sweep_cgroups(void) {
     for (struct sess *s = sessions, *next; s; s = next) {
         next = s->next;
-        if (s->kind == S_CGROUP && (rmdir(s->cg) == 0 || errno == ENOENT)) {
-            free(s->cg);
+        if (s->kind == S_CGROUP && cg_empty(s->cg)) {
+            char *cg = s->cg;
             s->cg = NULL;
             free_sess(s);
+            release_cg(cg);
         }
     }
 }
@@ -306,14 +337,12 @@ static void do_spawn(uint64_t id, const char *p, uint32_t len) {
     char *cwd = strs[argc + envc];
     int pin[2], pout[2], perr[2];
     int err;
-    char *cg = NULL;
+    char *cg = cg_base[0] ? take_cg() : NULL;
     int cgfd = -1; /* the child moves itself into its cgroup before exec: nothing escapes */
-    if (cg_base[0]) {
-        if (asprintf(&cg, "%s/%016llx", cg_base, (unsigned long long)id) < 0) die("asprintf");
+    if (cg) {
         char procs[400];
         snprintf(procs, sizeof procs, "%s/cgroup.procs", cg);
-        if (mkdir(cg, 0755) == 0 && (cgfd = open(procs, O_WRONLY | O_CLOEXEC)) < 0) rmdir(cg);
-        if (cgfd < 0) free(cg), cg = NULL;
+        if ((cgfd = open(procs, O_WRONLY | O_CLOEXEC)) < 0) rmdir(cg), free(cg), cg = NULL;
     }
     if (pipe2(pin, O_CLOEXEC) < 0) { err = errno; goto fail0; }
     if (pipe2(pout, O_CLOEXEC) < 0) { err = errno; goto fail1; }
@@ -378,8 +407,8 @@ fail1:
 fail0:
     emit_error(id, err, "cannot start %s: %s", strs[0], strerror(err));
     free(strs);
-    if (cgfd >= 0) close(cgfd), rmdir(cg);
-    free(cg);
+    if (cgfd >= 0) close(cgfd);
+    if (cg) release_cg(cg);
 }
 
 static void stdin_broken(struct sess *s) {
@@ -966,17 +995,13 @@ static void setup_cgroups(void) {
         cg_base[0] = 0;
         return;
     }
-    DIR *d = opendir(cg_base); /* a previous agent's: empty ones go now, the others once empty */
+    DIR *d = opendir(cg_base); /* a previous agent's: kept once empty (what runs there runs on) */
     struct dirent *e;
     while (d && (e = readdir(d))) {
         if (e->d_type != DT_DIR || e->d_name[0] == '.') continue;
-        snprintf(path, sizeof path, "%s/%s", cg_base, e->d_name);
-        if (rmdir(path) < 0) {
-            struct sess *l = new_sess(0, S_CGROUP);
-            l->closed = 1;
-            l->cg = strdup(path);
-            if (!l->cg) die("strdup");
-        }
+        char *cg;
+        if (asprintf(&cg, "%s/%s", cg_base, e->d_name) < 0) die("asprintf");
+        release_cg(cg);
     }
     if (d) closedir(d);
 }
