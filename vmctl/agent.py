@@ -199,9 +199,9 @@ def unresponsive(what: str, command: bytes, timeout: float) -> GuestUnresponsive
     """The host's deadline for a command passed without the guest's answer."""
     name = os.fsdecode(command)
     return GuestUnresponsive(
-        f"the guest agent did not answer within {TIMEOUT_GRACE:g}s after {what} {name!r} reached its timeout of "
-        f"{timeout:g}s: the command may still run in the guest (vmctl told the agent to kill it); a guest that keeps "
-        "doing this is flooded or hostile: stop it", command=name, timeout=timeout)  # fmt: skip
+        f"the guest agent did not answer {what} {name!r} within {timeout:g}s (its timeout) and {TIMEOUT_GRACE:g}s "
+        "more: the command may still run in the guest (vmctl told the agent to kill it); a guest that keeps doing "
+        "this is flooded or hostile: stop it", command=name, timeout=timeout)  # fmt: skip
 
 
 def _is_disconnect(failure: Failure | None) -> bool:
