@@ -16,3 +16,5 @@ def test_one_error_hierarchy() -> None:
               and issubclass(getattr(vmctl, n), BaseException)]  # fmt: skip
     assert errors and all(issubclass(e, vmctl.VmctlError) for e in errors)
     assert issubclass(vmctl.VmctlTimeout, TimeoutError) and issubclass(vmctl.HotplugTimeout, vmctl.VmctlTimeout)
+    assert issubclass(vmctl.GuestUnresponsive, vmctl.VmctlTimeout) and issubclass(vmctl.GuestUnresponsive,
+                                                                                vmctl.GuestError)  # fmt: skip

@@ -40,16 +40,20 @@ from vmctl.errors import (
     GuestDisconnected,
     GuestError,
     GuestOSError,
+    GuestUnresponsive,
     InvalidArgument,
     OutputLimitExceeded,
-    VmctlTimeout,
 )
 from vmctl.waiting import Failure, deadline, make_error
 
 __all__ = ["AgentClient", "Channel", "ExecResult", "GuestBlockDevice", "GuestCommandFailed", "GuestMemory",
            "InvalidArgument"]  # fmt: skip
 
-TIMEOUT_GRACE = 5.0
+#: How long after a command's ``timeout`` (or its output limit) the host waits for the guest to
+#: confirm the kill: the guest kills it at the deadline and answers once all of it is gone; the host
+#: gives up this much later (:class:`GuestUnresponsive`), so a flooded or stopped guest cannot make
+#: the call outlast its deadline by more.
+TIMEOUT_GRACE = 2.0
 #: Output credit per stream a request starts with (and the unit in which credit is granted back).
 WINDOW = 1024 * 1024
 #: Output a process may have buffered unread in the controller before the guest is made to wait
@@ -196,6 +200,15 @@ def check_timeout(timeout: float | None) -> None:
         raise InvalidArgument("timeout: must be a positive, finite number of seconds (or None for no limit)")
 
 
+def unresponsive(what: str, command: bytes, timeout: float) -> GuestUnresponsive:
+    """The host's deadline for a command passed without the guest's answer."""
+    name = os.fsdecode(command)
+    return GuestUnresponsive(
+        f"the guest agent did not answer {what} {name!r} within {timeout:g}s (its timeout) and {TIMEOUT_GRACE:g}s "
+        "more: the command may still run in the guest (vmctl told the agent to kill it); a guest that keeps doing "
+        "this is flooded or hostile: stop it", command=name, timeout=timeout)  # fmt: skip
+
+
 def _is_disconnect(failure: Failure | None) -> bool:
     return failure is not None and isinstance(make_error(failure), GuestDisconnected)
 
@@ -205,7 +218,8 @@ class Channel:
 
     Output (stream 1 and 2) is buffered per stream; credit for it goes back to the guest as the
     consumer takes it, and at once while less than ``limit`` is buffered unread. ``hard_limit``
-    (for ``exec``, which collects everything) fails the channel once the total goes over it.
+    (for ``exec``, which collects everything): once the total goes over it, what came is dropped,
+    no more credit goes out and the guest is told to kill the command (``over_limit``).
     The request itself grants ``window`` bytes on each stream in ``output`` (none on the others);
     DATA beyond what was granted is a :class:`~vmctl.agentproto.FlowViolation` unless the
     channel is not ``metered`` (the benchmarks' SOURCE, which ignores credit by design).
@@ -228,6 +242,8 @@ class Channel:
         self.window = window
         self.limit = limit
         self.hard_limit = hard_limit
+        #: the output went over ``hard_limit``: the guest was told to kill the command (KILL)
+        self.over_limit = False
         self.total = 0
         self._chunks: dict[int, deque[bytes]] = {1: deque(), 2: deque()}
         self._buffered = {1: 0, 2: 0}
@@ -285,8 +301,7 @@ class Channel:
             self._ungranted[stream] += len(payload)
             self.total += len(payload)
             if self.hard_limit is not None and self.total > self.hard_limit:
-                self.fail(lambda: OutputLimitExceeded(
-                    f"the command wrote more than its output limit of {self.hard_limit} bytes; it was killed"))  # fmt: skip
+                self._over_limit()
                 return
             self._grant(stream)
         elif kind == T.EOF:
@@ -307,6 +322,24 @@ class Channel:
             self.reply = frame
         else:
             raise ProtocolError(f"an unexpected frame (type 0x{kind:02x}, stream {stream}) for this request")
+
+    def _over_limit(self) -> None:
+        """Drop the output (the caller gets an error instead) and have the guest kill the command;
+        its EXIT then confirms that it is gone."""
+        for chunks in self._chunks.values():
+            chunks.clear()
+        self._buffered = {1: 0, 2: 0}
+        if not self.over_limit:
+            self.over_limit = True
+            self._client.post(pack(T.KILL, self.id))
+
+    def limit_error(self) -> OutputLimitExceeded:
+        """The error for a command that went over ``hard_limit``: killed once its EXIT came."""
+        killed = self.exit is not None
+        outcome = ("it was killed, with everything it started" if killed else
+                   f"the guest agent did not confirm within {TIMEOUT_GRACE:g}s that it was killed (vmctl told it to)")  # fmt: skip
+        return OutputLimitExceeded(f"the command wrote more than its output limit of {self.hard_limit} bytes; "
+                                   f"{outcome}", killed=killed)  # fmt: skip
 
     def _grant(self, stream: int) -> None:
         owed = self._ungranted[stream]
@@ -375,8 +408,9 @@ class Channel:
         view = memoryview(data)
         pos = 0
         while pos < len(view):
-            await self.wait_for(lambda: self.credit_out > 0 or self.input_closed or self.exit is not None)
-            if self.input_closed or self.exit is not None:
+            await self.wait_for(lambda: self.credit_out > 0 or self.input_closed or self.exit is not None
+                                or self.over_limit)  # fmt: skip
+            if self.input_closed or self.exit is not None or self.over_limit:
                 raise anyio.BrokenResourceError("the guest process no longer reads its stdin")
             n = min(self.credit_out, proto.CHUNK, len(view) - pos)
             self._client.post(pack(T.DATA, self.id, bytes(view[pos:pos + n]), 0))
@@ -568,27 +602,38 @@ class AgentClient:
                    cwd: str | os.PathLike[str] | None = None,
                    output_limit: int = DEFAULT_OUTPUT_LIMIT) -> ExecResult:  # fmt: skip
         """Run ``argv`` in the guest, ``env`` added to its environment, in ``cwd``: exit code, stdout,
-        stderr. ``timeout`` kills it there (result has ``timed_out``); output over ``output_limit``
-        kills it too and raises :class:`OutputLimitExceeded`."""
+        stderr. ``timeout`` kills it there with everything it started (the result has ``timed_out``
+        once the guest confirmed they are gone); the host holds the deadline too: without the
+        guest's answer ``TIMEOUT_GRACE`` after it, :class:`GuestUnresponsive`. Output over
+        ``output_limit`` kills it too and raises :class:`OutputLimitExceeded` (``killed`` says
+        whether the guest confirmed it). A cancelled call kills it in the guest (unconfirmed)."""
         args = encode_argv(argv)
         stdin = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
         spawn = proto.spawn_payload(args, encode_env(env), encode_path(cwd, "cwd"),
                                     0 if timeout is None else max(1, math.ceil(timeout * 1000)), WINDOW)  # fmt: skip
         check_timeout(timeout)
         started = time.monotonic()
-        # the guest kills the command at ``timeout``; the host gives its answer a grace period
-        host_limit = None if timeout is None else timeout + TIMEOUT_GRACE
         channel = self.open_channel(credit_out=proto.STDIN_WINDOW, output=(1, 2), hard_limit=output_limit)
         try:
-            with deadline(host_limit, "exec", lambda _: VmctlTimeout(
-                    f"guest agent did not answer exec {args[0]!r} within {timeout}s")):  # fmt: skip
+            with anyio.move_on_after(math.inf if timeout is None else timeout + TIMEOUT_GRACE) as host_deadline:
                 self.post(pack(T.SPAWN, channel.id, spawn))
                 try:
                     await channel.send(stdin)
                     channel.send_eof()
                 except anyio.BrokenResourceError:
-                    pass  # the command did not read all of its stdin
-                code, timed_out = await channel.wait_exit()
+                    pass  # the command did not read all of its stdin (or went over its output limit)
+                await channel.wait_for(lambda: channel.exit is not None or channel.over_limit)
+                if channel.over_limit:
+                    with anyio.move_on_after(TIMEOUT_GRACE):  # the guest's EXIT confirms the kill
+                        await channel.wait_for(lambda: channel.exit is not None)
+                    raise channel.limit_error()
+            if channel.over_limit:
+                raise channel.limit_error()
+            if host_deadline.cancelled_caught:
+                assert timeout is not None
+                raise unresponsive("exec", args[0], timeout)
+            assert channel.exit is not None
+            code, timed_out = channel.exit
             return ExecResult(code, channel.take_all(1), channel.take_all(2), timed_out, time.monotonic() - started)
         finally:
             self.release(channel)

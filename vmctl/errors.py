@@ -16,7 +16,7 @@
      |    +-- GuestCommandFailed    exec(check=True) and the command failed
      |    +-- GuestDisconnected     the agent connection is gone (the guest or QEMU went away)
      |    +-- GuestOSError          the guest refused a file or process request: errno and its reason
-     |    +-- OutputLimitExceeded   a command wrote more than its output limit; it was killed
+     |    +-- OutputLimitExceeded   a command wrote more than its output limit (``killed``: confirmed gone)
      +-- HotplugError           a hotplug or unplug request failed (refused, no slot left, ...)
      +-- InvalidArgument        (also a ValueError) a call's argument is unusable
      +-- FleetError             (also a ValueError) a fleet could not do what was asked
@@ -25,6 +25,7 @@
      +-- NodeLost               a cluster node (or its host actor) is gone, and its sandboxes with it
      +-- VmctlTimeout           (also a TimeoutError) something did not happen in time
           +-- ReadyTimeout      the guest did not report ready in time
+          +-- GuestUnresponsive (also a GuestError) a command's deadline passed, the agent did not answer
           +-- HotplugTimeout    (also a HotplugError) QEMU or the guest did not acknowledge in time
           +-- PoolTimeout       (also a PoolError) no pooled sandbox became free in time
 
@@ -135,7 +136,13 @@ class GuestOSError(GuestError):
 
 
 class OutputLimitExceeded(GuestError):
-    """A command's output went over its ``output_limit``; the command was killed in the guest."""
+    """A command's output went over its ``output_limit``. ``killed`` is True once the agent
+    confirmed that the command and everything it started are gone; False if it did not confirm
+    within ``TIMEOUT_GRACE`` (vmctl told it to kill them; a guest that does not answer may not)."""
+
+    def __init__(self, message: str, *, killed: bool = False) -> None:
+        self.killed = killed
+        super().__init__(message)
 
 
 class GuestCommandFailed(GuestError):
@@ -183,6 +190,18 @@ class VmctlTimeout(VmctlError, TimeoutError):
 
 class ReadyTimeout(VmctlTimeout):
     """The guest did not report ready in time; the message names the accelerator and the fix."""
+
+
+class GuestUnresponsive(GuestError, VmctlTimeout):
+    """A command's ``timeout`` passed and the guest agent did not answer within ``TIMEOUT_GRACE``
+    more (the guest is flooded, or its agent stopped): the host gave up waiting, so the call returns
+    on time whatever the guest does. What became of the command is unknown: vmctl told the agent to
+    kill it, which a recovering agent does. ``command`` is its program, ``timeout`` its limit."""
+
+    def __init__(self, message: str, *, command: str = "", timeout: float | None = None) -> None:
+        self.command = command
+        self.timeout = timeout
+        super().__init__(message)
 
 
 class HotplugTimeout(HotplugError, VmctlTimeout):

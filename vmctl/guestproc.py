@@ -6,7 +6,13 @@ back as the caller reads, and at once while less than ``output_limit`` is buffer
 caller that reads slowly (or only one of the two streams) makes the command wait in its pipe,
 never fills the controller's memory, and loses nothing. stdin goes the other way within the
 guest's credit. Leaving the block, or cancelling it, kills the command's process group in the
-guest (SIGKILL) and frees the channel; a failing sandbox fails every stream at once.
+guest (SIGKILL: its cgroup, so also what it started) and frees the channel; a failing sandbox
+fails every stream at once.
+
+A ``timeout`` is held on both sides: the guest kills the command at it (``timed_out``), and every
+call on the process (start, wait, the streams, stdin) gives up ``TIMEOUT_GRACE`` later with
+:class:`GuestUnresponsive` if the guest has not answered by then, so no call outlasts the
+deadline by more however busy or hostile the guest is.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from anyio.abc import ByteReceiveStream, ByteSendStream
 from vmctl import agentproto as proto
 from vmctl.agent import (
     DEFAULT_OUTPUT_LIMIT,
+    TIMEOUT_GRACE,
     WINDOW,
     AgentClient,
     Argv,
@@ -32,6 +39,7 @@ from vmctl.agent import (
     encode_argv,
     encode_env,
     encode_path,
+    unresponsive,
 )
 from vmctl.agentproto import T, pack
 from vmctl.errors import InvalidArgument
@@ -94,15 +102,24 @@ class GuestProcess:
     """A command running in the guest. ``stdout`` and ``stderr`` stream its output, ``stdin`` feeds
     it; :meth:`wait` returns its exit code (128 + N when a signal N ended it)."""
 
-    def __init__(self, client: AgentClient, channel: Channel, pid: int, guard: Guard) -> None:
+    def __init__(self, client: AgentClient, channel: Channel, pid: int, guard: Guard,
+                 limit: HostLimit | None = None) -> None:  # fmt: skip
         self._client = client
         self._channel = channel
-        self._guard = guard
+        self._outer_guard = guard
+        self._limit = limit
         #: the command's pid in the guest
         self.pid = pid
-        self.stdin = GuestStdin(channel, guard)
-        self.stdout = GuestStream(channel, proto.STDOUT, guard)
-        self.stderr = GuestStream(channel, proto.STDERR, guard)
+        self.stdin = GuestStdin(channel, self._guard)
+        self.stdout = GuestStream(channel, proto.STDOUT, self._guard)
+        self.stderr = GuestStream(channel, proto.STDERR, self._guard)
+
+    async def _guard(self, call: Awaitable[R]) -> R:
+        """The sandbox's guard, within the host's deadline while the command has not ended."""
+        if self._limit is None or self._channel.finished:
+            result: R = await self._outer_guard(call)
+            return result
+        return await self._limit.bound(self._outer_guard(call))
 
     @property
     def returncode(self) -> int | None:
@@ -142,6 +159,21 @@ class GuestProcess:
         await self.aclose()
 
 
+class HostLimit:
+    """The host's deadline for a command with a ``timeout``: its timeout plus ``TIMEOUT_GRACE``
+    after it was requested."""
+
+    def __init__(self, command: bytes, timeout: float) -> None:
+        self.command = command
+        self.timeout = timeout
+        self.at = anyio.current_time() + timeout + TIMEOUT_GRACE
+
+    async def bound(self, call: Awaitable[R]) -> R:
+        with anyio.move_on_at(self.at):
+            return await call
+        raise unresponsive("process", self.command, self.timeout)
+
+
 async def start(client: AgentClient, argv: Argv, *, env: Env = None, cwd: str | os.PathLike[str] | None = None,
                 timeout: float | None = None, output_limit: int = DEFAULT_OUTPUT_LIMIT,
                 guard: Guard = _unguarded) -> GuestProcess:  # fmt: skip
@@ -153,14 +185,16 @@ async def start(client: AgentClient, argv: Argv, *, env: Env = None, cwd: str | 
     timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000))
     payload = proto.spawn_payload(args, encode_env(env), encode_path(cwd, "cwd"), timeout_ms, WINDOW)
     channel = client.open_channel(credit_out=proto.STDIN_WINDOW, output=(1, 2), limit=output_limit)
+    limit = None if timeout is None else HostLimit(args[0], timeout)
     try:
         client.post(pack(T.SPAWN, channel.id, payload))
-        reply = await guard(channel.wait_reply())
+        started = guard(channel.wait_reply())
+        reply = await (started if limit is None else limit.bound(started))
         pid = int.from_bytes(reply.payload[:4], "little", signed=True)
     except BaseException:
         client.release(channel)
         raise
-    return GuestProcess(client, channel, pid, guard)
+    return GuestProcess(client, channel, pid, guard, limit)
 
 
 class ProcessContext:

@@ -221,6 +221,10 @@ class _FakeSession:
         elif frame.type == T.CLOSE:
             self.done = True
             self.scope.cancel()
+        elif frame.type == T.KILL and self.frame.type == T.SPAWN:  # killed; EXIT says it is gone
+            self.done = True
+            self.scope.cancel()
+            await send(T.EXIT, frame.id, proto.i32(128 + 9) + b"\0")
 
     async def run(self, send: Callable[..., Awaitable[None]]) -> None:
         argv = proto.parse_spawn(self.frame.payload)[0]
@@ -515,14 +519,14 @@ class FakeProcess:
                     payload = await reader.receive_exactly(length) if length else b""
                     frame = proto.Frame(kind, request_id, payload, stream_no)
                     session = sessions.get(request_id)
-                    if session is not None and kind in (T.DATA, T.EOF, T.CLOSE, T.SIGNAL, T.CREDIT):
+                    if session is not None and kind in (T.DATA, T.EOF, T.CLOSE, T.KILL, T.SIGNAL, T.CREDIT):
                         await session.on_frame(frame, send)
                         if session.done:
                             del sessions[request_id]
                     elif kind in (T.SPAWN, T.FWRITE):
                         sessions[request_id] = _FakeSession(self, frame, tg, send)
                         await sessions[request_id].opened(send)
-                    elif kind not in (T.DATA, T.EOF, T.CLOSE, T.SIGNAL, T.CREDIT):
+                    elif kind not in (T.DATA, T.EOF, T.CLOSE, T.KILL, T.SIGNAL, T.CREDIT):
                         tg.start_soon(self._agent_request, frame, send)
             except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError,
                     proto.ProtocolError):  # fmt: skip

@@ -14,6 +14,20 @@
  * and reads return 0 at once, so we look again every 50 ms. When the host goes away every
  * session ends (processes are killed, temporary files removed): nobody could read them.
  *
+ * A command runs in a cgroup of its own (cgroup2 at <mount>/vmctl/<id>; the agent mounts cgroup2
+ * if the guest has not) and in a session and process group of its own. Whatever ends it early
+ * (its timeout, the host's KILL at its output limit, the host's CLOSE when the caller is gone,
+ * the host going away) kills the whole cgroup with cgroup.kill, which also reaches what left the
+ * process group (setsid) and what forks meanwhile; after a timeout or a KILL the EXIT frame goes
+ * out only once the cgroup is empty, so the host says "killed" only about what is gone. A command
+ * that ends by itself keeps what it left in the background (a daemon); its cgroup goes once that
+ * ends. Without cgroup2 (or cgroup.kill, before Linux 5.14) the process group is killed instead.
+ * Empty cgroups are kept for the next commands (up to CG_KEEP): making and removing one costs
+ * ~12 ms under TCG, moving a process into one 0.6 ms.
+ * The agent is the child subreaper of all it started (orphans are reaped here, so a killed tree
+ * can be seen to be gone), and its own oom_score_adj is -1000 (commands start at 0): a guest
+ * flooded by its commands loses commands to the OOM killer, not the agent.
+ *
  * Built by vmctl/guest/build.py with `gcc -static -O2`; started (and restarted) by /init.
  */
 #define _GNU_SOURCE
@@ -27,6 +41,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -45,11 +61,12 @@
 enum {
     T_PING = 0x01, T_SPAWN, T_DATA, T_EOF, T_CREDIT, T_SIGNAL, T_CLOSE, T_QUERY, T_WAITDEV,
     T_WAITGONE, T_POWEROFF, T_FREAD, T_FWRITE, T_STAT, T_LIST, T_MKDIR,
+    T_KILL, /* kill the command's whole tree and drop its output; EXIT once it is gone */
     T_SOURCE = 0x20, T_SINK = 0x21, /* raw channel measurements (bench/files.py) */
     T_READY = 0x40, T_PONG, T_STARTED, T_EXIT, T_RESULT, T_ERROR,
 };
 
-enum { S_PROC, S_FREAD, S_FWRITE, S_WAIT, S_SOURCE, S_SINK };
+enum { S_PROC, S_FREAD, S_FWRITE, S_WAIT, S_SOURCE, S_SINK, S_CGROUP /* a cgroup to remove once empty */ };
 
 struct sess {
     uint64_t id;
@@ -64,6 +81,8 @@ struct sess {
     int64_t credit[3];        /* output credit the host granted, per stream */
     int exited, code, timed_out;
     int64_t deadline;         /* ms, 0: none */
+    char *cg;                 /* proc: its cgroup's directory (NULL: none, the process group only) */
+    int killed;               /* proc: its tree was killed; EXIT waits until the tree is gone */
     int fd;                   /* fread / fwrite */
     uint32_t mode;
     char *path, *tmp;
@@ -84,6 +103,12 @@ static size_t ready_end;      /* out offset after READY; 0 once it went out */
 static char *in;
 static size_t in_len;
 static int sigpipe_fds[2];
+static char cg_base[320];     /* the parent of the commands' cgroups; "" without cgroup2 */
+#define CG_KEEP 16
+static char *cg_free[CG_KEEP]; /* empty cgroups, ready for the next commands */
+static int cg_nfree;
+static unsigned cg_next;
+static int oom_protected;     /* the agent's oom_score_adj is -1000: commands reset theirs to 0 */
 static char scratch[CHUNK];
 
 static int64_t now_ms(void) {
@@ -181,6 +206,42 @@ static void close_fd(int *fd) {
     *fd = -1;
 }
 
+static int read_line(const char *path, char *buf, size_t cap);
+
+/* Whether a cgroup has no process left (exited ones count as gone, reaped or not). */
+static int cg_empty(const char *cg) {
+    char path[400], line[64];
+    snprintf(path, sizeof path, "%s/cgroup.events", cg);
+    return read_line(path, line, sizeof line) < 0 || strcmp(line, "populated 0") == 0;
+}
+
+/* An empty cgroup for a new command (a kept one, else a new one), or NULL. */
+static char *take_cg(void) {
+    if (cg_nfree) return cg_free[--cg_nfree];
+    for (int tries = 0; tries < 100; tries++) {
+        char *cg;
+        if (asprintf(&cg, "%s/c%u", cg_base, cg_next++) < 0) die("asprintf");
+        if (mkdir(cg, 0755) == 0) return cg;
+        free(cg);
+        if (errno != EEXIST) break;
+    }
+    return NULL;
+}
+
+/* A cgroup whose command is over: kept for the next (once empty) or removed. */
+static void release_cg(char *cg) {
+    if (!cg_empty(cg)) { /* what it left in the background runs on: looked at again on SIGCHLD */
+        struct sess *l = new_sess(0, S_CGROUP);
+        l->closed = 1;
+        l->cg = cg;
+    } else if (cg_nfree < CG_KEEP) {
+        cg_free[cg_nfree++] = cg;
+    } else {
+        rmdir(cg);
+        free(cg);
+    }
+}
+
 static void free_sess(struct sess *s) {
     for (struct sess **p = &sessions; *p; p = &(*p)->next)
         if (*p == s) {
@@ -192,17 +253,53 @@ static void free_sess(struct sess *s) {
     close_fd(&s->out_fd[2]);
     close_fd(&s->fd);
     if (s->tmp) unlink(s->tmp);
+    if (s->cg) release_cg(s->cg);
     free(s->inbuf);
     free(s->path);
     free(s->tmp);
     free(s);
 }
 
+/* Kill a command and everything it started: its cgroup, else its process group. */
+static void kill_tree(struct sess *s) {
+    if (s->cg) {
+        char path[400];
+        snprintf(path, sizeof path, "%s/cgroup.kill", s->cg);
+        int fd = open(path, O_WRONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            if (write(fd, "1", 1) < 0) {
+            }
+            close(fd);
+        }
+    }
+    if (!s->exited || !s->cg) kill(-s->pid, SIGKILL);
+    if (!s->exited) kill(s->pid, SIGKILL);
+    s->killed = 1;
+}
+
+/* Whether nothing of a killed command's tree is left (zombies are reaped by us: the subreaper). */
+static int tree_gone(struct sess *s) {
+    if (s->cg) return cg_empty(s->cg);
+    return kill(-s->pid, 0) < 0 && errno == ESRCH;
+}
+
+/* The cgroups of finished commands whose background processes have ended since: kept or removed. */
+static void sweep_cgroups(void) {
+    for (struct sess *s = sessions, *next; s; s = next) {
+        next = s->next;
+        if (s->kind == S_CGROUP && cg_empty(s->cg)) {
+            char *cg = s->cg;
+            s->cg = NULL;
+            free_sess(s);
+            release_cg(cg);
+        }
+    }
+}
+
 /* The host is done with a session (CLOSE), or gone: kill, drop, forget. */
 static void end_sess(struct sess *s) {
+    if (s->kind == S_PROC) kill_tree(s); /* a background child too: the caller gave up first */
     if (s->kind == S_PROC && !s->exited) {
-        kill(-s->pid, SIGKILL);
-        kill(s->pid, SIGKILL);
         close_fd(&s->in_fd);
         close_fd(&s->out_fd[1]);
         close_fd(&s->out_fd[2]);
@@ -240,6 +337,13 @@ static void do_spawn(uint64_t id, const char *p, uint32_t len) {
     char *cwd = strs[argc + envc];
     int pin[2], pout[2], perr[2];
     int err;
+    char *cg = cg_base[0] ? take_cg() : NULL;
+    int cgfd = -1; /* the child moves itself into its cgroup before exec: nothing escapes */
+    if (cg) {
+        char procs[400];
+        snprintf(procs, sizeof procs, "%s/cgroup.procs", cg);
+        if ((cgfd = open(procs, O_WRONLY | O_CLOEXEC)) < 0) rmdir(cg), free(cg), cg = NULL;
+    }
     if (pipe2(pin, O_CLOEXEC) < 0) { err = errno; goto fail0; }
     if (pipe2(pout, O_CLOEXEC) < 0) { err = errno; goto fail1; }
     if (pipe2(perr, O_CLOEXEC) < 0) { err = errno; goto fail2; }
@@ -252,6 +356,13 @@ static void do_spawn(uint64_t id, const char *p, uint32_t len) {
         sigprocmask(SIG_SETMASK, &none, NULL);
         signal(SIGPIPE, SIG_DFL);
         signal(SIGCHLD, SIG_DFL);
+        if (cgfd >= 0 && write(cgfd, "0", 1) < 0) {
+        }
+        if (oom_protected) {
+            int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+            if (fd >= 0 && write(fd, "0", 1) < 0) {
+            }
+        }
         setsid();
         dup2(pin[0], 0);
         dup2(pout[1], 1);
@@ -269,11 +380,13 @@ static void do_spawn(uint64_t id, const char *p, uint32_t len) {
         _exit(e == ENOENT ? 127 : 126);
     }
     free(strs);
+    if (cgfd >= 0) close(cgfd);
     close(pin[0]);
     close(pout[1]);
     close(perr[1]);
     struct sess *s = new_sess(id, S_PROC);
     s->pid = pid;
+    s->cg = cg;
     s->in_fd = pin[1];
     s->out_fd[1] = pout[0];
     s->out_fd[2] = perr[0];
@@ -294,6 +407,8 @@ fail1:
 fail0:
     emit_error(id, err, "cannot start %s: %s", strs[0], strerror(err));
     free(strs);
+    if (cgfd >= 0) close(cgfd);
+    if (cg) release_cg(cg);
 }
 
 static void stdin_broken(struct sess *s) {
@@ -367,6 +482,7 @@ static void pump_output(struct sess *s, int stream, int hup) {
 static void maybe_finish(struct sess *s) {
     if (s->kind != S_PROC || !s->exited || s->closed) return;
     if (s->out_fd[1] >= 0 || s->out_fd[2] >= 0) return;
+    if (s->killed && !tree_gone(s)) return; /* checked again shortly (the poll loop's timeout) */
     unsigned char payload[5];
     int32_t code = s->code;
     memcpy(payload, &code, 4);
@@ -394,6 +510,7 @@ static void reap(void) {
             break;
         }
     }
+    sweep_cgroups();
 }
 
 static void on_sigchld(int sig) {
@@ -774,6 +891,16 @@ static void handle(int type, int stream, uint64_t id, const char *p, uint32_t le
     case T_CLOSE:
         if ((s = find(id))) end_sess(s);
         break;
+    case T_KILL:
+        if (!(s = find(id)) || s->kind != S_PROC) break;
+        kill_tree(s);
+        if (s->in_fd >= 0) stdin_broken(s);
+        for (int k = 1; k <= 2; k++) /* its output is not wanted any more */
+            if (s->out_fd[k] >= 0) {
+                close_fd(&s->out_fd[k]);
+                emit(T_EOF, k, id, NULL, 0);
+            }
+        break;
     case T_QUERY: do_query(id, p, len); break;
     case T_WAITDEV: do_wait(id, p, len, 0); break;
     case T_WAITGONE: do_wait(id, p, len, 1); break;
@@ -849,6 +976,42 @@ static int open_port(char *name, size_t cap) {
     return fd;
 }
 
+/* cgroup2 for the commands (see the top): an existing mount, else one made at /sys/fs/cgroup
+ * (or /run/vmctl-cgroup if something else is mounted there). */
+static void setup_cgroups(void) {
+    char dev[256], dir[256], type[64], mnt[256] = "";
+    int taken = 0; /* /sys/fs/cgroup is some other mount (a cgroup v1 tmpfs) */
+    FILE *f = fopen("/proc/self/mounts", "re");
+    while (f && fscanf(f, "%255s %255s %63s %*[^\n]", dev, dir, type) == 3) {
+        if (!strcmp(type, "cgroup2") && !mnt[0]) snprintf(mnt, sizeof mnt, "%s", dir);
+        taken |= !strcmp(dir, "/sys/fs/cgroup");
+    }
+    if (f) fclose(f);
+    if (!mnt[0] && !taken && mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) == 0)
+        snprintf(mnt, sizeof mnt, "/sys/fs/cgroup");
+    if (!mnt[0] && (mkdir("/run/vmctl-cgroup", 0755) == 0 || errno == EEXIST) &&
+        mount("cgroup2", "/run/vmctl-cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) == 0)
+        snprintf(mnt, sizeof mnt, "/run/vmctl-cgroup");
+    if (!mnt[0]) return;
+    char path[600];
+    snprintf(cg_base, sizeof cg_base, "%s/vmctl", mnt);
+    snprintf(path, sizeof path, "%s/cgroup.kill", cg_base);
+    if ((mkdir(cg_base, 0755) < 0 && errno != EEXIST) || access(path, W_OK) < 0) {
+        fprintf(stderr, "vmctl-agent: no cgroup.kill under %s: commands are killed by process group\n", mnt);
+        cg_base[0] = 0;
+        return;
+    }
+    DIR *d = opendir(cg_base); /* a previous agent's: kept once empty (what runs there runs on) */
+    struct dirent *e;
+    while (d && (e = readdir(d))) {
+        if (e->d_type != DT_DIR || e->d_name[0] == '.') continue;
+        char *cg;
+        if (asprintf(&cg, "%s/%s", cg_base, e->d_name) < 0) die("asprintf");
+        release_cg(cg);
+    }
+    if (d) closedir(d);
+}
+
 int main(void) {
     char name[300];
     port = open_port(name, sizeof name);
@@ -856,6 +1019,13 @@ int main(void) {
         fprintf(stderr, "vmctl-agent: no virtio port named %s\n", PORT_NAME);
         sleep(1);
         return 1;
+    }
+    if (!test_mode) { /* in the guest only, never on a host running the tests */
+        setup_cgroups();
+        prctl(PR_SET_CHILD_SUBREAPER, 1);
+        int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+        oom_protected = fd >= 0 && write(fd, "-1000", 5) == 5;
+        if (fd >= 0) close(fd);
     }
     set_nonblock(port);
     fcntl(port, F_SETFD, FD_CLOEXEC);
@@ -917,6 +1087,7 @@ int main(void) {
                         if (s->exited) due = now; /* drain what is left, then end */
                     }
                 if (s->deadline && !s->exited) due = s->deadline;
+                if (s->killed && s->exited) due = now + 10; /* until its tree is gone */
             } else if ((s->kind == S_FREAD && s->credit[1] > 0 && room) || (s->kind == S_SOURCE && room)) {
                 due = now;
             } else if (s->kind == S_WAIT) {
@@ -964,8 +1135,7 @@ int main(void) {
             if (s->kind == S_PROC && !s->closed) {
                 if (s->deadline && !s->exited && now >= s->deadline) {
                     s->timed_out = 1;
-                    kill(-s->pid, SIGKILL);
-                    kill(s->pid, SIGKILL);
+                    kill_tree(s);
                     s->deadline = 0;
                 }
                 if (s->exited) {
