@@ -113,10 +113,16 @@ async def test_restart_retries_a_failed_member_and_reports_a_failed_reboot(tmp_p
 
 
 async def test_one_restart_at_a_time_per_member(tmp_path: Path) -> None:
-    async with Fleet(fake_config(tmp_path), size=1, backend=FakeQemu(ready_delay=0.2)) as fleet:
+    restarting = anyio.Event()
+
+    def on_event(event: FleetEvent) -> None:
+        if event.kind is FleetEventKind.RESTARTING:
+            restarting.set()
+
+    async with Fleet(fake_config(tmp_path), size=1, backend=FakeQemu(ready_delay=0.2), on_event=on_event) as fleet:
         async with anyio.create_task_group() as tg:
             tg.start_soon(fleet.restart, 0)
-            await anyio.sleep(0.05)
+            await restarting.wait()
             with pytest.raises(FleetError, match="already restarting"):
                 await fleet.restart(0)
         assert fleet.members[0].restarts == 1 and fleet.sandboxes[0].state is SandboxState.RUNNING
