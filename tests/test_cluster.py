@@ -146,6 +146,20 @@ async def test_a_fleet_spreads_over_three_nodes_with_a_template_per_node(
         await cluster.shutdown_hosts()
 
 
+async def test_a_cluster_fleet_logs_a_failing_on_event_callback_as_the_local_fleet_does(
+        ray_cluster: RayCluster, make_config: Callable[..., SandboxConfig],
+        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from tests.test_members import assert_callback_failure_reported, broken_display
+
+    try:
+        async with cluster.ClusterFleet(make_config(), size=1, strategy="PACK", on_event=broken_display) as fleet:
+            results = await fleet.map(lambda sb: sb.exec(["true"]))
+            assert [outcome.ok for _, outcome in results] == [True]
+    finally:
+        await cluster.shutdown_hosts()
+    assert_callback_failure_reported(capsys.readouterr().err, "fleet")
+
+
 async def test_move_to_another_node_keeps_the_guest(
         ray_cluster: RayCluster, make_config: Callable[..., SandboxConfig], tmp_path: Path) -> None:  # fmt: skip
     disk = tmp_path / "data.img"

@@ -173,7 +173,7 @@ async def test_cancelling_a_restart_leaves_the_fleet_whole(tmp_path: Path, runti
                 await fleet.restart(0)  # cancelled before the new one started: restart it again
             else:  # a new one is booting (or ready): it goes on in the fleet
                 with anyio.fail_after(5):
-                    await member._booted.wait()  # type: ignore[union-attr]
+                    await member.booted.wait()  # type: ignore[union-attr]
             assert member.sandbox.state is SandboxState.RUNNING
             assert (await fleet.sandboxes[0].exec(["true"])).ok
     assert list(runtime_dir.iterdir()) == []

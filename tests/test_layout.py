@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                 "vmctl.agent", "vmctl.console", "vmctl.guestproc", "vmctl.guestfiles", "vmctl.overlays",
                 "vmctl.guest", "vmctl.guest.*"]),
     ("sandbox", ["vmctl.sandbox", "vmctl.origin", "vmctl.events", "vmctl.runtask", "vmctl.runcontrol"]),
-    ("front", ["vmctl", "vmctl.cli", "vmctl.fleetcli", "vmctl.detachedcli", "vmctl.fleet", "vmctl.fleetspec",
+    ("front", ["vmctl", "vmctl.cli", "vmctl.fleetcli", "vmctl.detachedcli", "vmctl.fleet", "vmctl.fleetspec", "vmctl.members",
                "vmctl.pool", "vmctl.template", "vmctl.cluster", "vmctl.cluster.*", "vmctl.testing"]),
 ]
 

@@ -40,7 +40,7 @@ from vmctl.errors import (
     OutputLimitExceeded,
     VmctlTimeout,
 )
-from vmctl.waiting import Failure, deadline, make_error
+from vmctl.waiting import Broadcast, Failure, deadline, make_error
 
 __all__ = ["AgentClient", "Channel", "ExecResult", "GuestBlockDevice", "GuestCommandFailed", "GuestMemory",
            "InvalidArgument"]  # fmt: skip
@@ -208,7 +208,7 @@ class Channel:
                  limit: int | None = None, hard_limit: int | None = None) -> None:  # fmt: skip
         self.id = request_id
         self._client = client
-        self._changed = anyio.Event()
+        self._changed = Broadcast()
         self.reply: Frame | None = None
         self.failure: Failure | None = None
         self.exit: tuple[int, bool] | None = None
@@ -231,8 +231,7 @@ class Channel:
         return self._buffered[1] + self._buffered[2]
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._changed.notify()
 
     def fail(self, failure: Failure) -> None:
         """Fail every waiter on this channel. A lost connection gives way to a more precise reason
