@@ -32,6 +32,7 @@ from vmctl import (  # noqa: E402
     BlockDevice,
     GuestCommandFailed,
     IllegalTransition,
+    InvalidArgument,
     NodeLost,
     SandboxConfig,
     SandboxState,
@@ -119,6 +120,9 @@ async def test_a_fleet_spreads_over_three_nodes_with_a_template_per_node(
             with pytest.raises(IllegalTransition):  # the vmctl error type, rebuilt on the driver
                 await sb.pause()
             await sb.resume()
+            with pytest.raises(InvalidArgument, match="timeout"):  # the timeout reaches the node's stop
+                await sb.stop(timeout=-1)
+            assert (await sb.refresh()) is SandboxState.RUNNING
             with pytest.raises(GuestCommandFailed) as failed:
                 await sb.exec(["sh", "-c", "echo oops >&2; exit 3"], check=True)
             assert failed.value.result.exit_code == 3 and b"oops" in failed.value.result.stderr
