@@ -26,6 +26,7 @@ from vmctl import ConfigError, HostError, InvalidArgument, Sandbox, SandboxConfi
 from vmctl.agent import AgentClient
 from vmctl.agentproto import parse_spawn, spawn_payload
 from vmctl.devices import BlockDevice, NetworkDevice, SerialPort
+from vmctl.guestfiles import write_local
 from vmctl.hypervisors.base import RunPaths
 from vmctl.hypervisors.cmdline import SECCOMP, build_command
 from vmctl.hypervisors.jail import jail_user
@@ -427,3 +428,24 @@ async def test_real_qemu_runs_confined_as_us_and_exec_is_verbatim(make_config: M
             assert result.stdout == "".join(f"[{a}]" for a in NASTY).encode()
     finally:
         os.close(sentinel)
+
+
+def test_a_remote_download_replaces_a_planted_symlink_and_never_writes_through_it(tmp_path: Path) -> None:
+    """What ``RemoteSandbox.download`` writes on the driver (``guestfiles.write_local``): a new
+    file, mode 0o666 minus the umask, renamed onto the target; a directory there is refused.
+    (It wrote through a symlink at the target, into whatever file the link named.)"""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"host data\n")
+    target = tmp_path / "result"
+    target.symlink_to(victim)
+    old = os.umask(0o027)
+    try:
+        write_local(target, b"from the guest\n")
+    finally:
+        os.umask(old)
+    assert not target.is_symlink() and target.read_bytes() == b"from the guest\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert victim.read_bytes() == b"host data\n"
+    with pytest.raises(InvalidArgument, match="is a directory"):
+        write_local(tmp_path, b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result", "victim"]

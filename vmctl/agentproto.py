@@ -54,7 +54,7 @@ class T(enum.IntEnum):
     FWRITE = 0x0D  # u32 mode + path -> CREDIT on stream 0; DATA/EOF on stream 0 -> RESULT
     STAT = 0x0E  # path -> RESULT u8 kind, u32 mode, u64 size
     LIST = 0x0F  # path -> RESULT entries: u8 kind, u32 mode, name NUL
-    MKDIR = 0x10  # u32 mode + path -> RESULT
+    MKDIR = 0x10  # u32 mode + path -> RESULT; a directory that exists is kept as it is (its mode too)
     SOURCE = 0x20  # benchmarks: u64 n -> n zero bytes on stream 1 (ignoring credit), EOF
     SINK = 0x21  # benchmarks: -> CREDIT; DATA on stream 0 is dropped; EOF -> RESULT
     READY = 0x40  # u32 version + boot id (id 0), once per agent start

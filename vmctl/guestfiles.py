@@ -4,13 +4,16 @@ Each file goes over one channel of the agent client in DATA frames, within the r
 credit, so a transfer of any size needs a window of memory on each side, not the file. The
 guest writes into a temporary name beside the target (``.NAME.vmctl-ID``) and renames it at the
 end; a cancelled or failed upload removes it (the channel's CLOSE). A download likewise writes a
-temporary local file (or directory) and renames it into place once complete. Modes are kept.
+temporary local file (or directory) and renames it into place once complete. Uploads keep
+their modes; downloads never carry setuid, setgid or sticky bits onto the host and apply the
+controller's umask unless asked to keep the guest's permission bits (``keep_modes``).
 A problem on the guest's side (missing path, full disk, no permission) is a
 :class:`~vmctl.GuestOSError` carrying the guest's ``errno`` and ``reason`` (strerror).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -25,7 +28,7 @@ from vmctl.agent import WINDOW, AgentClient
 from vmctl.agentproto import T, pack
 from vmctl.errors import GuestError, InvalidArgument
 
-__all__ = ["download", "read_file", "upload", "write_file"]
+__all__ = ["download", "read_file", "upload", "write_file", "write_local"]
 
 GuestPath = str | bytes | PurePosixPath
 LocalPath = str | os.PathLike[str]
@@ -118,7 +121,12 @@ async def _local_blocks(path: Path) -> AsyncIterator[bytes]:
 
 async def upload(client: AgentClient, local: LocalPath, remote: GuestPath) -> list[Path]:
     """Copy a local file or directory tree to ``remote`` in the guest, modes kept. Entries that
-    are neither files nor directories (symlinks, devices) are not copied: they are returned."""
+    are neither files nor directories (symlinks, devices) are not copied: they are returned.
+
+    What is there already: a file replaces a file or symlink (the link, not what it names), never
+    a directory (``EISDIR``); a tree merges into a directory (same-named files replaced, other
+    entries and the existing directories' modes kept; onto a file: ``ENOTDIR``). Each file is
+    atomic; a tree is not: a failure part-way keeps the files copied so far."""
     source, target = Path(local), guest_path(remote)
     info = source.stat()
     if not stat.S_ISDIR(info.st_mode):
@@ -142,54 +150,164 @@ async def upload(client: AgentClient, local: LocalPath, remote: GuestPath) -> li
     return skipped
 
 
-async def _download_file(client: AgentClient, remote: bytes, target: Path) -> None:
-    partial = target.with_name(f".{target.name}.vmctl-{secrets.token_hex(4)}")
+#: The deepest directory a tree download creates below ``local``: a hostile agent could otherwise
+#: describe an endless tree (each level holds one descriptor open while it is filled).
+MAX_DEPTH = 128
+#: The longest file name Linux file systems take (``NAME_MAX``).
+NAME_MAX = 255
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where ``/proc`` says it (Linux 4.7+)."""
     try:
-        async with await anyio.open_file(partial, "wb") as f:
-            mode = await _get(client, remote, f.write)
-        partial.chmod(mode)
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _mode_policy(keep_modes: bool) -> Callable[[int], int]:
+    """What a guest mode becomes on the host: never setuid, setgid or sticky; the umask applied
+    unless ``keep_modes`` (read once per download: the umask is process-wide)."""
+    mask = 0o777 if keep_modes else 0o777 & ~_umask()
+    return lambda mode: mode & mask
+
+
+def _refuse_directory(target: Path) -> None:
+    try:
+        if stat.S_ISDIR(target.lstat().st_mode):
+            raise InvalidArgument(f"download target {target} is a directory; give the file's new path")
+    except FileNotFoundError:
+        pass
+
+
+async def _fetch(client: AgentClient, remote: bytes, fd: int, policy: Callable[[int], int]) -> None:
+    """Stream a guest file into the new host file ``fd`` (closed here) and give it its mode."""
+    async with anyio.wrap_file(open(fd, "wb")) as f:  # noqa: ASYNC230 - an open descriptor: no I/O
+        mode = await _get(client, remote, f.write)
+        await f.flush()
+        os.fchmod(f.wrapped.fileno(), policy(mode))
+
+
+async def _download_file(client: AgentClient, remote: bytes, target: Path, policy: Callable[[int], int]) -> None:
+    """One file onto ``target`` (replacing a file or symlink there, never writing through it)."""
+    _refuse_directory(target)
+    partial = target.with_name(f".{target.name}.vmctl-{secrets.token_hex(4)}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+    try:
+        await _fetch(client, remote, fd, policy)
         partial.replace(target)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
 
 
-async def _download_tree(client: AgentClient, remote: bytes, target: Path, skipped: list[str]) -> None:
-    target.mkdir(mode=0o700)
-    modes: list[tuple[Path, int]] = []
-    for kind, mode, name in await _list(client, remote):
-        child, local = remote + b"/" + name, target / os.fsdecode(name)
+def write_local(target: Path, data: bytes) -> None:
+    """Write ``data`` to the host file ``target`` as a download does: a new temporary file
+    (``O_EXCL``, never through a symlink), mode 0o666 minus the umask, renamed onto ``target``."""
+    _refuse_directory(target)
+    partial = target.with_name(f".{target.name}.vmctl-{secrets.token_hex(4)}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _guest_name(remote: bytes, name: bytes, seen: set[bytes]) -> None:
+    """A name from the guest's listing that the host can create once in this directory (the
+    agent protocol already refuses ``/``, NUL, empty names, ``.`` and ``..``)."""
+    if name in seen:
+        raise GuestError(f"guest agent listed {os.fsdecode(name[:100])!r} twice in {os.fsdecode(remote)!r}")
+    if len(name) > NAME_MAX:
+        raise GuestError(f"guest agent listed a name of {len(name)} bytes in {os.fsdecode(remote)!r}")
+    seen.add(name)
+
+
+async def _download_tree(client: AgentClient, remote: bytes, dir_fd: int, skipped: list[str],
+                         policy: Callable[[int], int], depth: int) -> None:  # fmt: skip
+    """Fill the host directory ``dir_fd`` from ``remote``. Every entry is made relative to its
+    directory's descriptor, new (``O_EXCL``, ``mkdir``) and never through a symlink
+    (``O_NOFOLLOW``), so nothing found on the host, or put there meanwhile, redirects a write."""
+    entries = await _list(client, remote)
+    seen: set[bytes] = set()
+    for _kind, _mode, name in entries:  # the whole listing first: a bad one creates nothing
+        _guest_name(remote, name, seen)
+    for kind, mode, name in entries:
+        child = remote + b"/" + name
         if kind == proto.KIND_FILE:
-            await _download_file(client, child, local)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=dir_fd)
+            await _fetch(client, child, fd, policy)
         elif kind == proto.KIND_DIR:
-            await _download_tree(client, child, local, skipped)
-            modes.append((local, mode))
+            if depth >= MAX_DEPTH:
+                raise GuestError(f"{os.fsdecode(child)}: the guest's tree is deeper than {MAX_DEPTH} directories")
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=dir_fd)
+            try:
+                await _download_tree(client, child, sub, skipped, policy, depth + 1)
+                os.fchmod(sub, policy(mode))  # last: a read-only directory is filled first
+            finally:
+                os.close(sub)
         else:
             skipped.append(os.fsdecode(child))
-    for path, mode in modes:  # last: a read-only directory is filled first
-        path.chmod(mode)
 
 
-async def download(client: AgentClient, remote: GuestPath, local: LocalPath) -> list[str]:
-    """Copy a guest file or directory tree to ``local``, modes kept; a directory's ``local`` must
-    not exist yet. Entries that are neither files nor directories are returned, not copied."""
+def _remove_partial(path: Path) -> None:
+    """Remove a partial download, opening up directories that already got a read-only mode."""
+    try:
+        for _root, dirs, _files, root_fd in os.fwalk(path):
+            for name in dirs:
+                with contextlib.suppress(OSError):
+                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=root_fd)
+                    try:
+                        os.fchmod(fd, 0o700)
+                    finally:
+                        os.close(fd)
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def download(client: AgentClient, remote: GuestPath, local: LocalPath, *, keep_modes: bool = False) -> list[str]:
+    """Copy a guest file or directory tree to ``local``; returns the guest paths of entries that
+    are neither files nor directories (symlinks, devices, fifos, sockets: never made on the host).
+
+    Modes: never setuid, setgid or sticky; the guest's permission bits minus the controller's
+    umask (as ``tar`` extracts for a non-root user), or as they are with ``keep_modes=True``.
+    A file replaces a file or symlink at ``local`` (never writing through a link); a directory's
+    ``local`` must not exist. Names are kept byte for byte (a newline included)."""
     source, target = guest_path(remote), Path(local)
+    policy = _mode_policy(keep_modes)
     kind, mode, _ = await _stat(client, source)
     if kind == proto.KIND_FILE:
-        await _download_file(client, source, target)
+        await _download_file(client, source, target, policy)
         return []
     if kind != proto.KIND_DIR:
         raise InvalidArgument(f"{os.fsdecode(source)} in the guest is neither a file nor a directory")
-    if target.exists():
+    if os.path.lexists(target):
         raise InvalidArgument(f"download target {target} exists; give a new path for a directory")
     partial = target.with_name(f".{target.name}.vmctl-{secrets.token_hex(4)}")
     skipped: list[str] = []
+    os.mkdir(partial, 0o700)
     try:
-        await _download_tree(client, source, partial, skipped)
-        partial.chmod(mode)
+        top = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+        try:
+            await _download_tree(client, source, top, skipped, policy, 0)
+            os.fchmod(top, policy(mode))
+        finally:
+            os.close(top)
         partial.rename(target)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(lambda: shutil.rmtree(partial, ignore_errors=True))
+            await anyio.to_thread.run_sync(_remove_partial, partial)
         raise
     return skipped

@@ -433,13 +433,15 @@ class Sandbox:
 
     @requires(Trigger.EXEC)
     async def upload(self, local: str | Path, remote: GuestPath) -> list[Path]:
-        """Copy a local file or tree into the guest, modes kept; returns what was not copied."""
+        """Copy a local file or tree into the guest, modes kept (a tree merges into a directory
+        there: :func:`vmctl.guestfiles.upload`); returns what was not copied."""
         return await self._guest_call(guestfiles.upload(self._live().agent, local, remote))
 
     @requires(Trigger.EXEC)
-    async def download(self, remote: GuestPath, local: str | Path) -> list[str]:
-        """Copy a guest file or tree to ``local``, modes kept; returns what was not copied."""
-        return await self._guest_call(guestfiles.download(self._live().agent, remote, local))
+    async def download(self, remote: GuestPath, local: str | Path, *, keep_modes: bool = False) -> list[str]:
+        """Copy a guest file or tree to ``local``; returns what was not copied (links, devices,
+        fifos, sockets). Never setuid, setgid or sticky; the umask applies unless ``keep_modes``."""
+        return await self._guest_call(guestfiles.download(self._live().agent, remote, local, keep_modes=keep_modes))
 
     @requires(Trigger.EXEC)
     async def guest_block_devices(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> list[GuestBlockDevice]:

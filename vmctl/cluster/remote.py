@@ -25,13 +25,14 @@ from typing import Any
 import anyio
 from anyio.abc import ByteReceiveStream, ByteSendStream
 
+from vmctl import guestfiles
 from vmctl.agent import DEFAULT_OUTPUT_LIMIT, ExecResult, GuestBlockDevice, GuestMemory
 from vmctl.cluster.hostservice import HostInfo, HostService
 from vmctl.cluster.wire import Reply, from_wire
 from vmctl.config import SandboxConfig
 from vmctl.detached import check_id
 from vmctl.devices import Device
-from vmctl.errors import HostError, InvalidArgument, NodeLost, SandboxNotFound, VmctlError
+from vmctl.errors import HostError, InvalidArgument, NodeLost, NotSupported, SandboxNotFound, VmctlError
 from vmctl.guest import GuestAssets, ensure_default_assets
 from vmctl.hotplug import PluggedDevice
 from vmctl.sandbox import (
@@ -338,9 +339,14 @@ class RemoteSandbox:
         await self.write_file(remote, source.read_bytes(), mode=source.stat().st_mode & 0o7777)
         return []
 
-    async def download(self, remote: str, local: str | Path) -> list[str]:
-        """Copy a guest file to ``local`` on the driver."""
-        Path(local).write_bytes(await self.read_file(remote))
+    async def download(self, remote: str, local: str | Path, *, keep_modes: bool = False) -> list[str]:
+        """Copy a guest file to ``local`` on the driver: mode 0o666 minus the umask (the guest's
+        mode does not travel, so ``keep_modes=True`` is refused), replacing a file or symlink at
+        ``local`` without writing through it."""
+        if keep_modes:
+            raise NotSupported("a remote download does not carry the guest's modes: give keep_modes=False")
+        data = await self.read_file(remote)
+        await anyio.to_thread.run_sync(guestfiles.write_local, Path(local), data)
         return []
 
     async def guest_block_devices(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> list[GuestBlockDevice]:

@@ -578,12 +578,18 @@ static void do_mkdir(uint64_t id, const char *p, uint32_t len) {
     memcpy(&mode, p, 4);
     char *path = dup_path(p + 4, len - 4);
     struct stat st;
-    if (mkdir(path, 0700) < 0 && !(errno == EEXIST && stat(path, &st) == 0 && S_ISDIR(st.st_mode)))
+    /* An upload merges into a directory that exists (it keeps its mode; so does the guest's
+     * /tmp when a tree lands there); only a directory made here gets the host's mode. */
+    if (mkdir(path, 0700) == 0) {
+        if (chmod(path, mode & 07777) < 0) emit_error(id, errno, "%s: %s", path, strerror(errno));
+        else emit(T_RESULT, 0, id, NULL, 0);
+    } else if (errno != EEXIST) {
         emit_error(id, errno, "%s: %s", path, strerror(errno));
-    else if (chmod(path, mode & 07777) < 0)
-        emit_error(id, errno, "%s: %s", path, strerror(errno));
-    else
+    } else if (stat(path, &st) < 0 || !S_ISDIR(st.st_mode)) {
+        emit_error(id, ENOTDIR, "%s: exists and is not a directory", path);
+    } else {
         emit(T_RESULT, 0, id, NULL, 0);
+    }
     free(path);
 }
 
