@@ -56,3 +56,19 @@ def test_run_with_bad_config_names_the_field(tmp_path: Path) -> None:
 def test_state_diagram() -> None:
     out = run("state-diagram")
     assert out.returncode == 0 and out.stdout.startswith("stateDiagram-v2")
+
+
+def cli_env() -> dict[str, str]:
+    return dict(os.environ)
+
+
+@pytest.mark.timeout(180)
+def test_run_with_a_config_without_kernel_or_initrd_uses_the_default_guest(assets, tmp_path) -> None:
+    """`vmctl run --config FILE` whose [sandbox] table has no kernel/initrd uses the default guest,
+    as a fleet spec's [sandbox] does. Base: ConfigError demanding kernel and initrd, exit 2."""
+    path = tmp_path / "sandbox.toml"
+    path.write_text("[sandbox]\nmemory_mib = 256\n")
+    proc = subprocess.run([*VMCTL, "run", "--config", str(path), "--", "uname", "-r"],
+                          capture_output=True, text=True, env=cli_env(), timeout=170)  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.strip()[-800:]}"
+    assert proc.stdout.strip() == assets.kernel_version

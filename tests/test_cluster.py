@@ -32,6 +32,7 @@ from vmctl import (  # noqa: E402
     BlockDevice,
     GuestCommandFailed,
     IllegalTransition,
+    InvalidArgument,
     NodeLost,
     SandboxConfig,
     SandboxState,
@@ -119,6 +120,9 @@ async def test_a_fleet_spreads_over_three_nodes_with_a_template_per_node(
             with pytest.raises(IllegalTransition):  # the vmctl error type, rebuilt on the driver
                 await sb.pause()
             await sb.resume()
+            with pytest.raises(InvalidArgument, match="timeout"):  # the timeout reaches the node's stop
+                await sb.stop(timeout=-1)
+            assert (await sb.refresh()) is SandboxState.RUNNING
             with pytest.raises(GuestCommandFailed) as failed:
                 await sb.exec(["sh", "-c", "echo oops >&2; exit 3"], check=True)
             assert failed.value.result.exit_code == 3 and b"oops" in failed.value.result.stderr
@@ -144,6 +148,20 @@ async def test_a_fleet_spreads_over_three_nodes_with_a_template_per_node(
         assert sum(e.kind is FleetEventKind.READY for e in events) == 3
     finally:
         await cluster.shutdown_hosts()
+
+
+async def test_a_cluster_fleet_logs_a_failing_on_event_callback_as_the_local_fleet_does(
+        ray_cluster: RayCluster, make_config: Callable[..., SandboxConfig],
+        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from tests.test_members import assert_callback_failure_reported, broken_display
+
+    try:
+        async with cluster.ClusterFleet(make_config(), size=1, strategy="PACK", on_event=broken_display) as fleet:
+            results = await fleet.map(lambda sb: sb.exec(["true"]))
+            assert [outcome.ok for _, outcome in results] == [True]
+    finally:
+        await cluster.shutdown_hosts()
+    assert_callback_failure_reported(capsys.readouterr().err, "fleet")
 
 
 async def test_move_to_another_node_keeps_the_guest(

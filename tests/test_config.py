@@ -311,3 +311,17 @@ def test_a_trailing_newline_never_slips_through_validation(files: dict[str, Path
     with pytest.raises(ConfigError) as err:
         SandboxConfig(kernel=files["kernel"], initrd=files["initrd"], **{field: value})  # type: ignore[arg-type]
     assert err.value.fields == (f"{field}[0]",)
+
+
+def test_from_toml_reports_every_bad_field_at_once(tmp_path) -> None:
+    """Both `vcpus = 0` and `memory_mib = "lots"` are reported in one ConfigError.
+    Base: a type error in memory_mib skips the size checks, so vcpus is not reported."""
+    kernel, initrd = tmp_path / "k", tmp_path / "i"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    path = tmp_path / "sandbox.toml"
+    path.write_text(f'[sandbox]\nkernel = "{kernel}"\ninitrd = "{initrd}"\nvcpus = 0\nmemory_mib = "lots"\n')
+    with pytest.raises(ConfigError) as info:
+        SandboxConfig.from_toml(path)
+    assert "memory_mib" in info.value.fields
+    assert "vcpus" in info.value.fields, info.value.fields

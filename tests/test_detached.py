@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from vmctl import (
     Sandbox,
     SandboxBusy,
     SandboxConfig,
+    SandboxFailed,
     SandboxNotFound,
     SandboxState,
     guest,
@@ -199,3 +202,48 @@ async def test_attaching_from_the_cli_leaves_no_reaper_behind(
     async with Sandbox.attach("visited") as sb:
         await sb.stop()
     assert not (runtime_dir / "detached").exists()
+
+
+VMCTL = str(Path(sys.executable).with_name("vmctl"))
+
+
+def process_alive(pid: int | None) -> bool:
+    """Whether ``pid`` is a live (non-zombie) process, read from /proc as a user would."""
+    if pid is None:
+        return False
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
+
+
+def cli_env() -> dict[str, str]:
+    return dict(os.environ)
+
+
+@pytest.mark.timeout(180)
+async def test_a_detached_sandbox_whose_guest_panics_leaves_no_qemu_and_no_record(make_config, monkeypatch) -> None:
+    """The guest panics inside a detached sandbox's block: SandboxFailed is raised, and since the
+    block ended with an exception nothing may be left behind (README: "Leaving it with an
+    exception stops it"). Base: QEMU (paused by panic=pause) keeps running and its record stays."""
+    state_root = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))  # short: sockets live there
+    monkeypatch.setenv("VMCTL_STATE_DIR", str(state_root / "d"))
+    pid = None
+    try:
+        with pytest.raises(SandboxFailed):
+            async with Sandbox(make_config(), id="x", detached=True) as sb:
+                pid = sb.pid
+                await sb.exec(["sh", "-c", "echo c > /proc/sysrq-trigger"])
+        qemu_left = process_alive(pid)
+        ps = await anyio.run_process([VMCTL, "ps", "--json"], env=cli_env(), check=False)
+        ps_out = ps.stdout.decode()
+        listed = [row.get("id") for row in json.loads(ps_out or "[]")] if ps.returncode == 0 else ps.stderr
+        assert not qemu_left, f"QEMU pid {pid} still runs after the detached sandbox failed; vmctl ps: {listed}"
+        assert listed == [], f"vmctl ps still lists {listed}"
+        leftovers = list((state_root / "d").rglob("*")) if (state_root / "d").exists() else []
+        assert leftovers == [], f"left in the state dir: {leftovers}"
+    finally:
+        if process_alive(pid):
+            os.kill(pid, 9)  # type: ignore[arg-type]
+        shutil.rmtree(state_root, ignore_errors=True)

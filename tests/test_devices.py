@@ -146,3 +146,29 @@ async def test_device_paths_that_do_not_exist_are_refused(make_config: MakeConfi
     with pytest.raises(ConfigError) as info:
         make_config(devices=[VfioDevice(host_address="bogus")])
     assert info.value.fields == ("devices[0].host_address",)
+
+
+@pytest.mark.timeout(300)
+async def test_two_vcpu_resizes_at_once_both_succeed(make_config) -> None:
+    """resize_vcpus(n) and resize_vcpus(n + 1) at once: both succeed and the guest ends with the
+    count of whichever finished last. Three rounds (2|3, 4|5, 6|7), each plugging new CPUs, since
+    one round does not always hit the race. Base: both tasks plan from their own
+    query-hotpluggable-cpus answer and one fails with QMPCommandError "Duplicate device ID 'cpuN'"."""
+    async with Sandbox(make_config(vcpus=1, max_vcpus=7)) as sb:
+        for low in (2, 4, 6):
+            finished: list[int] = []
+            errors: list[BaseException] = []
+
+            async def resize(count: int, finished: list[int], errors: list[BaseException]) -> None:
+                try:
+                    await sb.resize_vcpus(count)
+                    finished.append(count)
+                except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                    errors.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(resize, low, finished, errors)
+                tg.start_soon(resize, low + 1, finished, errors)
+            assert errors == [], f"resize_vcpus({low}) | resize_vcpus({low + 1}): {errors!r}"
+            online = await sb.guest_online_cpus()
+            assert len(online) == finished[-1], f"guest has {online} online; the last resize to finish asked {finished[-1]}"

@@ -11,6 +11,7 @@ from tests.conftest import assert_no_stray_tasks
 from vmctl import (
     ConfigError,
     ExecResult,
+    GuestCommandFailed,
     ReadyTimeout,
     Sandbox,
     SandboxFailed,
@@ -20,7 +21,7 @@ from vmctl import (
 )
 from vmctl.errors import QMPCommandError
 from vmctl.qmp import DEFAULT_COMMANDS_IN_FLIGHT
-from vmctl.testing import FakeQemu, QmpErrorReply, fake_config
+from vmctl.testing import FakeQemu, QmpErrorReply, default_exec, fake_config
 
 
 async def test_fake_drives_the_real_lifecycle(tmp_path: Path) -> None:
@@ -260,3 +261,49 @@ async def test_commands_past_the_bound_wait_for_a_slot_within_their_timeout(tmp_
 def test_a_bad_bound_names_itself(bad: object) -> None:
     with pytest.raises(ConfigError, match="limit: commands in flight must be a whole number"):
         limit_commands_in_flight(bad)  # type: ignore[arg-type]
+
+
+TRANSITION_BUFFER_BOUND = 1000  # a subscriber's buffer holds as many as `history` keeps
+
+
+@pytest.mark.timeout(60)
+async def test_a_failing_guest_command_inside_a_call_is_raised_at_once(tmp_path) -> None:
+    """A GuestCommandFailed from a healthy sandbox is raised as soon as the agent answers.
+    Only observable as time: Sandbox._guest_call takes every GuestError for a lost connection
+    and waits up to 2 s for QEMU to exit. exec(check=True) checks outside _guest_call (no
+    delay: the baseline); resize_vcpus runs exec(check=True) inside it. FakeQemu scripts the
+    failing `cat .../present`; the bound is generous (1 s over the baseline)."""
+
+    def handler(argv: list[bytes], stdin: bytes):  # noqa: ANN202
+        if argv[:1] == [b"cat"] and argv[1:2] == [b"/sys/devices/system/cpu/present"]:
+            return ExecResult(1, b"", b"cat: read error\n")
+        return default_exec(argv, stdin)
+
+    fake = FakeQemu(exec_handler=handler)
+    async with Sandbox(fake_config(tmp_path, vcpus=1, max_vcpus=2), backend=fake) as sb:
+        started = anyio.current_time()
+        with pytest.raises(GuestCommandFailed):
+            await sb.exec(["false"], check=True)
+        baseline = anyio.current_time() - started
+        started = anyio.current_time()
+        with anyio.fail_after(30), pytest.raises(GuestCommandFailed):
+            await sb.resize_vcpus(2)
+        took = anyio.current_time() - started
+        assert took < baseline + 1.0, f"GuestCommandFailed took {took:.2f}s (a failing exec: {baseline:.3f}s)"
+        assert sb.state is SandboxState.RUNNING
+
+
+@pytest.mark.timeout(120)
+async def test_an_unread_transitions_stream_is_bounded(tmp_path) -> None:
+    """A transitions() iterator nobody reads while the sandbox pauses and resumes 1500 times
+    (3000 transitions) holds at most as many as `history` keeps (1000), dropping the oldest,
+    and still ends with the terminal transition. Base: an unbounded stream buffers all 3002."""
+    cycles = 1500
+    async with Sandbox(fake_config(tmp_path), backend=FakeQemu()) as sb:
+        follower = sb.transitions()
+        for _ in range(cycles):
+            await sb.pause()
+            await sb.resume()
+    seen = [t async for t in follower]
+    assert seen and seen[-1].new is SandboxState.STOPPED
+    assert len(seen) <= TRANSITION_BUFFER_BOUND, f"the subscriber buffered {len(seen)} transitions"

@@ -113,10 +113,16 @@ async def test_restart_retries_a_failed_member_and_reports_a_failed_reboot(tmp_p
 
 
 async def test_one_restart_at_a_time_per_member(tmp_path: Path) -> None:
-    async with Fleet(fake_config(tmp_path), size=1, backend=FakeQemu(ready_delay=0.2)) as fleet:
+    restarting = anyio.Event()
+
+    def on_event(event: FleetEvent) -> None:
+        if event.kind is FleetEventKind.RESTARTING:
+            restarting.set()
+
+    async with Fleet(fake_config(tmp_path), size=1, backend=FakeQemu(ready_delay=0.2), on_event=on_event) as fleet:
         async with anyio.create_task_group() as tg:
             tg.start_soon(fleet.restart, 0)
-            await anyio.sleep(0.05)
+            await restarting.wait()
             with pytest.raises(FleetError, match="already restarting"):
                 await fleet.restart(0)
         assert fleet.members[0].restarts == 1 and fleet.sandboxes[0].state is SandboxState.RUNNING
@@ -167,7 +173,7 @@ async def test_cancelling_a_restart_leaves_the_fleet_whole(tmp_path: Path, runti
                 await fleet.restart(0)  # cancelled before the new one started: restart it again
             else:  # a new one is booting (or ready): it goes on in the fleet
                 with anyio.fail_after(5):
-                    await member._booted.wait()  # type: ignore[union-attr]
+                    await member.booted.wait()  # type: ignore[union-attr]
             assert member.sandbox.state is SandboxState.RUNNING
             assert (await fleet.sandboxes[0].exec(["true"])).ok
     assert list(runtime_dir.iterdir()) == []

@@ -22,7 +22,17 @@ import anyio
 import pytest
 
 from tests.conftest import assert_no_stray_tasks
-from vmctl import GuestError, GuestOSError, InvalidArgument, Sandbox, SandboxConfig, SandboxFailed, guest
+from vmctl import (
+    GuestError,
+    GuestOSError,
+    InvalidArgument,
+    Sandbox,
+    SandboxConfig,
+    SandboxFailed,
+    SandboxState,
+    VmctlTimeout,
+    guest,
+)
 
 pytestmark = pytest.mark.qemu
 MakeConfig = Callable[..., SandboxConfig]
@@ -404,3 +414,55 @@ async def test_a_hostile_agent_cannot_make_a_download_escape_its_target_or_plant
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile", "kept", "out"], "a partial download is left"
     assert not escaped.exists()
     await assert_no_stray_tasks()
+
+
+@pytest.mark.timeout(120)
+async def test_a_guest_query_to_a_stopped_agent_times_out(make_config) -> None:
+    """With the agent's main loop SIGSTOPped, guest_memory(timeout=2) raises VmctlTimeout.
+    Base: guest_memory() takes no timeout (TypeError), and without one it waits forever."""
+    async with Sandbox(make_config(), stop_timeout=3) as sb:
+        # $PPID is the agent; the background child stops it after the exec's answer went out
+        await sb.exec(["sh", "-c", "(sleep 0.2; kill -STOP $PPID) </dev/null >/dev/null 2>&1 &"], check=True)
+        agent = sb.hypervisor.agent
+        while True:  # until the agent stops answering (nothing to wait on but its silence)
+            with anyio.move_on_after(1) as scope:
+                await agent.ping()
+            if scope.cancelled_caught:
+                break
+        with anyio.fail_after(30), pytest.raises(VmctlTimeout):
+            await sb.guest_memory(timeout=2)  # type: ignore[call-arg]
+        assert sb.state is SandboxState.RUNNING
+
+
+@pytest.mark.timeout(180)
+async def test_the_agent_answers_every_unknown_request_with_an_error(make_config) -> None:
+    """The agent protocol (vmctl/agentproto.py) promises an answer per request; an unknown frame
+    type gets an ERROR frame for its id. Not reachable through Sandbox (vmctl only sends requests
+    the agent knows, and holds the agent socket), so this speaks the protocol itself on a detached
+    sandbox's agent socket once vmctl let go of it. Three unknown requests, then a PING: the
+    agent answers in order, so PONG marks the end. Base (the shell agent): every unknown
+    request's reply went through the same file, so replies were overwritten and lost."""
+    from vmctl import agentproto as proto
+
+    sandbox_id = "m1probe"
+    async with Sandbox(make_config(), id=sandbox_id, detached=True) as sb:
+        agent_socket = sb.run_dir / "agent.sock"  # type: ignore[operator]
+    replies: list[tuple[int, int, bytes]] = []
+    try:
+        with anyio.fail_after(60):
+            async with await anyio.connect_unix(agent_socket) as stream:
+                await stream.send(b"".join(proto.pack(0x3E, n) for n in (1, 2, 3)) + proto.pack(proto.T.PING, 4))
+                buffer = b""
+                while not any(kind == proto.T.PONG for kind, _, _ in replies):
+                    buffer += await stream.receive()
+                    while len(buffer) >= proto.HEADER_SIZE:
+                        length, kind, _, rid = proto.unpack_header(buffer[:proto.HEADER_SIZE])
+                        if len(buffer) < proto.HEADER_SIZE + length:
+                            break
+                        replies.append((kind, rid, buffer[proto.HEADER_SIZE:proto.HEADER_SIZE + length]))
+                        buffer = buffer[proto.HEADER_SIZE + length:]
+    finally:
+        async with Sandbox.attach(sandbox_id) as again:
+            await again.stop()
+    errs = sorted((rid, proto.parse_error(payload)[1]) for kind, rid, payload in replies if kind == proto.T.ERROR)
+    assert errs == [(n, "unknown request type 0x3e") for n in (1, 2, 3)], replies

@@ -201,3 +201,23 @@ def test_reserved_ids_and_no_format_guessing(tmp_path: Path, disk: Path) -> None
     assert BlockDevice(path=planted).image_format() == "raw"
     qcow = BlockDevice(path=planted, format="qcow2").backends("d", DeviceContext())
     assert qcow[1].spec["backing"] is None
+
+
+async def test_a_hotplug_timeout_covers_its_wait_in_the_queue(tmp_path) -> None:
+    """A hotplug behind another one that QEMU is slow to answer gives up at its own timeout with
+    HotplugTimeout. Before: the timeout covered only the acknowledgement, so the call waited for
+    the queue (here 20 s) however short its timeout. FakeQemu: a slow reply on demand."""
+    from vmctl import BlockDevice, HotplugTimeout
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * 4096)
+    fake = FakeQemu(delays={"device_add": 20})
+    async with Sandbox(fake_config(tmp_path, block_driver="virtio-blk"), backend=fake) as sb:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: sb.hotplug(BlockDevice(path=disk, id="slow"), timeout=None))
+            await anyio.wait_all_tasks_blocked()
+            with anyio.fail_after(10), pytest.raises(HotplugTimeout):
+                await sb.hotplug(BlockDevice(path=disk, id="queued", read_only=True), timeout=0.5)
+            tg.cancel_scope.cancel()
+        assert "queued" not in {d.id for d in sb.devices}
+        assert sb.pending_waiters == 0

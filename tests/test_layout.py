@@ -1,10 +1,12 @@
-"""The code's layout rules, checked: no import cycles inside vmctl/, no module using another's
-private names, the Sandbox class a thin facade, and everything the README shows importable from
-the package root."""
+"""The code's layout rules, checked: every module in one layer and no import of a higher layer,
+no import cycles inside vmctl/, no module using another module's private names, the Sandbox class
+a thin facade, the README's layout table in step with the layers, and everything the README shows
+importable from the package root."""
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import re
 from pathlib import Path
 
@@ -12,6 +14,23 @@ import vmctl
 
 PACKAGE = Path(vmctl.__file__).parent
 README = PACKAGE.parent / "README.md"
+
+#: The layers, lowest first, and the modules in each (``fnmatch`` patterns on dotted names). A
+#: module may import its own layer and the ones below it, never one above. Calls go down, events
+#: come up: a lower layer hears from a higher one only through callbacks and protocols it defines
+#: itself (``hypervisors.base.Events``, ``hypervisors.base.AgentLink``).
+LAYERS: list[tuple[str, list[str]]] = [
+    ("base", ["vmctl.errors", "vmctl.params", "vmctl.devices", "vmctl.config", "vmctl.host", "vmctl.paths",
+              "vmctl.log", "vmctl.lines", "vmctl.heap", "vmctl.state", "vmctl.watcher", "vmctl.waiting",
+              "vmctl.qmp", "vmctl.agentproto"]),
+    ("hypervisors", ["vmctl.hypervisors", "vmctl.hypervisors.*"]),
+    ("owners", ["vmctl.devicemanager", "vmctl.hotplug", "vmctl.resize", "vmctl.migration", "vmctl.detached",
+                "vmctl.agent", "vmctl.console", "vmctl.guestproc", "vmctl.guestfiles", "vmctl.overlays",
+                "vmctl.guest", "vmctl.guest.*"]),
+    ("sandbox", ["vmctl.sandbox", "vmctl.origin", "vmctl.events", "vmctl.runtask", "vmctl.runcontrol"]),
+    ("front", ["vmctl", "vmctl.cli", "vmctl.fleetcli", "vmctl.detachedcli", "vmctl.fleet", "vmctl.fleetspec", "vmctl.members",
+               "vmctl.pool", "vmctl.template", "vmctl.cluster", "vmctl.cluster.*", "vmctl.testing"]),
+]
 
 
 def _modules() -> dict[str, Path]:
@@ -31,6 +50,79 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             subs = {f"{node.module}.{a.name}" for a in node.names} & set(modules)
             found |= subs or ({node.module} & set(modules))
     return found - {name}
+
+
+def _layer_of(module: str) -> int:
+    found = [i for i, (_, patterns) in enumerate(LAYERS) if any(fnmatch.fnmatchcase(module, p) for p in patterns)]
+    assert len(found) == 1, f"{module} must be in exactly one layer of LAYERS, it is in {found}"
+    return found[0]
+
+
+def _layer_table() -> str:
+    rows = [f"{'layer':<12} modules (may import this layer and those below)"]
+    for name, patterns in reversed(LAYERS):
+        rows.append(f"{name:<12} {', '.join(patterns)}")
+    return "\n".join(rows)
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    print(_layer_table())  # shown with ``pytest -s``: the table this test checks
+    modules = _modules()
+    upward = []
+    for name, path in sorted(modules.items()):
+        mine = _layer_of(name)
+        for imported in sorted(_imports(name, path, modules)):
+            theirs = _layer_of(imported)
+            if theirs > mine:
+                upward.append(f"{name} ({LAYERS[mine][0]}) imports {imported} ({LAYERS[theirs][0]})")
+    assert upward == [], "imports of a higher layer:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
+    """The check above can fail: a module of the base layer importing the sandbox is reported."""
+    fake = tmp_path / "state.py"
+    fake.write_text("from vmctl.sandbox import Sandbox\n")
+    modules = {**_modules(), "vmctl.state": fake}
+    imported = _imports("vmctl.state", fake, modules)
+    assert imported == {"vmctl.sandbox"}
+    assert _layer_of("vmctl.sandbox") > _layer_of("vmctl.state")
+
+
+def _readme_layout_rows() -> list[tuple[str, str]]:
+    """(layer, module) for every module the README's layout table names."""
+    text = README.read_text()
+    section = text.split("## How the code is laid out", 1)[1].split("\n## ", 1)[0]
+    rows, layer = [], ""
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or cells[0] in ("layer", "---") or set(cells[0]) <= {"-"} and cells[0]:
+            continue
+        layer = cells[0] or layer
+        folder = ""
+        for token in re.findall(r"`([^`]+)`", cells[1]):
+            token = token.split(" ")[0]
+            if token.endswith("/"):
+                folder = token
+                continue
+            if not token.endswith(".py"):
+                continue
+            if "/" in token:
+                folder, token = token.rsplit("/", 1)[0] + "/", token.rsplit("/", 1)[1]
+            dotted = "vmctl." + (folder + token[:-3]).replace("/", ".")
+            if dotted.endswith(".__init__"):
+                dotted = dotted[: -len(".__init__")]
+            rows.append((layer, dotted))
+    return rows
+
+
+def test_the_readme_layout_table_matches_the_layers() -> None:
+    rows = _readme_layout_rows()
+    named = {module for _, module in rows}
+    named |= {module.rsplit(".", 1)[0] for module in named}  # a folder's modules name its package
+    wrong = [f"{module}: README says {layer}, LAYERS says {LAYERS[_layer_of(module)][0]}"
+             for layer, module in rows if LAYERS[_layer_of(module)][0] != layer]  # fmt: skip
+    missing = sorted(m for m in _modules() if m not in named)
+    assert wrong == [] and missing == [], f"wrong layer: {wrong}; not in the README's table: {missing}"
 
 
 def test_no_import_cycles() -> None:

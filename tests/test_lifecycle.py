@@ -301,3 +301,32 @@ async def test_issue_snippet_runs_as_written(assets: guest.GuestAssets) -> None:
             assert sb.state is SandboxState.RUNNING
 
     await main()
+
+
+@pytest.mark.timeout(120)
+async def test_each_waiter_of_a_failed_sandbox_gets_its_own_exception(make_config) -> None:
+    """Two execs wait in the guest; QEMU is SIGKILLed. Both get SandboxFailed, as distinct objects
+    with distinct causes (one instance raised in two tasks mixes their tracebacks).
+    Base: the agent's fail_all hands one GuestError (or one SandboxFailed) to every waiter."""
+    errors: dict[int, BaseException] = {}
+    async with Sandbox(make_config()) as sb:
+
+        async def call(n: int) -> None:
+            try:
+                await sb.exec(["sh", "-c", f"touch /tmp/started{n}; sleep 30"])
+            except Exception as exc:  # noqa: BLE001
+                errors[n] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 1)
+            tg.start_soon(call, 2)
+            # returns once both commands run in the guest (a guest-side wait, not a host sleep)
+            await sb.exec(["sh", "-c", "until [ -e /tmp/started1 ] && [ -e /tmp/started2 ]; do sleep 0.05; done"],
+                          timeout=60, check=True)  # fmt: skip
+            os.kill(sb.pid, 9)  # type: ignore[arg-type]
+    assert isinstance(errors.get(1), SandboxFailed) and isinstance(errors.get(2), SandboxFailed), errors
+    first, second = errors[1], errors[2]
+    assert first is not second, "one exception instance raised into two tasks"
+    assert first.__cause__ is None or first.__cause__ is not second.__cause__, (
+        f"both share the cause {first.__cause__!r} (one instance, two tracebacks)"
+    )

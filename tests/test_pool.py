@@ -135,7 +135,7 @@ async def test_an_error_in_the_pool_block_stops_everything_and_waiters_are_told(
         with pytest.raises(RuntimeError, match="user error"):
             async with SandboxPool(fake_config(tmp_path), size=2, template=False, backend=fake) as pool:
                 tg.start_soon(waiter, pool)
-                await anyio.sleep(0.1)
+                await anyio.wait_all_tasks_blocked()  # the waiter is blocked in acquire (no member is ready)
                 raise RuntimeError("user error")
     assert len(outcome) == 1 and "closed" in str(outcome[0])
     assert list(runtime_dir.iterdir()) == []

@@ -56,3 +56,17 @@ async def test_failed_save_leaves_the_sandbox_running_and_no_snapshot(
         assert (await sb.exec(["true"])).ok
     with pytest.raises(InvalidArgument, match="not a vmctl snapshot"):
         Sandbox.restore(tmp_path / "nothing-here")
+
+
+@pytest.mark.timeout(240)
+async def test_a_paused_sandbox_can_be_snapshotted_stays_paused_and_restores(make_config, tmp_path) -> None:
+    """snapshot() of a paused sandbox works and leaves it paused; the snapshot restores and runs.
+    Base: snapshot() raises IllegalTransition (it insists on a running sandbox)."""
+    snap = tmp_path / "snap"
+    async with Sandbox(make_config()) as sb:
+        await sb.exec(["sh", "-c", "echo hello > /root/note"], check=True)
+        await sb.pause()
+        await sb.snapshot(snap)
+        assert sb.state is SandboxState.PAUSED
+    async with Sandbox.restore(snap) as restored:
+        assert (await restored.exec(["cat", "/root/note"], check=True)).text == "hello\n"

@@ -43,3 +43,25 @@ async def test_template_then_clones(make_config: MakeConfig, tmp_path: Path) -> 
         async with Sandbox(drifted):
             pytest.fail("a clone that no longer matches its template must not start")
     assert set(info.value.fields) == {"vcpus", "max_vcpus"} and "template has 1" in str(info.value)
+
+
+@pytest.mark.timeout(180)
+async def test_a_microvm_template_is_refused_before_any_qemu_starts(make_config, tmp_path) -> None:
+    """capabilities() says microvm offers no templates, so boot_to_be_template on microvm must be
+    refused with a ConfigError naming the field before any QEMU starts, writing nothing.
+    Base: the config is accepted, QEMU boots, and both template files are written."""
+    memory, devices_state = tmp_path / "tpl.mem", tmp_path / "tpl.state"
+    error: ConfigError | None = None
+    booted_pid = None
+    try:
+        config = make_config(machine="microvm", boot_to_be_template=True, memory_path=memory,
+                             devices_state_path=devices_state)  # fmt: skip
+        async with Sandbox(config) as sb:
+            booted_pid = sb.pid
+    except ConfigError as exc:
+        error = exc
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert error is not None, f"accepted: QEMU pid {booted_pid} booted a microvm template and wrote {written}"
+    assert {"boot_to_be_template", "machine"} & set(error.fields), error.fields
+    assert booted_pid is None
+    assert not memory.exists() and not devices_state.exists(), written

@@ -44,7 +44,7 @@ from vmctl.errors import (
     InvalidArgument,
     OutputLimitExceeded,
 )
-from vmctl.waiting import Failure, deadline, make_error
+from vmctl.waiting import Broadcast, Failure, deadline, make_error
 
 __all__ = ["AgentClient", "Channel", "ExecResult", "GuestBlockDevice", "GuestCommandFailed", "GuestMemory",
            "InvalidArgument"]  # fmt: skip
@@ -231,7 +231,7 @@ class Channel:
                  metered: bool = True) -> None:  # fmt: skip
         self.id = request_id
         self._client = client
-        self._changed = anyio.Event()
+        self._changed = Broadcast()
         self.reply: Frame | None = None
         self.failure: Failure | None = None
         self.exit: tuple[int, bool] | None = None
@@ -259,8 +259,7 @@ class Channel:
         return self._buffered[1] + self._buffered[2]
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._changed.notify()
 
     def fail(self, failure: Failure) -> None:
         """Fail every waiter on this channel. A lost connection gives way to a more precise reason

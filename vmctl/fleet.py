@@ -20,20 +20,30 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
 
-from vmctl.config import SandboxConfig, shared_writable_disks
+from vmctl.config import SandboxConfig
 from vmctl.errors import FleetError
 from vmctl.hypervisors.base import Backend
+from vmctl.members import (
+    EventReporter,
+    LedgerMember,
+    MemberLedger,
+    Outcome,
+    fleet_configs,
+    refuse_shared_writable_disks,
+)
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState
 from vmctl.template import boot_template
 from vmctl.waiting import deadline
 
-T = TypeVar("T")
+__all__ = ["Fleet", "FleetEvent", "FleetEventKind", "Member", "Outcome", "refuse_shared_writable_disks"]
+
+R = TypeVar("R")  # what a map function returns
 
 
 class FleetEventKind(enum.Enum):
@@ -56,42 +66,15 @@ class FleetEvent:
     at: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
-class Outcome(Generic[T]):
-    """What one member produced: a value, or the error that stopped it (never both, never lost)."""
-
-    value: T | None = None
-    error: BaseException | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
 @dataclass(eq=False)
-class Member:
+class Member(LedgerMember[Sandbox]):
     """One place in the fleet: its current sandbox (a restart puts a new one here) and its boot."""
 
-    index: int
-    sandbox: Sandbox
-    boot_seconds: float | None = None
-    boot_error: BaseException | None = None
-    boot_done: bool = False
     restarts: int = 0  # how many times restart() replaced the sandbox
     _restarting: bool = field(default=False, repr=False)
-    # one set per run of the member task (made when it starts: events need the event loop)
-    _booted: anyio.Event | None = field(default=None, repr=False)
+    # one each per run of the member task (made when it starts: events need the event loop)
     _stop: anyio.Event | None = field(default=None, repr=False)
     _gone: anyio.Event | None = field(default=None, repr=False)
-
-
-def refuse_shared_writable_disks(configs: list[SandboxConfig]) -> None:
-    """Members opening one image read-write would be refused by QEMU's locks (or corrupt it)."""
-    shared = shared_writable_disks(configs)
-    if shared:
-        raise FleetError(f"members would share writable disks {shared}: give each its own copy, "
-                         "mark data disks read_only, or use overlays (image_overlay=True, "
-                         "BlockDevice(overlay=True)) over a shared read-only base")  # fmt: skip
 
 
 class Fleet:
@@ -111,16 +94,7 @@ class Fleet:
         template: bool = False,
         wait: bool = True,
     ) -> None:
-        configs = [config] * (size or 1) if isinstance(config, SandboxConfig) else list(config)
-        if size is not None and not isinstance(config, SandboxConfig) and size != len(configs):
-            raise FleetError("size: give either one config and a size, or a list of configs")
-        if not configs:
-            raise FleetError("size: a fleet needs at least one sandbox")
-        if max_concurrent_starts < 1:
-            raise FleetError("max_concurrent_starts: must be at least 1")
-        refuse_shared_writable_disks(configs)
-        if template and any(c != configs[0] for c in configs):
-            raise FleetError("template: members started from one template share one config")
+        configs = fleet_configs(config, size, max_concurrent_starts=max_concurrent_starts, template=template)
         self._configs = configs
         self._template = template
         #: ``async with`` waits for every boot (False: use :meth:`as_ready`)
@@ -129,19 +103,21 @@ class Fleet:
         self._id_prefix, self._backend, self._start_timeout = id_prefix, backend, start_timeout
         #: how long the template took to boot and save (template fleets only)
         self.template_seconds: float | None = None
+        self._ledger: MemberLedger[Member] = MemberLedger(fail_fast=fail_fast, owner="Fleet")
         # with a template the members exist once it does (a clone's config names its files)
-        self.members = [] if template else self._make_members(configs)
-        self.fail_fast = fail_fast
+        self._ledger.members = [] if template else self._make_members(configs)
         self._limiter = anyio.CapacityLimiter(max_concurrent_starts)
-        self._on_event = on_event
-        self._stack: AsyncExitStack | None = None
+        self._report: EventReporter[FleetEvent] = EventReporter(on_event, "fleet", fleet=id_prefix)
         self._tg: TaskGroup | None = None
-        self._booting = 0  # set when the members exist (after the template, if any)
-        self._all_booted: anyio.Event | None = None
-        self._closing: anyio.Event | None = None
-        self._changed: anyio.Event | None = None  # replaced on every boot outcome (as_ready waits on it)
-        self._ready_log: list[Member] = []  # members in the order they became ready
-        self._first_failure: BaseException | None = None
+        self._closing = False
+
+    @property
+    def fail_fast(self) -> bool:
+        return self._ledger.fail_fast
+
+    @fail_fast.setter
+    def fail_fast(self, value: bool) -> None:
+        self._ledger.fail_fast = value
 
     def _make_members(self, configs: list[SandboxConfig]) -> list[Member]:
         self._member_configs = configs
@@ -156,9 +132,13 @@ class Fleet:
         clone = await boot_template(self._configs[0], stack, id=f"{self._id_prefix}-template",
                                     backend=self._backend, start_timeout=self._start_timeout)  # fmt: skip
         self.template_seconds = time.monotonic() - started
-        self.members = self._make_members([clone] * len(self._configs))
+        self._ledger.members = self._make_members([clone] * len(self._configs))
 
     # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def members(self) -> list[Member]:
+        return self._ledger.members
 
     @property
     def sandboxes(self) -> list[Sandbox]:
@@ -173,65 +153,46 @@ class Fleet:
         return [m for m in self.members if m.boot_error is not None or m.sandbox.state is SandboxState.FAILED]
 
     def _emit(self, kind: FleetEventKind, sandbox: Sandbox, detail: str = "") -> None:
-        if self._on_event is not None:
-            try:
-                self._on_event(FleetEvent(kind, sandbox.id, detail))
-            except Exception as exc:  # a broken progress display must not take the fleet down
-                sandbox.log.warning("fleet on_event callback failed", error=repr(exc))
+        self._report(FleetEvent(kind, sandbox.id, detail))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Fleet:
-        self._all_booted = anyio.Event()
-        self._closing = anyio.Event()
-        self._changed = anyio.Event()
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        self._stack = stack
-        try:
-            if self._template:
-                await self._boot_template(stack)
-            self._booting = len(self.members)
-            self._tg = await stack.enter_async_context(anyio.create_task_group())
-            for member in self.members:
-                self._start_member(member)
-            if self.wait:
-                await self._all_booted.wait()
-            if self.wait and self.fail_fast and self._first_failure is not None:
-                raise FleetError(f"a member failed to boot: {self._first_failure}") from self._first_failure
-        except BaseException:
-            if self._tg is not None:
-                self._tg.cancel_scope.cancel()  # stop boots under way; teardowns are shielded
-            await self._close()
-            raise
+        await self._ledger.open(self._setup)
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self._close()
+    async def _setup(self, stack: AsyncExitStack) -> None:
+        self._closing = False
+        if self._template:
+            await self._boot_template(stack)
+        self._ledger.boots_begin(len(self.members))
+        self._tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(self._tell_members_to_stop)  # first on the way out: members tear down
+        for member in self.members:
+            self._start_member(member)
+        if self.wait:
+            try:
+                await self._ledger.wait_booted()
+            except BaseException:
+                self._tg.cancel_scope.cancel()  # stop boots under way; teardowns are shielded
+                raise
 
-    async def _close(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is None:
-            return
-        assert self._closing is not None
-        self._closing.set()
+    async def __aexit__(self, *exc: object) -> None:
+        await self._ledger.close()
+
+    def _tell_members_to_stop(self) -> None:
+        self._closing = True
         for member in self.members:
             if member._stop is not None:
                 member._stop.set()
-        self._notify()
-        await stack.__aexit__(None, None, None)  # members tear down in their own tasks
 
     def _start_member(self, member: Member) -> None:
         """Start the task that owns ``member.sandbox`` (synchronous: no await between the checks
         of a caller and the start)."""
         assert self._tg is not None
-        member._booted, member._stop, member._gone = anyio.Event(), anyio.Event(), anyio.Event()
+        self._ledger.boot_started(member)
+        member._stop, member._gone = anyio.Event(), anyio.Event()
         self._tg.start_soon(self._run_member, member, member._stop, member._gone, name=member.sandbox.id)
-
-    def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = anyio.Event()
 
     async def _run_member(self, member: Member, stop: anyio.Event, gone: anyio.Event) -> None:
         """Own one sandbox from boot to teardown; never let its failure reach the group."""
@@ -244,45 +205,22 @@ class Fleet:
                     try:
                         await stack.enter_async_context(sandbox)
                     except Exception as exc:  # noqa: BLE001 - recorded, reported, isolated
-                        member.boot_error = exc
+                        self._ledger.boot_failed(member, exc)
                         self._emit(FleetEventKind.BOOT_FAILED, sandbox, str(exc))
-                        self._note_failure(exc)
                     else:
-                        member.boot_seconds = time.monotonic() - started
-                        self._ready_log.append(member)
+                        self._ledger.boot_succeeded(member, time.monotonic() - started)
                         self._emit(FleetEventKind.READY, sandbox, f"{member.boot_seconds:.2f}s")
-                self._boot_finished(member)
+                self._ledger.boot_finished(member)
                 if member.boot_error is None:
                     await stop.wait()  # the fleet closes, or restart() wants this sandbox gone
         finally:
-            self._boot_finished(member)  # also when cancelled while booting
+            self._ledger.boot_finished(member)  # also when cancelled while booting
             self._emit(FleetEventKind.STOPPED, sandbox, str(sandbox.state))
             gone.set()
 
-    def _boot_finished(self, member: Member) -> None:
-        if member.boot_done:
-            return
-        member.boot_done = True
-        if member._booted is not None:
-            member._booted.set()
-        self._booting -= 1
-        if self._booting == 0 and self._all_booted is not None:
-            self._all_booted.set()
-        self._notify()
-
-    def _note_failure(self, exc: BaseException) -> None:
-        if self._first_failure is None:
-            self._first_failure = exc
-        if self.fail_fast and self._all_booted is not None:
-            self._all_booted.set()  # __aenter__ raises and closes everyone
-
-    def _check_open(self) -> None:
-        if self._stack is None:
-            raise FleetError("the fleet is not open: use it inside 'async with Fleet(...) as fleet:'")
-
     # -- readiness and restarts -----------------------------------------------------------------
 
-    async def as_ready(self) -> AsyncIterator[Member]:
+    def as_ready(self) -> AsyncIterator[Member]:
         """Members as they become ready (their :class:`Member`, with ``.sandbox``), in that order.
 
         Members whose boot fails are not yielded (they are in :attr:`failed` with their
@@ -292,18 +230,7 @@ class Fleet:
         With ``wait=True`` (the default) every boot is already done: this yields the ready
         members in the order they became ready.
         """
-        self._check_open()
-        seen = 0
-        while True:
-            while seen < len(self._ready_log):
-                seen += 1
-                yield self._ready_log[seen - 1]
-            if self.fail_fast and self._first_failure is not None:
-                raise FleetError(f"a member failed to boot: {self._first_failure}") from self._first_failure
-            if self._booting == 0:
-                return
-            assert self._changed is not None
-            await self._changed.wait()
+        return self._ledger.as_ready()
 
     async def restart(self, index: int, *, timeout: float | None = None) -> Sandbox:
         """Stop member ``index`` and start it again: a new sandbox with the same id, in the
@@ -312,7 +239,7 @@ class Fleet:
         Events: ``restarting``, ``stopped`` (the old sandbox), ``booting``, ``ready`` or
         ``boot-failed``. Cancelled (or timed out) after the old sandbox stopped, the new one goes
         on booting in the fleet."""
-        self._check_open()
+        self._ledger.check_open()
         member = self.members[index]
         if member._gone is None or member._stop is None:
             raise FleetError(f"member {index} has not started yet")
@@ -325,17 +252,15 @@ class Fleet:
             try:
                 member._stop.set()
                 await member._gone.wait()
-                assert self._closing is not None
-                if self._closing.is_set():
+                if self._closing or not self._ledger.is_open:
                     raise FleetError("the fleet closed during the restart")
                 member.sandbox = Sandbox(self._member_configs[index], id=old.id, backend=self._backend,
                                          start_timeout=self._start_timeout)  # fmt: skip
-                member.boot_seconds, member.boot_error, member.boot_done = None, None, False
                 member.restarts += 1
-                self._booting += 1
+                self._ledger.boots_begin(1)
                 self._start_member(member)
-                assert member._booted is not None
-                await member._booted.wait()
+                assert member.booted is not None
+                await member.booted.wait()
             finally:
                 member._restarting = False
         if member.boot_error is not None:
@@ -344,38 +269,17 @@ class Fleet:
 
     # -- work ---------------------------------------------------------------------------------
 
-    async def map(self, fn: Callable[[Sandbox], Awaitable[T]]) -> list[tuple[Sandbox, Outcome[T]]]:
+    async def map(self, fn: Callable[[Sandbox], Awaitable[R]]) -> list[tuple[Sandbox, Outcome[R]]]:
         """Run ``fn`` on every member at once; one (sandbox, outcome) per member, in order.
 
         Members that failed to boot are in the list with their boot error. A member whose ``fn``
         raises does not stop the others (unless ``fail_fast``, where the rest are cancelled).
         """
-        outcomes: list[Outcome[T] | None] = [None] * len(self.members)
 
-        async def one(member: Member, tg: TaskGroup) -> None:
-            if member._booted is not None:
-                await member._booted.wait()  # with wait=False a member may still be booting
-            sandbox = member.sandbox
-            if member.boot_error is not None:
-                outcomes[member.index] = Outcome(error=member.boot_error)
-                return
-            self._emit(FleetEventKind.RUNNING, sandbox)
-            try:
-                value = await fn(sandbox)
-            except Exception as exc:  # noqa: BLE001 - kept as this member's outcome
-                outcomes[member.index] = Outcome(error=exc)
-                self._emit(FleetEventKind.ERROR, sandbox, str(exc))
-                if self.fail_fast:
-                    tg.cancel_scope.cancel()
-            else:
-                outcomes[member.index] = Outcome(value=value)
-                self._emit(FleetEventKind.DONE, sandbox)
+        def report(kind: str, member: Member, detail: str) -> None:
+            self._emit(FleetEventKind(kind), member.sandbox, detail)
 
-        async with anyio.create_task_group() as tg:
-            for member in self.members:
-                tg.start_soon(one, member, tg)
-        cancelled = FleetError("cancelled because another member failed (fail_fast)")
-        return [(m.sandbox, outcomes[m.index] or Outcome(error=cancelled)) for m in self.members]
+        return await self._ledger.map(fn, report)
 
     def summary(self) -> list[dict[str, Any]]:
         return [

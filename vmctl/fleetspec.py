@@ -27,7 +27,7 @@ from typing import Any
 from vmctl.config import SandboxConfig, fill_defaults, read_toml_text, relative_to
 from vmctl.devices import Device, device_from_mapping
 from vmctl.errors import ConfigError, Problem, VmctlError
-from vmctl.fleet import refuse_shared_writable_disks
+from vmctl.members import refuse_shared_writable_disks
 
 FLEET_FIELDS = {"size", "max_concurrent_starts", "template", "fail_fast", "command_timeout", "commands", "devices"}
 

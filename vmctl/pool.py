@@ -43,10 +43,11 @@ from anyio.abc import TaskGroup, TaskStatus
 from vmctl.config import SandboxConfig, shared_writable_disks
 from vmctl.errors import PoolError, PoolTimeout, VmctlError
 from vmctl.hypervisors.base import Backend
-from vmctl.log import get_logger
+from vmctl.members import EventReporter, OwnerBlock
 from vmctl.sandbox import Sandbox
 from vmctl.state import SandboxState
 from vmctl.template import boot_template
+from vmctl.waiting import Broadcast
 
 WARM_UP_TIMEOUT = 30.0
 RELEASE_LIMIT = 30.0  # seconds a release waits for the sandbox to be gone
@@ -135,20 +136,20 @@ class SandboxPool:
         #: how long the template took to boot and save (template pools only)
         self.template_seconds: float | None = None
         self._config = self._member_config = config
-        self._on_event = on_event
+        self._report: EventReporter[PoolEvent] = EventReporter(on_event, "pool", pool=id_prefix)
         self._id_prefix, self._backend, self._start_timeout = id_prefix, backend, start_timeout
         self._backoff, self._max_backoff = backoff, max_backoff
-        self.log = get_logger("vmctl.pool", pool=id_prefix)
+        self.log = self._report.log
         self._members: list[_Member] = []
         self._numbers = itertools.count()
         self._started = self._failed = self._failures_in_a_row = 0
         self._last_error: BaseException | None = None
         self._retry_at = 0.0
-        self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
-        self._changed: anyio.Event | None = None
-        self._open = False
+        self._changes = Broadcast()
+        self._block = OwnerBlock(self._changes, error=PoolError, already_open="this SandboxPool is already open",
+                                 not_open="the pool is closed: use it inside 'async with SandboxPool(...) as pool:'")  # fmt: skip
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -172,79 +173,46 @@ class SandboxPool:
         return self.stats().starting
 
     def _emit(self, kind: PoolEventKind, sandbox_id: str, detail: str = "") -> None:
-        self._notify()
-        if self._on_event is None:
-            return
-        try:
-            self._on_event(PoolEvent(kind, sandbox_id, self.stats(), detail))
-        except Exception as exc:  # a broken progress display must not take the pool down
-            self.log.warning("pool on_event callback failed", error=repr(exc))
-
-    def _notify(self) -> None:
-        """Wake everyone waiting for a change (acquirers, the refill task, wait_ready)."""
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = anyio.Event()
-
-    async def _changes(self) -> None:
-        assert self._changed is not None
-        await self._changed.wait()
+        self._changes.notify()  # acquirers, the refill task and wait_ready re-check
+        if self._report.wanted:
+            self._report(PoolEvent(kind, sandbox_id, self.stats(), detail))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> SandboxPool:
-        if self._stack is not None:
-            raise PoolError("this SandboxPool is already open")
-        self._changed = anyio.Event()
-        self._limiter = anyio.CapacityLimiter(self.max_concurrent_starts)
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        self._stack = stack
-        self._open = True
-        try:
-            if self.template:
-                started = time.monotonic()
-                self._member_config = await boot_template(self._config, stack, id=f"{self._id_prefix}-template",
-                                                          backend=self._backend, start_timeout=self._start_timeout)  # fmt: skip
-                self.template_seconds = time.monotonic() - started
-                self._emit(PoolEventKind.TEMPLATE, f"{self._id_prefix}-template", f"{self.template_seconds:.2f}s")
-            self._tg = await stack.enter_async_context(anyio.create_task_group())
-            await self._tg.start(self._refill)
-        except BaseException:
-            await self._close()
-            raise
+        await self._block.open(self._setup)
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self._close()
+    async def _setup(self, stack: AsyncExitStack) -> None:
+        self._limiter = anyio.CapacityLimiter(self.max_concurrent_starts)
+        if self.template:
+            started = time.monotonic()
+            self._member_config = await boot_template(self._config, stack, id=f"{self._id_prefix}-template",
+                                                      backend=self._backend, start_timeout=self._start_timeout)  # fmt: skip
+            self.template_seconds = time.monotonic() - started
+            self._emit(PoolEventKind.TEMPLATE, f"{self._id_prefix}-template", f"{self.template_seconds:.2f}s")
+        stack.callback(self._forget_task_group)  # after the task group has ended
+        tg = self._tg = await stack.enter_async_context(anyio.create_task_group())
+        # first on the way out: starts stop; members tear down (shielded)
+        stack.callback(tg.cancel_scope.cancel)
+        await tg.start(self._refill)
 
-    async def _close(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is None:
-            return
-        self._open = False
-        self._notify()  # waiting acquirers give up: the pool is closing
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()  # starts stop; members tear down (shielded)
-        try:
-            await stack.__aexit__(None, None, None)
-        finally:
-            self._tg = None
+    async def __aexit__(self, *exc: object) -> None:
+        await self._block.close()
+
+    def _forget_task_group(self) -> None:
+        self._tg = None
 
     async def wait_ready(self, count: int | None = None, *, timeout: float | None = None) -> None:
         """Wait until at least ``count`` members (default: ``size``) are ready."""
         want = self.size if count is None else count
         with anyio.move_on_after(math.inf if timeout is None else timeout):
             while self.ready < want:
-                self._check_open()
-                await self._changes()
+                self._block.check_open()
+                await self._changes.wait()
             return
         raise PoolTimeout(f"{want} ready sandboxes did not come within {timeout:g}s ({self._describe()})",
                           last_error=self._last_error)  # fmt: skip
-
-    def _check_open(self) -> None:
-        if not self._open:
-            raise PoolError("the pool is closed: use it inside 'async with SandboxPool(...) as pool:'")
 
     def _describe(self) -> str:
         s = self.stats()
@@ -272,11 +240,11 @@ class SandboxPool:
     async def _take(self, timeout: float | None) -> _Member:
         with anyio.move_on_after(math.inf if timeout is None else timeout):
             while True:
-                self._check_open()
+                self._block.check_open()
                 member = self._pop_ready()
                 if member is not None:
                     return member
-                await self._changes()
+                await self._changes.wait()
         raise PoolTimeout(f"no pooled sandbox became ready within {timeout:g}s ({self._describe()})",
                           last_error=self._last_error)  # fmt: skip
 
@@ -308,7 +276,7 @@ class SandboxPool:
             if stats.ready + stats.starting < self.size:
                 self._spawn()
                 continue
-            await self._changes()
+            await self._changes.wait()
 
     def _spawn(self) -> None:
         assert self._tg is not None

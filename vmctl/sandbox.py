@@ -13,6 +13,7 @@ block stops QEMU and removes the run directory, on every path, cancellation incl
 from __future__ import annotations
 
 import functools
+import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -33,6 +34,7 @@ from vmctl.devicemanager import DeviceManager
 from vmctl.devices import Device
 from vmctl.errors import (
     GuestDisconnected,
+    InvalidArgument,
     NotSupported,
     QMPDisconnected,
     SandboxFailed,
@@ -57,6 +59,8 @@ from vmctl.watcher import StateWatcher
 DEFAULT_START_TIMEOUT = 120.0
 DEFAULT_STOP_TIMEOUT = 10.0
 DEFAULT_CALL_TIMEOUT = 30.0
+DEFAULT_RESIZE_TIMEOUT = 120.0
+DEFAULT_SNAPSHOT_TIMEOUT = 300.0
 TEARDOWN_GRACE = 30.0
 
 P = ParamSpec("P")
@@ -294,7 +298,10 @@ class Sandbox:
         await self._release()
 
     async def stop(self, *, timeout: float | None = None) -> None:
-        """Stop the guest: power-off through the agent, then ``quit``, then SIGKILL. Idempotent."""
+        """Stop the guest: power-off through the agent, then ``quit``, then SIGKILL. Idempotent.
+        ``timeout`` is how long the guest may take to power off (default ``stop_timeout``)."""
+        if timeout is not None and not 0 <= timeout < math.inf:
+            raise InvalidArgument("timeout: seconds the guest may take to power off, at least 0 (or None)")
         await self._stop(graceful=True, timeout=self.stop_timeout if timeout is None else timeout)
 
     async def _stop(self, *, graceful: bool, timeout: float) -> None:
@@ -348,7 +355,7 @@ class Sandbox:
         await self._guest_call(self._live().control.resume(timeout))
 
     @requires(Trigger.SNAPSHOT)
-    async def snapshot(self, directory: str | Path, *, timeout: float = 300.0) -> Path:
+    async def snapshot(self, directory: str | Path, *, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> Path:
         """Save memory, device state and the device table to ``directory`` (which must not exist);
         a failed or cancelled save leaves none (see :mod:`vmctl.migration`)."""
         target = migration.check_target(directory)
@@ -475,12 +482,12 @@ class Sandbox:
         await self._guest_call(self._live().devices.unplug(device, timeout))
 
     @requires(Trigger.HOTPLUG)
-    async def resize_vcpus(self, count: int, *, timeout: float | None = 120.0) -> tuple[int, int]:
+    async def resize_vcpus(self, count: int, *, timeout: float | None = DEFAULT_RESIZE_TIMEOUT) -> tuple[int, int]:
         """Set the number of online vCPUs; returns ``(old, new)`` as the guest counts them."""
         return await self._guest_call(self._live().devices.resize_vcpus(count, timeout))
 
     @requires(Trigger.HOTPLUG)
-    async def resize_memory(self, mib: int, *, timeout: float | None = 120.0) -> int:
+    async def resize_memory(self, mib: int, *, timeout: float | None = DEFAULT_RESIZE_TIMEOUT) -> int:
         """Grow (DIMMs in block-size steps) or shrink (remove DIMMs) memory; returns the new MiB."""
         return await self._guest_call(self._live().devices.resize_memory(mib, timeout))
 

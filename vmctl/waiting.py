@@ -1,4 +1,5 @@
-"""Waiting, done one way: a one-slot waiter that every path resolves, and one timeout helper.
+"""Waiting, done one way: a one-slot waiter that every path resolves, a broadcast of "something
+changed" for loops that re-check a condition, and one timeout helper.
 
 A :class:`Waiter` is what qemu.qmp gives each command: created *before* the request that will
 resolve it is sent, resolved at most once (with a value or an error), and removed by its owner in
@@ -64,6 +65,30 @@ class Waiter(Generic[T]):
         if self._failure is not None:
             raise make_error(self._failure)
         return self._value  # type: ignore[return-value]
+
+
+class Broadcast:
+    """Wakes every task waiting for the next change; each re-checks its own condition after.
+
+    The event is made on the first wait and dropped on the notify, so a change nobody waits for
+    costs nothing (the agent's channels notify on every frame), and one can be built outside an
+    event loop."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    def notify(self) -> None:
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
+
+    async def wait(self) -> None:
+        """Return at the next :meth:`notify` after this call."""
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
 
 
 class WaiterTable(Generic[K, T]):

@@ -15,6 +15,7 @@ import anyio
 
 from vmctl.errors import IllegalTransition, SandboxFailed
 from vmctl.state import TERMINAL_STATES, SandboxState, StateMachine, Transition, reachable_from
+from vmctl.waiting import Broadcast
 
 STREAM_BUFFER = 1000
 
@@ -67,7 +68,7 @@ class StateWatcher:
 
     def __init__(self, machine: StateMachine, *, failure_detail: Callable[[], str] = lambda: "") -> None:
         self._machine = machine
-        self._changed: anyio.Event | None = None
+        self._changed = Broadcast()
         self._streams: list[TransitionStream] = []
         self._failure_detail = failure_detail
         machine.listen(self._on_transition)
@@ -75,9 +76,7 @@ class StateWatcher:
     def _on_transition(self, step: Transition) -> None:
         for stream in list(self._streams):
             stream._push(step)  # noqa: SLF001 - the stream's feeding side, in this module
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        self._changed.notify()
 
     def unsubscribe(self, stream: TransitionStream) -> None:
         if stream in self._streams:
@@ -99,8 +98,6 @@ class StateWatcher:
                 if state is SandboxState.FAILED:
                     raise SandboxFailed(self._machine.failure or "sandbox failed", stderr_tail=self._failure_detail())
                 raise IllegalTransition(state, f"waiting for {'/'.join(map(str, targets))}")
-            if self._changed is None:
-                self._changed = anyio.Event()
             await self._changed.wait()
 
     def transitions(self, *, buffer: int = STREAM_BUFFER) -> TransitionStream:

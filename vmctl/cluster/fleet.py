@@ -20,7 +20,8 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -39,23 +40,17 @@ from vmctl.cluster.remote import (
 )
 from vmctl.config import SandboxConfig
 from vmctl.errors import FleetError, NodeLost, VmctlError
-from vmctl.fleet import FleetEvent, FleetEventKind, Outcome, refuse_shared_writable_disks
+from vmctl.fleet import FleetEvent, FleetEventKind
+from vmctl.members import EventReporter, LedgerMember, MemberLedger, Outcome, fleet_configs
 
-T = TypeVar("T")
+R = TypeVar("R")  # what a map function returns
 STRATEGIES = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 CLOSE_LIMIT = 60.0  # seconds closing waits for one host to stop its members
 
 
 @dataclass(eq=False)
-class ClusterMember:
+class ClusterMember(LedgerMember[RemoteSandbox]):
     """One place in a cluster fleet: its remote sandbox, the node it runs on, its boot."""
-
-    index: int
-    sandbox: RemoteSandbox
-    boot_seconds: float | None = None
-    boot_error: BaseException | None = None
-    boot_done: bool = False
-    booted: anyio.Event = field(default_factory=anyio.Event, repr=False)
 
     @property
     def node(self) -> str:
@@ -83,46 +78,37 @@ class ClusterFleet:
         placement_timeout: float = 60.0,
         watch_interval: float = 1.0,
     ) -> None:
-        configs = [config] * (size or 1) if isinstance(config, SandboxConfig) else list(config)
-        if size is not None and not isinstance(config, SandboxConfig) and size != len(configs):
-            raise FleetError("size: give either one config and a size, or a list of configs")
-        if not configs:
-            raise FleetError("size: a fleet needs at least one sandbox")
-        if max_concurrent_starts < 1:
-            raise FleetError("max_concurrent_starts: must be at least 1")
+        configs = fleet_configs(config, size, max_concurrent_starts=max_concurrent_starts, template=template)
         if strategy not in STRATEGIES:
             raise FleetError(f"strategy: one of {', '.join(STRATEGIES)}")
-        refuse_shared_writable_disks(configs)
-        if template and any(c != configs[0] for c in configs):
-            raise FleetError("template: members started from one template share one config")
         self._configs = configs
         self._one_config = all(c == configs[0] for c in configs)
         self.strategy = strategy
         self.template = template
         self.wait = wait
-        self.fail_fast = fail_fast
         self._bundle = bundle
         self._id_prefix, self._start_timeout = id_prefix, start_timeout
         self._placement_timeout, self._watch_interval = placement_timeout, watch_interval
         self._fleet_id = f"{id_prefix}-{secrets.token_hex(3)}"
         self._max_concurrent_starts = max_concurrent_starts
         self._limiter: anyio.CapacityLimiter | None = None
-        self._all_booted: anyio.Event | None = None
-        self._changed: anyio.Event | None = None  # replaced on every change (as_ready, map wait on it)
-        self._on_event = on_event
-        self.members: list[ClusterMember] = []
+        self._ledger: MemberLedger[ClusterMember] = MemberLedger(fail_fast=fail_fast, owner="ClusterFleet")
+        self._report: EventReporter[FleetEvent] = EventReporter(on_event, "fleet", fleet=self._fleet_id)
         self._hosts: dict[str, Host] = {}
         self._pg: Any = None
-        self._tg: TaskGroup | None = None
-        self._booting = 0
-        self._ready_log: list[ClusterMember] = []
         self._lost_reported: set[int] = set()
-        self._first_failure: BaseException | None = None
-        self._open = False
         #: how long preparing the nodes took (their guest builds and, with ``template``, templates)
         self.prepare_seconds: float | None = None
 
     # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def fail_fast(self) -> bool:
+        return self._ledger.fail_fast
+
+    @property
+    def members(self) -> list[ClusterMember]:
+        return self._ledger.members
 
     @property
     def sandboxes(self) -> list[RemoteSandbox]:
@@ -142,20 +128,7 @@ class ClusterFleet:
         return [m.node for m in self.members]
 
     def _emit(self, kind: FleetEventKind, sandbox_id: str, detail: str = "") -> None:
-        if self._on_event is not None:
-            try:
-                self._on_event(FleetEvent(kind, sandbox_id, detail))
-            except Exception:  # noqa: BLE001,S110 - a broken progress display must not take the fleet down
-                pass
-
-    def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = anyio.Event()
-
-    async def _next_change(self) -> None:
-        assert self._changed is not None
-        await self._changed.wait()
+        self._report(FleetEvent(kind, sandbox_id, detail))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -180,41 +153,40 @@ class ClusterFleet:
                          f"{self._placement_timeout:g}s: not enough {HOST_RESOURCE} nodes or memory")  # fmt: skip
 
     async def __aenter__(self) -> ClusterFleet:
-        if self._open:
-            raise FleetError("this ClusterFleet is already open")
-        self._limiter = anyio.CapacityLimiter(self._max_concurrent_starts)
-        self._all_booted = anyio.Event()
-        self._changed = anyio.Event()
-        self._open = True
-        try:
-            nodes = await self._place()
-            for node in nodes:
-                self._hosts.setdefault(node, host_on(node))
-            self.members = [ClusterMember(i, RemoteSandbox(f"{self._id_prefix}-{i}", self._hosts[node],
-                                                           fleet=self._fleet_id, start_timeout=self._start_timeout))
-                            for i, node in enumerate(nodes)]  # fmt: skip
-            started = time.monotonic()
-            await self._prepare_hosts()
-            self.prepare_seconds = time.monotonic() - started
-            self._booting = len(self.members)
-            self._tg = anyio.create_task_group()
-            await self._tg.__aenter__()
-            for host in self._hosts.values():
-                self._tg.start_soon(self._watch, host)
-            for member in self.members:
-                member.sandbox.on_move = self._watch_new_host
-                self._tg.start_soon(self._boot, member)
-            if self.wait:
-                await self._all_booted.wait()  # fmt: skip
-            if self.wait and self.fail_fast and self._first_failure is not None:
-                raise FleetError(f"a member failed to boot: {self._first_failure}") from self._first_failure
-        except BaseException:
-            await self._close()
-            raise
+        await self._ledger.open(self._setup)
         return self
 
+    async def _setup(self, stack: AsyncExitStack) -> None:
+        self._limiter = anyio.CapacityLimiter(self._max_concurrent_starts)
+        stack.push_async_callback(self._stop_members_shielded)  # last on the way out
+        nodes = await self._place()
+        for node in nodes:
+            self._hosts.setdefault(node, host_on(node))
+        self._ledger.members = [ClusterMember(i, RemoteSandbox(f"{self._id_prefix}-{i}", self._hosts[node],
+                                                               fleet=self._fleet_id, start_timeout=self._start_timeout))
+                                for i, node in enumerate(nodes)]  # fmt: skip
+        for member in self.members:
+            self._ledger.boot_started(member)
+        started = time.monotonic()
+        await self._prepare_hosts()
+        self.prepare_seconds = time.monotonic() - started
+        self._ledger.boots_begin(len(self.members))
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tg.cancel_scope.cancel)  # first on the way out: the watchers, and boots under way
+        for host in self._hosts.values():
+            tg.start_soon(self._watch, host, tg)
+
+        def watch_new_host(host: Host) -> None:
+            self._watch_new_host(host, tg)
+
+        for member in self.members:
+            member.sandbox.on_move = watch_new_host
+            tg.start_soon(self._boot, member)
+        if self.wait:
+            await self._ledger.wait_booted()
+
     async def __aexit__(self, *exc: object) -> None:
-        await self._close()
+        await self._ledger.close()
 
     async def _prepare_hosts(self) -> None:
         """Each node's config for this fleet (its own default guest; its template)."""
@@ -238,38 +210,29 @@ class ClusterFleet:
 
     async def _boot(self, member: ClusterMember) -> None:
         sandbox = member.sandbox
-        assert self._limiter is not None and self._all_booted is not None
+        assert self._limiter is not None
         try:
             async with self._limiter:
                 self._emit(FleetEventKind.BOOTING, sandbox.id, sandbox.node[:8])
                 config = None if self._one_config or self.template else self._configs[member.index]
                 try:
-                    member.boot_seconds = await sandbox.start(config)
+                    seconds = await sandbox.start(config)
                 except VmctlError as exc:
-                    member.boot_error = exc
+                    self._ledger.boot_failed(member, exc)
                     self._emit(FleetEventKind.BOOT_FAILED, sandbox.id, str(exc))
-                    if self._first_failure is None:
-                        self._first_failure = exc
-                    if self.fail_fast:
-                        self._all_booted.set()
                 else:
-                    self._ready_log.append(member)
-                    self._emit(FleetEventKind.READY, sandbox.id, f"{member.boot_seconds:.2f}s")
+                    self._ledger.boot_succeeded(member, seconds)
+                    self._emit(FleetEventKind.READY, sandbox.id, f"{seconds:.2f}s")
         finally:
-            member.boot_done = True
-            member.booted.set()
-            self._booting -= 1
-            if self._booting == 0:
-                self._all_booted.set()
-            self._notify()
+            self._ledger.boot_finished(member)
 
-    def _watch_new_host(self, host: Host) -> None:
+    def _watch_new_host(self, host: Host, tg: TaskGroup) -> None:
         """A member moved to ``host``: watch it too (once)."""
-        if self._tg is not None and all(h is not host for h in self._hosts.values()):
+        if self._ledger.is_open and all(h is not host for h in self._hosts.values()):
             self._hosts[f"{host.node_id}-{id(host)}"] = host
-            self._tg.start_soon(self._watch, host)
+            tg.start_soon(self._watch, host, tg)
 
-    async def _watch(self, host: Host) -> None:
+    async def _watch(self, host: Host, tg: TaskGroup) -> None:
         """Ask ``host`` how it is until the fleet closes; mark its members lost once it is gone."""
         incarnation = None
         while True:
@@ -292,22 +255,13 @@ class ClusterFleet:
                         self._lost_reported.add(member.index)  # its own call may have found out first
                         member.sandbox.mark_lost(reason)
                         self._emit(FleetEventKind.LOST, member.sandbox.id, member.sandbox.lost)
-                self._notify()
+                self._ledger.changes.notify()
                 return
             await anyio.sleep(self._watch_interval)
 
-    async def _close(self) -> None:
-        if not self._open:
-            return
-        self._open = False
-        tg, self._tg = self._tg, None
-        try:
-            if tg is not None:  # the watchers, and boots still under way
-                tg.cancel_scope.cancel()
-                await tg.__aexit__(None, None, None)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._stop_members()
+    async def _stop_members_shielded(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._stop_members()
 
     async def _stop_members(self) -> None:
         hosts = {id(m.sandbox.host): m.sandbox.host for m in self.members} | {id(h): h for h in self._hosts.values()}
@@ -335,64 +289,24 @@ class ClusterFleet:
 
     # -- work ---------------------------------------------------------------------------------
 
-    async def as_ready(self) -> AsyncIterator[ClusterMember]:
+    def as_ready(self) -> AsyncIterator[ClusterMember]:
         """Members as they become ready, in that order (see :meth:`vmctl.Fleet.as_ready`)."""
-        if not self._open:
-            raise FleetError("the fleet is not open: use it inside 'async with ClusterFleet(...) as fleet:'")
-        seen = 0
-        while True:
-            while seen < len(self._ready_log):
-                seen += 1
-                yield self._ready_log[seen - 1]
-            if self.fail_fast and self._first_failure is not None:
-                raise FleetError(f"a member failed to boot: {self._first_failure}") from self._first_failure
-            if self._booting == 0:
-                return
-            await self._next_change()
+        return self._ledger.as_ready()
 
-    async def map(self, fn: Callable[[RemoteSandbox], Awaitable[T]]) -> list[tuple[RemoteSandbox, Outcome[T]]]:
+    async def map(self, fn: Callable[[RemoteSandbox], Awaitable[R]]) -> list[tuple[RemoteSandbox, Outcome[R]]]:
         """Run ``fn`` on every member at once; one (sandbox, outcome) per member, in order. A
         member whose node is lost gets :class:`NodeLost` as its outcome; the others go on."""
-        outcomes: list[Outcome[T] | None] = [None] * len(self.members)
 
-        async def one(member: ClusterMember, tg: TaskGroup) -> None:
-            await member.booted.wait()
-            sandbox = member.sandbox
-            if member.boot_error is not None:
-                outcomes[member.index] = Outcome(error=member.boot_error)
-                return
-            self._emit(FleetEventKind.RUNNING, sandbox.id)
-            try:
-                value = await fn(sandbox)
-            except Exception as exc:  # noqa: BLE001 - kept as this member's outcome
-                outcomes[member.index] = Outcome(error=exc)
-                self._emit(FleetEventKind.ERROR, sandbox.id, str(exc))
-                if self.fail_fast:
-                    tg.cancel_scope.cancel()
-            else:
-                outcomes[member.index] = Outcome(value=value)
-                self._emit(FleetEventKind.DONE, sandbox.id)
+        def report(kind: str, member: ClusterMember, detail: str) -> None:
+            self._emit(FleetEventKind(kind), member.sandbox.id, detail)
 
-        async def lost_watch(member: ClusterMember, scope: anyio.CancelScope) -> None:
+        async def lost(member: ClusterMember) -> BaseException:
             """A call on a lost node fails by itself; this ends one that waits on something else."""
             while not member.sandbox.lost:
-                await self._next_change()
-            scope.cancel()
+                await self._ledger.changes.wait()
+            return NodeLost(f"sandbox {member.sandbox.id}: {member.sandbox.lost}", node=member.node)
 
-        async def guarded(member: ClusterMember, tg: TaskGroup) -> None:
-            async with anyio.create_task_group() as inner:
-                inner.start_soon(lost_watch, member, inner.cancel_scope)
-                await one(member, tg)
-                inner.cancel_scope.cancel()
-            if outcomes[member.index] is None and member.sandbox.lost:
-                outcomes[member.index] = Outcome(error=NodeLost(f"sandbox {member.sandbox.id}: {member.sandbox.lost}",
-                                                                node=member.node))  # fmt: skip
-
-        async with anyio.create_task_group() as tg:
-            for member in self.members:
-                tg.start_soon(guarded, member, tg)
-        cancelled = FleetError("cancelled because another member failed (fail_fast)")
-        return [(m.sandbox, outcomes[m.index] or Outcome(error=cancelled)) for m in self.members]
+        return await self._ledger.map(fn, report, lost=lost)
 
     def summary(self) -> list[dict[str, Any]]:
         """State, node, boot time and error per member."""

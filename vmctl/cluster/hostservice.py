@@ -245,7 +245,8 @@ class HostService:
                 raise InvalidArgument(f"{name!r} cannot be called on a remote sandbox")
             entry = self._find(sandbox_id)
             if name == "stop":
-                await self._stop(entry)
+                await entry.sandbox.stop(**kwargs)  # the caller's timeout (checked there) for the power-off
+                await self._stop(entry)  # the owner task leaves the block and cleans up
                 return Reply(None, state=entry.sandbox.state)
             value = getattr(entry.sandbox, name)
             if callable(value):

@@ -35,8 +35,17 @@ from vmctl.devices import Device
 from vmctl.errors import HostError, InvalidArgument, NodeLost, NotSupported, SandboxNotFound, VmctlError
 from vmctl.guest import GuestAssets, ensure_default_assets
 from vmctl.hotplug import PluggedDevice
+from vmctl.sandbox import (
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_RESIZE_TIMEOUT,
+    DEFAULT_SNAPSHOT_TIMEOUT,
+    DEFAULT_START_TIMEOUT,
+)
 from vmctl.state import SandboxState
 from vmctl.waiting import deadline
+
+#: seconds a cleanup on the way out (a process killed, a half-moved sandbox stopped) may take
+CLEANUP_LIMIT = 30.0
 
 HOST_RESOURCE = "vmctl_host"  # the custom resource operators declare on nodes that can run QEMU
 MARK = 0.001  # how much of it one host actor or one fleet member takes: a marker, not a limit
@@ -192,7 +201,8 @@ async def portable(config: SandboxConfig) -> tuple[SandboxConfig, bool]:
 class RemoteSandbox:
     """A sandbox owned by a host actor on some node: the local sandbox's coroutines, proxied."""
 
-    def __init__(self, sandbox_id: str, host: Host, *, fleet: str | None = None, start_timeout: float = 300.0) -> None:
+    def __init__(self, sandbox_id: str, host: Host, *, fleet: str | None = None,
+                 start_timeout: float = DEFAULT_START_TIMEOUT) -> None:  # fmt: skip
         self.id = sandbox_id
         self.host = host
         self.fleet = fleet
@@ -238,15 +248,20 @@ class RemoteSandbox:
             raise exc
         return reply.value
 
-    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    async def _ask(self, method: str, *args: Any) -> Any:
+        """One request to the host actor for this sandbox: :class:`NodeLost` at once if its node
+        is known to be gone, and the sandbox marked lost when the request finds out."""
         if self._lost:
             raise NodeLost(f"sandbox {self.id}: {self._lost}", node=self.node)
         try:
-            reply = await self.host.ask("call", self.id, name, args, kwargs)
+            reply = await self.host.ask(method, self.id, *args)
         except NodeLost as exc:
             self.mark_lost(str(exc))
             raise NodeLost(f"sandbox {self.id} is lost: {exc}", node=self.node) from None
         return self._unwrap(reply)
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._ask("call", name, args, kwargs)
 
     async def start(self, config: SandboxConfig | None) -> float:
         """Start it on its host (``config``, or the fleet's prepared one); the boot seconds."""
@@ -266,10 +281,10 @@ class RemoteSandbox:
                                               env=env, cwd=cwd)  # fmt: skip
         return result
 
-    async def pause(self, *, timeout: float | None = 30.0) -> None:
+    async def pause(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> None:
         await self._call("pause", timeout=timeout)
 
-    async def resume(self, *, timeout: float | None = 30.0) -> None:
+    async def resume(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> None:
         await self._call("resume", timeout=timeout)
 
     async def stop(self, *, timeout: float | None = None) -> None:
@@ -277,7 +292,7 @@ class RemoteSandbox:
         if self._lost:
             return
         try:
-            await self._call("stop")
+            await self._call("stop", timeout=timeout)
         except SandboxNotFound:
             pass
         self._state = SandboxState.STOPPED
@@ -289,22 +304,22 @@ class RemoteSandbox:
         state: SandboxState = await self._call("wait_for_state", *states, timeout=timeout)
         return state
 
-    async def hotplug(self, device: Device, *, timeout: float | None = 30.0) -> PluggedDevice:
+    async def hotplug(self, device: Device, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> PluggedDevice:
         plugged: PluggedDevice = await self._call("hotplug", device, timeout=timeout)
         return plugged
 
-    async def unplug(self, device: PluggedDevice | str, *, timeout: float | None = 30.0) -> None:
+    async def unplug(self, device: PluggedDevice | str, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> None:
         await self._call("unplug", device.id if isinstance(device, PluggedDevice) else device, timeout=timeout)
 
-    async def resize_vcpus(self, count: int, *, timeout: float | None = 120.0) -> tuple[int, int]:
+    async def resize_vcpus(self, count: int, *, timeout: float | None = DEFAULT_RESIZE_TIMEOUT) -> tuple[int, int]:
         counts: tuple[int, int] = await self._call("resize_vcpus", count, timeout=timeout)
         return counts
 
-    async def resize_memory(self, mib: int, *, timeout: float | None = 120.0) -> int:
+    async def resize_memory(self, mib: int, *, timeout: float | None = DEFAULT_RESIZE_TIMEOUT) -> int:
         size: int = await self._call("resize_memory", mib, timeout=timeout)
         return size
 
-    async def snapshot(self, directory: str | Path, *, timeout: float = 300.0) -> Path:
+    async def snapshot(self, directory: str | Path, *, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> Path:
         """Save a snapshot into ``directory`` on the sandbox's node."""
         path: Path = await self._call("snapshot", str(directory), timeout=timeout)
         return path
@@ -334,15 +349,15 @@ class RemoteSandbox:
         await anyio.to_thread.run_sync(guestfiles.write_local, Path(local), data)
         return []
 
-    async def guest_block_devices(self, *, timeout: float | None = 30.0) -> list[GuestBlockDevice]:
+    async def guest_block_devices(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> list[GuestBlockDevice]:
         found: list[GuestBlockDevice] = await self._call("guest_block_devices", timeout=timeout)
         return found
 
-    async def guest_online_cpus(self, *, timeout: float | None = 30.0) -> list[int]:
+    async def guest_online_cpus(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> list[int]:
         found: list[int] = await self._call("guest_online_cpus", timeout=timeout)
         return found
 
-    async def guest_memory(self, *, timeout: float | None = 30.0) -> GuestMemory:
+    async def guest_memory(self, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> GuestMemory:
         found: GuestMemory = await self._call("guest_memory", timeout=timeout)
         return found
 
@@ -359,14 +374,7 @@ class RemoteSandbox:
 
     async def proc(self, proc_id: str, op: str, *args: Any) -> Any:
         """One step of a remote process (see :meth:`HostService.proc`)."""
-        if self._lost:
-            raise NodeLost(f"sandbox {self.id}: {self._lost}", node=self.node)
-        try:
-            reply = await self.host.ask("proc", self.id, proc_id, op, args)
-        except NodeLost as exc:
-            self.mark_lost(str(exc))
-            raise NodeLost(f"sandbox {self.id} is lost: {exc}", node=self.node) from None
-        return self._unwrap(reply)
+        return await self._ask("proc", proc_id, op, args)
 
     async def refresh(self) -> SandboxState:
         """Ask the node for the sandbox's state (:attr:`state` is the one after the last call)."""
@@ -383,7 +391,7 @@ class RemoteSandbox:
         pid: int | None = await self._call("pid")
         return pid
 
-    async def move_to(self, node: str, *, timeout: float | None = 300.0) -> None:
+    async def move_to(self, node: str, *, timeout: float | None = DEFAULT_SNAPSHOT_TIMEOUT) -> None:
         """Move the sandbox to ``node`` (an id or a unique prefix): pause, snapshot, carry the
         snapshot through Ray's object store in chunks, restore there, stop it here. The guest
         keeps its state (boot id, files, processes). If the restore fails the sandbox resumes
@@ -404,7 +412,7 @@ class RemoteSandbox:
                 if reply.error is not None:
                     raise from_wire(reply.error)
             except BaseException:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_LIMIT):
                     if was_running and not self._lost:
                         await self._call("resume")
                 raise
@@ -500,7 +508,7 @@ class RemoteProcessContext:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._process is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_LIMIT):
                 try:
                     await self._process.aclose()
                 except NodeLost:
@@ -508,7 +516,7 @@ class RemoteProcessContext:
 
 
 async def start_detached(config: SandboxConfig, name: str, *, node: str | None = None,
-                         start_timeout: float = 300.0) -> RemoteSandbox:  # fmt: skip
+                         start_timeout: float = DEFAULT_START_TIMEOUT) -> RemoteSandbox:  # fmt: skip
     """A sandbox in a named, detached actor of its own: it outlives this driver until stopped.
     Ray places it on a ``vmctl_host`` node (or on ``node``); :func:`attach` finds it by name."""
     ray = _check_connected()

@@ -23,10 +23,10 @@ from typing import Any, Protocol
 
 from anyio.abc import TaskGroup, TaskStatus
 
-from vmctl.agent import AgentClient
 from vmctl.config import SandboxConfig
 from vmctl.devices import Device, Placement
 from vmctl.qmp import QmpEvent
+from vmctl.waiting import Failure
 
 #: a device on the command line: its id, its description and where it sits
 PlacedDevice = tuple[str, Device, Placement]
@@ -148,13 +148,34 @@ class Launcher(Protocol):
         are further descriptors it inherits (disks handed over, passt's end of a NIC)."""
 
 
+class AgentLink(Protocol):
+    """What a hypervisor needs of the guest agent's client: it connects the channel, waits for
+    the guest's READY (or pings a resumed guest) and asks for a clean power-off. The client itself
+    (:class:`vmctl.agent.AgentClient`) lives a layer up, with the sandbox's owners."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def serve(self, *, task_status: TaskStatus[None] = ...) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    def mark_ready(self, boot_id: str = ...) -> None: ...
+
+    async def wait_ready(self) -> str: ...
+
+    async def poweroff(self) -> None: ...
+
+    def fail_all(self, failure: Failure) -> None: ...
+
+
 class Hypervisor(ABC):
     """One virtual machine's process, QMP session, console and agent channel."""
 
     name: str = "abstract"
 
     def __init__(self, config: SandboxConfig, paths: RunPaths, sandbox_id: str, events: Events, logger: Any, *,
-                 plan: LaunchPlan, agent: AgentClient, launcher: Launcher | None = None) -> None:  # fmt: skip
+                 plan: LaunchPlan, agent: AgentLink, launcher: Launcher | None = None) -> None:  # fmt: skip
         self.config = config
         self.paths = paths
         self.sandbox_id = sandbox_id

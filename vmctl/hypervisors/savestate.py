@@ -18,6 +18,7 @@ import anyio
 
 from vmctl.errors import QMPDisconnected, QMPError, VmctlError
 from vmctl.qmp import QmpEvent, QmpSession
+from vmctl.waiting import Broadcast
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
 MAX_BANDWIDTH = 10 * 1024**3  # bytes/s: the default (128 MiB/s) would throttle a local file
@@ -29,13 +30,12 @@ class MigrationTracker:
     def __init__(self) -> None:
         self.status = "none"
         self.error = ""
-        self._changed = anyio.Event()
+        self._changed = Broadcast()
 
     def on_event(self, event: QmpEvent) -> None:
         if event.name == "MIGRATION":
             self.status = str(event.data.get("status", ""))
-            self._changed.set()
-            self._changed = anyio.Event()
+            self._changed.notify()
 
     async def wait_final(self, qmp: QmpSession) -> str:
         """The migration's final status; :class:`QMPDisconnected` at once if QEMU goes away."""
