@@ -22,7 +22,7 @@ README = PACKAGE.parent / "README.md"
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["vmctl.errors", "vmctl.params", "vmctl.devices", "vmctl.config", "vmctl.host", "vmctl.paths",
               "vmctl.log", "vmctl.lines", "vmctl.heap", "vmctl.state", "vmctl.watcher", "vmctl.waiting",
-              "vmctl.qmp", "vmctl.agentproto"]),
+              "vmctl.qmp", "vmctl.agentproto", "vmctl.reaper"]),
     ("hypervisors", ["vmctl.hypervisors", "vmctl.hypervisors.*"]),
     ("owners", ["vmctl.devicemanager", "vmctl.hotplug", "vmctl.resize", "vmctl.migration", "vmctl.detached",
                 "vmctl.agent", "vmctl.console", "vmctl.guestproc", "vmctl.guestfiles", "vmctl.overlays",

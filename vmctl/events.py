@@ -8,15 +8,20 @@ each with its own :class:`~vmctl.errors.SandboxFailed`.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
 
 from vmctl.agent import AgentClient
 from vmctl.console import ConsoleFanout
 from vmctl.devicemanager import DeviceManager
-from vmctl.errors import SandboxFailed
+from vmctl.errors import GuestDisconnected, QMPDisconnected, SandboxFailed
 from vmctl.origin import Origin
 from vmctl.qmp import QmpEvent
 from vmctl.state import SandboxState, StateMachine, Transition, Trigger, event_trigger, exit_triggers
+
+R = TypeVar("R")
 
 
 class SandboxEvents:
@@ -31,6 +36,18 @@ class SandboxEvents:
         self.agent: AgentClient | None = None
         self.devices: DeviceManager | None = None
         machine.listen(self._on_transition)
+
+    async def guest_call(self, call: Awaitable[R], wait_exited: Callable[[], Awaitable[None]]) -> R:
+        """Await ``call``; a lost connection that turns out to be a dead sandbox says so."""
+        try:
+            return await call
+        except (GuestDisconnected, QMPDisconnected) as exc:
+            # The agent or QMP connection usually drops a moment before the process exit is noticed.
+            with anyio.move_on_after(2):
+                await wait_exited()
+            if self._machine.state is SandboxState.FAILED:
+                raise self.failed() from exc
+            raise
 
     def failed(self, reason: str | None = None) -> SandboxFailed:
         """The error a caller of a failed sandbox gets (a new one each time)."""

@@ -33,10 +33,8 @@ from vmctl.console import ConsoleFanout
 from vmctl.devicemanager import DeviceManager
 from vmctl.devices import Device
 from vmctl.errors import (
-    GuestDisconnected,
     InvalidArgument,
     NotSupported,
-    QMPDisconnected,
     SandboxFailed,
     VmctlError,
 )
@@ -298,8 +296,8 @@ class Sandbox:
         await self._release()
 
     async def stop(self, *, timeout: float | None = None) -> None:
-        """Stop the guest: power-off through the agent, then ``quit``, then SIGKILL. Idempotent.
-        ``timeout`` is how long the guest may take to power off (default ``stop_timeout``)."""
+        """Stop the guest: power-off through the agent (within ``timeout``, default ``stop_timeout``),
+        then ``quit``, then SIGKILL. Idempotent."""
         if timeout is not None and not 0 <= timeout < math.inf:
             raise InvalidArgument("timeout: seconds the guest may take to power off, at least 0 (or None)")
         await self._stop(graceful=True, timeout=self.stop_timeout if timeout is None else timeout)
@@ -460,16 +458,7 @@ class Sandbox:
         return await self._guest_call(self._live().agent.memory(timeout))
 
     async def _guest_call(self, call: Awaitable[R]) -> R:
-        """Await ``call``; a lost connection that turns out to be a dead sandbox says so."""
-        try:
-            return await call
-        except (GuestDisconnected, QMPDisconnected) as exc:
-            # The agent or QMP connection usually drops a moment before the process exit is noticed.
-            with anyio.move_on_after(2):
-                await self.hypervisor.wait_exited()
-            if self.state is SandboxState.FAILED:
-                raise self._events.failed() from exc
-            raise
+        return await self._events.guest_call(call, self.hypervisor.wait_exited)
 
     @requires(Trigger.HOTPLUG)
     async def hotplug(self, device: Device, *, timeout: float | None = DEFAULT_CALL_TIMEOUT) -> PluggedDevice:
