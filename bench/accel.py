@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from vmctl import SandboxConfig, guest, host
-from vmctl.log import get_logger
+from vmctl.core.log import get_logger
 
 
 async def pin_accel() -> str:

@@ -8,8 +8,8 @@ timestamp, so the controller measures event-to-waiter latency on receipt.
 
 Two controllers drive the same load, each in a fresh process:
 
-* vmctl: one process, one event loop, one :class:`vmctl.qmp.QmpSession` per VM with an event
-  pump feeding a :class:`vmctl.state.StateMachine`, exactly how ``Sandbox.pause()`` works
+* vmctl: one process, one event loop, one :class:`vmctl.core.qmp.QmpSession` per VM with an event
+  pump feeding a :class:`vmctl.core.state.StateMachine`, exactly how ``Sandbox.pause()`` works
   (check the table, send ``stop``, wait for the state QEMU's ``STOP`` event produces);
 * baseline: ``qemu.qmp.legacy.QEMUMonitorProtocol``, one blocking connection and one thread per
   VM (how QEMU's own ``QEMUMachine`` drives a VM): ``cmd("stop")``, then ``get_events`` until
@@ -285,9 +285,9 @@ async def vmctl_controller(directory: Path, n: int, rounds: int, rate: float, se
 
         limit_commands_in_flight(None if bound == "none" else int(bound))
 
-    from vmctl.qmp import QmpSession
-    from vmctl.state import SandboxState, StateMachine, Trigger
-    from vmctl.watcher import StateWatcher
+    from vmctl.core.qmp import QmpSession
+    from vmctl.core.state import SandboxState, StateMachine, Trigger
+    from vmctl.core.watcher import StateWatcher
 
     rss_start, vsz_start = rss_kib(), vm_size_kib()
     sessions = [QmpSession(f"cp{i}") for i in range(n)]

@@ -53,8 +53,8 @@ from accel import pin_accel, pinned
 from plain import PlainVm, plain_vm  # noqa: E402  (bench/ is run as scripts)
 
 from vmctl import Param, Sandbox, SandboxConfig, guest, host
-from vmctl import agentproto as proto
-from vmctl.fleet import Fleet, FleetEvent, FleetEventKind
+from vmctl.agent import protocol as proto
+from vmctl.fleets.fleet import Fleet, FleetEvent, FleetEventKind
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -127,16 +127,16 @@ def qemu_pids_under(marker: str) -> list[int]:
 async def plain_first_exec(vm: PlainVm) -> None:
     """`true` through the agent protocol by hand (what vmctl's exec sends)."""
     spawn = proto.spawn_payload([b"true"], {}, b"", 0, 1 << 20)
-    vm.agent_writer.write(proto.pack(proto.T.SPAWN, 1, spawn) + proto.pack(proto.T.EOF, 1))
+    vm.agent_writer.write(proto.pack(proto.FrameType.SPAWN, 1, spawn) + proto.pack(proto.FrameType.EOF, 1))
     await vm.agent_writer.drain()
     while True:  # STARTED, EOF x2, then EXIT
         length, kind, _, _ = proto.unpack_header(await vm.agent_reader.readexactly(proto.HEADER_SIZE))
         payload = await vm.agent_reader.readexactly(length)
-        if kind == proto.T.EXIT:
+        if kind == proto.FrameType.EXIT:
             if proto.parse_exit(payload) != (0, False):
                 raise RuntimeError(f"unexpected exit of exec true: {payload!r}")
             return
-        if kind == proto.T.ERROR:
+        if kind == proto.FrameType.ERROR:
             raise RuntimeError(f"the agent refused exec true: {payload!r}")
 
 

@@ -25,8 +25,8 @@ from typing import Any
 import anyio
 
 from vmctl import Sandbox, SandboxConfig, guest
+from vmctl.fleets.template import boot_template
 from vmctl.hypervisors import jail
-from vmctl.template import boot_template
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -21,7 +21,7 @@ from accel import pinned  # (bench/ is run as scripts)
 from qemu.qmp import EventListener, QMPClient
 
 from vmctl import SandboxConfig, host
-from vmctl import agentproto as proto
+from vmctl.agent import protocol as proto
 from vmctl.hypervisors.base import RunPaths
 from vmctl.hypervisors.cmdline import build_command
 
@@ -68,11 +68,11 @@ async def plain_vm(config: SandboxConfig, *, legacy: bool = False) -> AsyncItera
         else:
             length, kind, _, _ = proto.unpack_header(await reader.readexactly(proto.HEADER_SIZE))
             await reader.readexactly(length)
-            if kind != proto.T.READY:
+            if kind != proto.FrameType.READY:
                 raise RuntimeError(f"expected the agent's READY frame, got type {kind:#x}")
         ready = True
         yield PlainVm(qmp, reader, writer, time.perf_counter() - started, proc)
-        writer.write(b"POWEROFF 0\n" if legacy else proto.pack(proto.T.POWEROFF, 1))
+        writer.write(b"POWEROFF 0\n" if legacy else proto.pack(proto.FrameType.POWEROFF, 1))
         await writer.drain()
         await asyncio.to_thread(proc.wait, 30)
     except Exception as exc:
@@ -120,11 +120,11 @@ async def plain_disk_add(vm: PlainVm, disk: Path, dev: str, request_id: str) -> 
     await vm.qmp.execute("device_add", {"driver": "virtio-blk-pci", "id": dev, "drive": f"{dev}-fmt",
                                         "serial": dev, "bus": "rp0"})  # fmt: skip
     rid = int.from_bytes(request_id.encode()[:8].ljust(8, b"\0"), "little")
-    vm.agent_writer.write(proto.pack(proto.T.WAITDEV, rid, proto.u32(300) + b"virtio\0" + dev.encode()))
+    vm.agent_writer.write(proto.pack(proto.FrameType.WAITDEV, rid, proto.u32(300) + b"virtio\0" + dev.encode()))
     await vm.agent_writer.drain()
     length, kind, _, got = proto.unpack_header(await vm.agent_reader.readexactly(proto.HEADER_SIZE))
     payload = await vm.agent_reader.readexactly(length)
-    if kind != proto.T.RESULT or got != rid or payload[:1] != b"\1":
+    if kind != proto.FrameType.RESULT or got != rid or payload[:1] != b"\1":
         raise PlainVmError(f"the guest did not show disk {dev}: type {kind:#x} {payload!r}")
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 
 from vmctl import Sandbox, SandboxConfig, SandboxPool, guest, host
-from vmctl.template import boot_template
+from vmctl.fleets.template import boot_template
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"

@@ -41,7 +41,7 @@ import anyio
 from accel import pin_accel  # (bench/ is run as scripts)
 
 from vmctl import BlockDevice, IllegalTransition, Sandbox, SandboxConfig, SandboxState, guest
-from vmctl.paths import runtime_dir
+from vmctl.core.paths import runtime_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: operation -> weight of the random picks after the first round

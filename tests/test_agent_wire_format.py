@@ -1,5 +1,5 @@
 """The two ends of the agent protocol agree: the C agent's frame types and sizes are the values
-``vmctl.agentproto`` uses. The C side numbers most types by enum increments, so a type added or
+``vmctl.agent.protocol`` uses. The C side numbers most types by enum increments, so a type added or
 moved there shifts the ones after it; this test reads the C source as the compiler would."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from vmctl import agentproto as proto
-from vmctl.agentproto import T
+from vmctl.agent import protocol as proto
+from vmctl.agent.protocol import FrameType
 
-AGENT_SOURCE = Path(proto.__file__).parent / "guest" / "files" / "vmctl-agent.c"
+AGENT_SOURCE = Path(proto.__file__).parents[1] / "guest" / "files" / "vmctl-agent.c"
 
 
 def c_frame_types(source: str) -> dict[str, int]:
@@ -51,7 +51,7 @@ def c_defines(source: str) -> dict[str, int]:
 
 def test_the_c_agent_and_agentproto_number_every_frame_type_alike() -> None:
     from_c = c_frame_types(AGENT_SOURCE.read_text())
-    from_python = {f"T_{member.name}": member.value for member in T}
+    from_python = {f"T_{member.name}": member.value for member in FrameType}
     assert from_c == from_python
 
 
@@ -66,4 +66,4 @@ def test_the_enum_reader_follows_implicit_values_as_c_does() -> None:
     """The reader must fail on a real mismatch: a type inserted in the middle shifts the rest."""
     shifted = c_frame_types("enum { T_PING = 0x01, T_NEW, T_SPAWN, /* c */ T_READY = 0x40, T_PONG };")
     assert shifted == {"T_PING": 1, "T_NEW": 2, "T_SPAWN": 3, "T_READY": 0x40, "T_PONG": 0x41}
-    assert shifted["T_SPAWN"] != T.SPAWN
+    assert shifted["T_SPAWN"] != FrameType.SPAWN

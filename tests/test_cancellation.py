@@ -22,9 +22,9 @@ import pytest
 
 from tests.conftest import assert_no_stray_tasks, socket_fd_count
 from vmctl import Sandbox, SandboxState
+from vmctl.core.state import TRANSITIONS
 from vmctl.devices import BlockDevice
-from vmctl.hotplug import DeviceState
-from vmctl.state import TRANSITIONS
+from vmctl.machine.hotplug import DeviceState
 from vmctl.testing import FakeQemu, fake_config
 
 MAX_STEPS = 2000  # far above what any operation takes on the fake (start: about 70 steps)

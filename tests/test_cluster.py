@@ -38,7 +38,7 @@ from vmctl import (  # noqa: E402
     SandboxState,
     cluster,  # noqa: E402
 )
-from vmctl.fleet import FleetEvent, FleetEventKind  # noqa: E402
+from vmctl.fleets.fleet import FleetEvent, FleetEventKind  # noqa: E402
 
 pytestmark = pytest.mark.qemu
 
@@ -268,7 +268,7 @@ async def test_a_restarted_host_actor_comes_back_empty_and_says_so(
             assert qemu is not None and not running(qemu), "QEMU died with the old actor"
     finally:
         await cluster.shutdown_hosts()
-        from vmctl.paths import sweep_stale_run_dirs
+        from vmctl.core.paths import sweep_stale_run_dirs
 
         sweep_stale_run_dirs(runtime_dir)  # the killed actor's run directory
 
@@ -321,7 +321,7 @@ async def test_a_killed_driver_takes_its_sandboxes_with_it(
     # subreaper and kills a dead worker's descendants: its vmctl reaper too), so their run and
     # template directories may stay, marked with an owner that is gone: the next sandbox
     # started on the node sweeps them.
-    from vmctl.paths import sweep_stale_run_dirs
+    from vmctl.core.paths import sweep_stale_run_dirs
 
     sweep_stale_run_dirs(runtime_dir)
     assert list(runtime_dir.iterdir()) == []
@@ -365,6 +365,6 @@ async def test_a_lost_node_fails_its_members_quickly_and_the_others_finish(
     finally:
         await cluster.shutdown_hosts()
         # the dead node's run directory stays until the next sandbox on a live node sweeps it
-        from vmctl.paths import sweep_stale_run_dirs
+        from vmctl.core.paths import sweep_stale_run_dirs
 
         sweep_stale_run_dirs(runtime_dir)

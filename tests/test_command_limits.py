@@ -26,7 +26,7 @@ from vmctl import (
     SandboxConfig,
     SandboxState,
 )
-from vmctl.agent import TIMEOUT_GRACE
+from vmctl.agent.client import TIMEOUT_GRACE
 
 pytestmark = pytest.mark.qemu
 MakeConfig = Callable[..., SandboxConfig]

@@ -262,7 +262,7 @@ def test_runtime_dir_owned_by_someone_else_or_a_symlink_is_refused(
     import os
 
     from vmctl import HostError
-    from vmctl.paths import make_run_dir
+    from vmctl.core.paths import make_run_dir
 
     target = tmp_path / "elsewhere"
     target.mkdir()

@@ -29,7 +29,7 @@ from vmctl import Sandbox, SandboxConfig
 async def main():
     config = SandboxConfig(kernel=sys.argv[1], initrd=sys.argv[2], memory_mib=256)
     async with Sandbox(config) as sb:
-        from vmctl import reaper
+        from vmctl.core import reaper
         # the process started, QEMU itself, its run dir, the controller's reaper
         print(sb.hypervisor.pid, sb.pid, sb.run_dir, reaper.reaper_pid(), flush=True)
         await anyio.sleep_forever()

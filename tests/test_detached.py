@@ -24,9 +24,9 @@ from vmctl import (
     SandboxNotFound,
     SandboxState,
     guest,
-    reaper,
 )
-from vmctl.state import Trigger
+from vmctl.core import reaper
+from vmctl.core.state import Trigger
 
 from .conftest import assert_no_stray_tasks, qemu_processes
 
@@ -177,7 +177,7 @@ def reapers_of(controller: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
-            ours = b"vmctl/reaper.py" in b" ".join(argv) and argv[-2:-1] == [str(controller).encode()]
+            ours = b"vmctl/core/reaper.py" in b" ".join(argv) and argv[-2:-1] == [str(controller).encode()]
             if entry.name.isdigit() and ours and alive(int(entry.name)):
                 out.append(int(entry.name))
         except OSError:

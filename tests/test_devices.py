@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import assert_no_stray_tasks
 from vmctl import ConfigError, NotSupported, Sandbox, SandboxConfig
 from vmctl.devices import BlockDevice, NetworkDevice, VfioDevice, VhostUserBlockDevice, VhostUserNetDevice
-from vmctl.hotplug import DeviceState
+from vmctl.machine.hotplug import DeviceState
 
 pytestmark = pytest.mark.qemu
 MakeConfig = Callable[..., SandboxConfig]

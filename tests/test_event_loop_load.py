@@ -25,9 +25,9 @@ from anyio.abc import SocketStream
 
 from tests.conftest import assert_no_stray_tasks, short_dir
 from vmctl import Sandbox, VmctlTimeout, limit_commands_in_flight, settle_gc
+from vmctl.core.qmp import DEFAULT_COMMANDS_IN_FLIGHT, QmpSession, _give_up, _Slots, _slots
+from vmctl.core.state import StateMachine, Transition, Trigger
 from vmctl.errors import QMPCommandError, QMPDisconnected
-from vmctl.qmp import DEFAULT_COMMANDS_IN_FLIGHT, QmpSession, _give_up, _Slots, _slots
-from vmctl.state import StateMachine, Transition, Trigger
 from vmctl.testing import FakeQemu, fake_config
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, "capabilities": []}}

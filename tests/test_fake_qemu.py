@@ -19,8 +19,8 @@ from vmctl import (
     VmctlTimeout,
     limit_commands_in_flight,
 )
+from vmctl.core.qmp import DEFAULT_COMMANDS_IN_FLIGHT
 from vmctl.errors import QMPCommandError
-from vmctl.qmp import DEFAULT_COMMANDS_IN_FLIGHT
 from vmctl.testing import FakeQemu, QmpErrorReply, default_exec, fake_config
 
 
@@ -211,7 +211,7 @@ async def test_setup_error_before_launch_leaves_nothing(tmp_path: Path, runtime_
 
 async def test_predicted_mmio_disk_names_are_confirmed_and_a_mismatch_fails(tmp_path: Path, runtime_dir: Path) -> None:
     from vmctl import BlockDevice, GuestError
-    from vmctl.devicemanager import disk_name
+    from vmctl.machine.devicetable import disk_name
 
     assert [disk_name("vd", i) for i in (0, 1, 25, 26, 27, 52)] == ["vda", "vdb", "vdz", "vdaa", "vdab", "vdba"]
     disks = []

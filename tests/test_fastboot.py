@@ -107,7 +107,7 @@ async def test_guest_modprobe_brings_back_a_driver_with_what_it_needs(make_confi
     also loads the virtio transport the machine lacks), a driver unloaded with its dependencies
     comes back by name, and they with it."""
     async with Sandbox(make_config(machine=machine)) as sb:
-        # the guest-side wait vmctl itself uses before a CPU or memory hotplug (vmctl.resize)
+        # the guest-side wait vmctl itself uses before a CPU or memory hotplug (vmctl.machine.resize)
         await sb.exec(["sh", "-c", "while [ -e /run/vmctl-modules-loading ]; do sleep 0.05; done"], check=True)
         loaded = set((await sb.exec(["cut", "-d ", "-f1", "/proc/modules"], check=True)).text.split())
         assert {"virtio_pci", "virtio_mmio", "virtio_console", "pvpanic_pci"} <= loaded

@@ -28,7 +28,7 @@ from tests.conftest import assert_no_stray_tasks, qemu_processes
 from vmctl import GuestError, Sandbox, SandboxConfig, SandboxFailed, SandboxState, VmctlError, VmctlTimeout
 from vmctl.devices import BlockDevice
 from vmctl.errors import QMPError
-from vmctl.hotplug import DeviceState, HotplugError, HotplugTimeout
+from vmctl.machine.hotplug import DeviceState, HotplugError, HotplugTimeout
 from vmctl.testing import FakeQemu, fake_config
 
 MakeConfig = Callable[..., SandboxConfig]

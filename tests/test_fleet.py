@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import assert_no_stray_tasks, qemu_processes
 from vmctl import ConfigError, ExecResult, SandboxState, guest
-from vmctl.fleet import Fleet, FleetEvent, FleetEventKind
-from vmctl.fleetspec import load_fleet_spec
+from vmctl.fleets.fleet import Fleet, FleetEvent, FleetEventKind
+from vmctl.fleets.spec import load_fleet_spec
 from vmctl.testing import FakeQemu, fake_config
 
 
@@ -154,7 +154,7 @@ async def test_fail_fast_does_not_wait_for_the_other_boots(tmp_path: Path) -> No
 
 def test_members_cannot_share_a_writable_disk(tmp_path: Path) -> None:
     from vmctl import BlockDevice
-    from vmctl.fleet import FleetError
+    from vmctl.fleets.fleet import FleetError
 
     disk = tmp_path / "d.img"
     disk.write_bytes(b"\0" * 512)

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import assert_no_stray_tasks, qemu_processes
 from tests.test_cancellation import Sweep, cancel_after_steps
 from vmctl import FleetError, SandboxConfig, SandboxState, guest
-from vmctl.fleet import Fleet, FleetEvent, FleetEventKind
+from vmctl.fleets.fleet import Fleet, FleetEvent, FleetEventKind
 from vmctl.testing import FakeQemu, fake_config
 
 E = FleetEventKind

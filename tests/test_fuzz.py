@@ -26,18 +26,12 @@ from hypothesis import strategies as st
 
 from tests.conftest import assert_no_stray_tasks, short_dir, socket_fd_count
 from vmctl import Sandbox, SandboxConfig, SandboxState
-from vmctl import agent as agent_module
-from vmctl import agentproto as proto
-from vmctl.agent import (
-    GUEST_FRAMES,
-    AgentClient,
-    ExecResult,
-    GuestError,
-    parse_block_devices,
-    parse_cpu_list,
-    parse_memory,
-)
-from vmctl.agentproto import T
+from vmctl.agent import client as agent_module
+from vmctl.agent import protocol as proto
+from vmctl.agent.client import GUEST_FRAMES, AgentClient, GuestError
+from vmctl.agent.protocol import FrameType
+from vmctl.agent.results import ExecResult, parse_block_devices, parse_cpu_list, parse_memory
+from vmctl.core.qmp import QmpSession
 from vmctl.devices import DEVICE_TYPES
 from vmctl.errors import (
     ConfigError,
@@ -49,10 +43,9 @@ from vmctl.errors import (
     VmctlError,
     VmctlTimeout,
 )
-from vmctl.fleetspec import FLEET_FIELDS, FleetSpec, load_fleet_spec
+from vmctl.fleets.spec import FLEET_FIELDS, FleetSpec, load_fleet_spec
 from vmctl.hypervisors.base import RunPaths
 from vmctl.hypervisors.cmdline import build_command
-from vmctl.qmp import QmpSession
 from vmctl.testing import FakeQemu, fake_config
 
 CONFIG_FIELDS = sorted(f.name for f in dataclasses.fields(SandboxConfig))
@@ -407,7 +400,7 @@ async def agent_peer(respond: Callable[[SocketStream, int], Awaitable[None]]) ->
 
 THEIRS = 0x7FFF_FFFF_0000_0001  # an id of nobody's request
 frame_parts = st.tuples(
-    st.sampled_from([*map(int, proto.T), 0, 0x3F, 0x7F, 0xFF]),
+    st.sampled_from([*map(int, proto.FrameType), 0, 0x3F, 0x7F, 0xFF]),
     st.sampled_from([0, 1, 2, 3, 255]),
     st.sampled_from(["mine", "mine", "theirs", 0]),
     st.one_of(st.binary(max_size=40), st.sampled_from([b"", proto.i32(0) + b"\0", proto.i32(7) + b"\1",
@@ -461,9 +454,9 @@ def test_frames_for_other_requests_do_not_disturb_a_pending_one(items: list[Any]
             for frame_type, stream_no, _, payload in items:  # well-formed frames of known types, for another id
                 if frame_type in GUEST_FRAMES and stream_no <= 2:
                     await stream.send(proto.pack(frame_type, THEIRS, payload, stream_no))
-            await stream.send(proto.pack(T.DATA, request_id, out, 1) + proto.pack(T.EOF, request_id, b"", 1)
-                              + proto.pack(T.EOF, request_id, b"", 2)
-                              + proto.pack(T.EXIT, request_id, proto.i32(code) + b"\0"))  # fmt: skip
+            await stream.send(proto.pack(FrameType.DATA, request_id, out, 1) + proto.pack(FrameType.EOF, request_id, b"", 1)
+                              + proto.pack(FrameType.EOF, request_id, b"", 2)
+                              + proto.pack(FrameType.EXIT, request_id, proto.i32(code) + b"\0"))  # fmt: skip
             await anyio.sleep_forever()
 
         async with agent_peer(respond) as client:
@@ -479,7 +472,7 @@ async def test_a_huge_frame_is_a_guest_error_at_once() -> None:
     """A header announcing more than the 1 MiB limit fails the connection without reading on."""
 
     async def respond(stream: SocketStream, request_id: int) -> None:
-        await stream.send(proto.HEADER.pack(proto.MAX_PAYLOAD + 1, T.DATA, 1, 0, request_id))
+        await stream.send(proto.HEADER.pack(proto.MAX_PAYLOAD + 1, FrameType.DATA, 1, 0, request_id))
         await anyio.sleep_forever()
 
     async with agent_peer(respond) as client:
@@ -495,7 +488,7 @@ async def test_an_endless_stream_of_output_is_an_output_limit_error() -> None:
     """A guest that sends output without end (ignoring credit) cannot fill the controller."""
 
     async def respond(stream: SocketStream, request_id: int) -> None:
-        chunk = proto.pack(T.DATA, request_id, b"x" * proto.CHUNK, 1)
+        chunk = proto.pack(FrameType.DATA, request_id, b"x" * proto.CHUNK, 1)
         for _ in range(80):
             await stream.send(chunk)
         await anyio.sleep_forever()
@@ -511,23 +504,23 @@ async def test_an_endless_stream_of_output_is_an_output_limit_error() -> None:
     ("frames", "match"),
     [
         ([(0x7F, 0, b"")], "unknown type 0x7f"),
-        ([(T.DATA, 7, b"x")], "stream 7"),
-        ([(T.EXIT, 0, b"\0\0\0")], "malformed frame.*EXIT"),
-        ([(T.ERROR, 0, b"\1")], "malformed frame.*errno"),
-        ([(T.CREDIT, 0, b"12345")], "malformed frame.*CREDIT"),
-        ([(T.ERROR, 0, proto.i32(2) + b"/x: No such file or directory")], "No such file"),
-        ([(T.SPAWN, 0, b"")], "unknown type 0x02"),
-        ([(T.CREDIT, 1, proto.u32(5))], "unexpected frame"),
-        ([(T.READY, 0, proto.u32(1) + b"b1"), (T.READY, 0, proto.u32(1) + b"b2")], "restarted"),
-        ([(T.READY, 5, b"")], "malformed READY"),
-        ([(T.READY, 0, proto.u32(1) + b"b" * (proto.MAX_BOOT_ID + 1))], "malformed READY"),
+        ([(FrameType.DATA, 7, b"x")], "stream 7"),
+        ([(FrameType.EXIT, 0, b"\0\0\0")], "malformed frame.*EXIT"),
+        ([(FrameType.ERROR, 0, b"\1")], "malformed frame.*errno"),
+        ([(FrameType.CREDIT, 0, b"12345")], "malformed frame.*CREDIT"),
+        ([(FrameType.ERROR, 0, proto.i32(2) + b"/x: No such file or directory")], "No such file"),
+        ([(FrameType.SPAWN, 0, b"")], "unknown type 0x02"),
+        ([(FrameType.CREDIT, 1, proto.u32(5))], "unexpected frame"),
+        ([(FrameType.READY, 0, proto.u32(1) + b"b1"), (FrameType.READY, 0, proto.u32(1) + b"b2")], "restarted"),
+        ([(FrameType.READY, 5, b"")], "malformed READY"),
+        ([(FrameType.READY, 0, proto.u32(1) + b"b" * (proto.MAX_BOOT_ID + 1))], "malformed READY"),
     ],
 )
 async def test_malformed_agent_frames_are_guest_errors(frames: list[tuple[int, int, bytes]], match: str) -> None:
     async def respond(stream: SocketStream, request_id: int) -> None:
         for frame_type, stream_no, payload in frames:
-            rid = 0 if frame_type == T.READY and payload else request_id
-            if frame_type == T.READY and not payload:
+            rid = 0 if frame_type == FrameType.READY and payload else request_id
+            if frame_type == FrameType.READY and not payload:
                 rid = 5
             await stream.send(proto.pack(frame_type, rid, payload, stream_no))
         await anyio.sleep_forever()
@@ -540,7 +533,7 @@ async def test_malformed_agent_frames_are_guest_errors(frames: list[tuple[int, i
 
 async def test_truncated_frame_then_hang_up_is_a_disconnect() -> None:
     async def respond(stream: SocketStream, request_id: int) -> None:
-        await stream.send(proto.pack(T.EXIT, request_id, proto.i32(0) + b"\0")[:10])
+        await stream.send(proto.pack(FrameType.EXIT, request_id, proto.i32(0) + b"\0")[:10])
 
     async with agent_peer(respond) as client:
         with anyio.fail_after(5), pytest.raises(GuestDisconnected):
@@ -552,7 +545,7 @@ async def test_a_reply_under_the_wrong_id_is_a_timeout(monkeypatch: pytest.Monke
     monkeypatch.setattr(agent_module, "TIMEOUT_GRACE", 0.05)
 
     async def respond(stream: SocketStream, request_id: int) -> None:
-        await stream.send(proto.pack(T.EXIT, request_id + 1, proto.i32(0) + b"\0"))
+        await stream.send(proto.pack(FrameType.EXIT, request_id + 1, proto.i32(0) + b"\0"))
         await anyio.sleep_forever()
 
     async with agent_peer(respond) as client:

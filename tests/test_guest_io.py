@@ -442,7 +442,7 @@ async def test_the_agent_answers_every_unknown_request_with_an_error(make_config
     sandbox's agent socket once vmctl let go of it. Three unknown requests, then a PING: the
     agent answers in order, so PONG marks the end. Base (the shell agent): every unknown
     request's reply went through the same file, so replies were overwritten and lost."""
-    from vmctl import agentproto as proto
+    from vmctl.agent import protocol as proto
 
     sandbox_id = "m1probe"
     async with Sandbox(make_config(), id=sandbox_id, detached=True) as sb:
@@ -451,9 +451,9 @@ async def test_the_agent_answers_every_unknown_request_with_an_error(make_config
     try:
         with anyio.fail_after(60):
             async with await anyio.connect_unix(agent_socket) as stream:
-                await stream.send(b"".join(proto.pack(0x3E, n) for n in (1, 2, 3)) + proto.pack(proto.T.PING, 4))
+                await stream.send(b"".join(proto.pack(0x3E, n) for n in (1, 2, 3)) + proto.pack(proto.FrameType.PING, 4))
                 buffer = b""
-                while not any(kind == proto.T.PONG for kind, _, _ in replies):
+                while not any(kind == proto.FrameType.PONG for kind, _, _ in replies):
                     buffer += await stream.receive()
                     while len(buffer) >= proto.HEADER_SIZE:
                         length, kind, _, rid = proto.unpack_header(buffer[:proto.HEADER_SIZE])
@@ -464,5 +464,5 @@ async def test_the_agent_answers_every_unknown_request_with_an_error(make_config
     finally:
         async with Sandbox.attach(sandbox_id) as again:
             await again.stop()
-    errs = sorted((rid, proto.parse_error(payload)[1]) for kind, rid, payload in replies if kind == proto.T.ERROR)
+    errs = sorted((rid, proto.parse_error(payload)[1]) for kind, rid, payload in replies if kind == proto.FrameType.ERROR)
     assert errs == [(n, "unknown request type 0x3e") for n in (1, 2, 3)], replies

@@ -14,7 +14,7 @@ import pytest
 from tests import hostile
 from tests.conftest import assert_no_stray_tasks
 from vmctl import PoolEvent, PoolEventKind, Sandbox, SandboxConfig, SandboxFailed, SandboxPool, SandboxState, guest
-from vmctl.agent import WINDOW
+from vmctl.agent.client import WINDOW
 
 pytestmark = pytest.mark.qemu
 MakeConfig = Callable[..., SandboxConfig]

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import assert_no_stray_tasks
 from vmctl import Sandbox, SandboxFailed
 from vmctl.devices import BlockDevice
-from vmctl.hotplug import DeviceState, HotplugError, HotplugTimeout
+from vmctl.machine.hotplug import DeviceState, HotplugError, HotplugTimeout
 from vmctl.testing import FakeQemu, fake_config
 
 
@@ -122,7 +122,7 @@ async def test_sandbox_failure_wakes_hotplug_waiters(tmp_path: Path, disk: Path)
 
 
 def test_path_only_events_name_the_device_not_its_children() -> None:
-    from vmctl.hotplug import _peripheral_id
+    from vmctl.machine.hotplug import _peripheral_id
 
     assert _peripheral_id("/machine/peripheral/disk1") == "disk1"
     assert _peripheral_id("/machine/peripheral/cpu1/lapic") == "cpu1"

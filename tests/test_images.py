@@ -19,7 +19,7 @@ import pytest
 from vmctl import Fleet, FleetError, InvalidArgument, Sandbox, SandboxConfig, guest
 from vmctl.devices import BlockDevice, DeviceContext
 from vmctl.errors import HostError
-from vmctl.fleet import refuse_shared_writable_disks
+from vmctl.fleets.fleet import refuse_shared_writable_disks
 from vmctl.guest.image import inside
 
 pytestmark = pytest.mark.qemu
@@ -257,7 +257,7 @@ async def test_snapshot_keeps_what_was_written_to_an_overlay_disk(assets: guest.
 
 
 def test_cli_image_build_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from vmctl.cli import main
+    from vmctl.cli.main import main
 
     (tmp_path / "root" / "etc").mkdir(parents=True)
     assert main(["guest", "build", "--debian"]) == 2  # an image source without --image

@@ -335,7 +335,7 @@ async def test_egress_reaches_a_server_outside_the_host(make_config: MakeConfig,
 def test_doctor_reports_each_jail_part(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from vmctl.cli import main
+    from vmctl.cli.main import main
 
     main(["doctor", "--json"])
     parts = json.loads(capsys.readouterr().out)["jail"]

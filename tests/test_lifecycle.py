@@ -23,8 +23,8 @@ from vmctl import (
     guest,
     limit_commands_in_flight,
 )
+from vmctl.core.qmp import DEFAULT_COMMANDS_IN_FLIGHT
 from vmctl.hypervisors import jail
-from vmctl.qmp import DEFAULT_COMMANDS_IN_FLIGHT
 
 pytestmark = pytest.mark.qemu
 MakeConfig = Callable[..., SandboxConfig]

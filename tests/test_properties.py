@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from vmctl import IllegalTransition, Sandbox, SandboxFailed, SandboxState, Trigger
+from vmctl.core.state import TERMINAL_STATES, TRANSITIONS, StateMachine, Transition, reachable_from
+from vmctl.core.watcher import StateWatcher
 from vmctl.devices import BlockDevice
 from vmctl.errors import QMPError, VmctlError
-from vmctl.hotplug import DeviceState, HotplugQueue, HotplugTimeout
-from vmctl.state import TERMINAL_STATES, TRANSITIONS, StateMachine, Transition, reachable_from
+from vmctl.machine.hotplug import DeviceState, HotplugQueue, HotplugTimeout
 from vmctl.testing import FakeQemu, fake_config
-from vmctl.watcher import StateWatcher
 
 S, T = SandboxState, Trigger
 ALL_TARGETS = [frozenset(c) for n in (1, 2) for c in itertools.combinations(SandboxState, n)]

@@ -22,11 +22,12 @@ import anyio
 import pytest
 
 from tests.conftest import assert_no_stray_tasks
-from vmctl import ConfigError, HostError, InvalidArgument, Sandbox, SandboxConfig, SandboxState, paths
-from vmctl.agent import AgentClient
-from vmctl.agentproto import parse_spawn, spawn_payload
+from vmctl import ConfigError, HostError, InvalidArgument, Sandbox, SandboxConfig, SandboxState
+from vmctl.agent.client import AgentClient
+from vmctl.agent.files import write_local
+from vmctl.agent.protocol import parse_spawn, spawn_payload
+from vmctl.core import paths
 from vmctl.devices import BlockDevice, NetworkDevice, SerialPort
-from vmctl.guestfiles import write_local
 from vmctl.hypervisors.base import RunPaths
 from vmctl.hypervisors.cmdline import SECCOMP, build_command
 from vmctl.hypervisors.jail import jail_user

@@ -6,8 +6,8 @@ import anyio
 import pytest
 
 from vmctl import IllegalTransition, SandboxFailed, SandboxState, Trigger
-from vmctl.state import TERMINAL_STATES, TRANSITIONS, StateMachine, state_diagram
-from vmctl.watcher import StateWatcher
+from vmctl.core.state import TERMINAL_STATES, TRANSITIONS, StateMachine, state_diagram
+from vmctl.core.watcher import StateWatcher
 
 S, T = SandboxState, Trigger
 

@@ -1,8 +1,12 @@
 """vmctl: asyncio-native control of sandbox virtual machines on QEMU."""
 
-from vmctl import guest
-from vmctl.agent import ExecResult, GuestBlockDevice, GuestMemory
+from vmctl import compat, guest
+from vmctl.agent.processes import GuestProcess, GuestStdin, GuestStream, ProcessContext
+from vmctl.agent.results import ExecResult, GuestBlockDevice, GuestMemory
 from vmctl.config import SandboxConfig
+from vmctl.core.heap import settle_gc
+from vmctl.core.qmp import limit_commands_in_flight
+from vmctl.core.state import SandboxState, Transition, Trigger
 from vmctl.devices import (
     BlockDevice,
     CpuDevice,
@@ -44,16 +48,12 @@ from vmctl.errors import (
     VmctlError,
     VmctlTimeout,
 )
-from vmctl.fleet import Fleet, FleetEvent, FleetEventKind, Outcome
-from vmctl.guestproc import GuestProcess, GuestStdin, GuestStream, ProcessContext
-from vmctl.heap import settle_gc
-from vmctl.hotplug import DeviceState, PluggedDevice
+from vmctl.fleets.fleet import Fleet, FleetEvent, FleetEventKind, Outcome
+from vmctl.fleets.pool import PoolEvent, PoolEventKind, PoolStats, SandboxPool
 from vmctl.hypervisors.base import Capabilities
+from vmctl.machine.hotplug import DeviceState, PluggedDevice
 from vmctl.params import Param, deserialize_params, serialize_params
-from vmctl.pool import PoolEvent, PoolEventKind, PoolStats, SandboxPool
-from vmctl.qmp import limit_commands_in_flight
-from vmctl.sandbox import Sandbox
-from vmctl.state import SandboxState, Transition, Trigger
+from vmctl.sandbox.facade import Sandbox
 
 __version__ = "0.1.0"
 
@@ -126,3 +126,5 @@ __all__ = [
     "serialize_params",
     "settle_gc",
 ]
+
+compat.install()

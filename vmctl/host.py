@@ -22,9 +22,9 @@ from pathlib import Path
 
 import anyio
 
+from vmctl.core.log import get_logger
+from vmctl.core.paths import cache_dir
 from vmctl.errors import HostError
-from vmctl.log import get_logger
-from vmctl.paths import cache_dir
 
 log = get_logger("vmctl.host")
 

@@ -31,9 +31,9 @@ import anyio
 from anyio.abc import SocketListener, SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from vmctl import agentproto as proto
-from vmctl.agent import ExecResult
-from vmctl.agentproto import T, pack
+from vmctl.agent import protocol as proto
+from vmctl.agent.protocol import FrameType, pack
+from vmctl.agent.results import ExecResult
 from vmctl.config import SandboxConfig
 from vmctl.hypervisors.base import VmProcess
 from vmctl.hypervisors.qemu import QemuHypervisor
@@ -201,30 +201,30 @@ class _FakeSession:
         self.scope = anyio.CancelScope()
 
     async def opened(self, send: Callable[..., Awaitable[None]]) -> None:
-        if self.frame.type == T.SPAWN:
-            await send(T.STARTED, self.frame.id, proto.i32(next(self._pids)))
+        if self.frame.type == FrameType.SPAWN:
+            await send(FrameType.STARTED, self.frame.id, proto.i32(next(self._pids)))
         else:
-            await send(T.CREDIT, self.frame.id, proto.u32(proto.STDIN_WINDOW), proto.STDIN)
+            await send(FrameType.CREDIT, self.frame.id, proto.u32(proto.STDIN_WINDOW), proto.STDIN)
 
     async def on_frame(self, frame: proto.Frame, send: Callable[..., Awaitable[None]]) -> None:
-        if frame.type == T.DATA and frame.stream == proto.STDIN:
+        if frame.type == FrameType.DATA and frame.stream == proto.STDIN:
             self.stdin += frame.payload
-            await send(T.CREDIT, frame.id, proto.u32(len(frame.payload)), proto.STDIN)
-        elif frame.type == T.EOF and frame.stream == proto.STDIN:
+            await send(FrameType.CREDIT, frame.id, proto.u32(len(frame.payload)), proto.STDIN)
+        elif frame.type == FrameType.EOF and frame.stream == proto.STDIN:
             self.done = True
-            if self.frame.type == T.SPAWN:
+            if self.frame.type == FrameType.SPAWN:
                 self.tg.start_soon(self.run, send)
             else:
                 path = self.frame.payload[4:].decode(errors="replace")
                 self.process.fake.files[path] = (bytes(self.stdin), int.from_bytes(self.frame.payload[:4], "little"))
-                await send(T.RESULT, frame.id)
-        elif frame.type == T.CLOSE:
+                await send(FrameType.RESULT, frame.id)
+        elif frame.type == FrameType.CLOSE:
             self.done = True
             self.scope.cancel()
-        elif frame.type == T.KILL and self.frame.type == T.SPAWN:  # killed; EXIT says it is gone
+        elif frame.type == FrameType.KILL and self.frame.type == FrameType.SPAWN:  # killed; EXIT says it is gone
             self.done = True
             self.scope.cancel()
-            await send(T.EXIT, frame.id, proto.i32(128 + 9) + b"\0")
+            await send(FrameType.EXIT, frame.id, proto.i32(128 + 9) + b"\0")
 
     async def run(self, send: Callable[..., Awaitable[None]]) -> None:
         argv = proto.parse_spawn(self.frame.payload)[0]
@@ -235,9 +235,9 @@ class _FakeSession:
             rid = self.frame.id
             for number, data in ((proto.STDOUT, result.stdout), (proto.STDERR, result.stderr)):
                 for pos in range(0, len(data), proto.CHUNK):
-                    await send(T.DATA, rid, data[pos:pos + proto.CHUNK], number)
-                await send(T.EOF, rid, b"", number)
-            await send(T.EXIT, rid, proto.i32(result.exit_code) + bytes([result.timed_out]))
+                    await send(FrameType.DATA, rid, data[pos:pos + proto.CHUNK], number)
+                await send(FrameType.EOF, rid, b"", number)
+            await send(FrameType.EXIT, rid, proto.i32(result.exit_code) + bytes([result.timed_out]))
 
 
 class FakeProcess:
@@ -494,7 +494,7 @@ class FakeProcess:
     # -- agent and console -----------------------------------------------------------------
 
     async def _serve_agent(self, stream: SocketStream) -> None:
-        """The agent protocol (:mod:`vmctl.agentproto`): enough of it for tests. Output is sent
+        """The agent protocol (:mod:`vmctl.agent.protocol`): enough of it for tests. Output is sent
         without waiting for credit; stdin is credited back as it arrives."""
         lock = anyio.Lock()
 
@@ -507,7 +507,7 @@ class FakeProcess:
 
                 async def ready() -> None:
                     await anyio.sleep(self.fake.ready_delay or 0)
-                    await send(T.READY, 0, proto.u32(proto.PROTOCOL_VERSION) + b"fake-boot-id")
+                    await send(FrameType.READY, 0, proto.u32(proto.PROTOCOL_VERSION) + b"fake-boot-id")
 
                 tg.start_soon(ready)
             reader = BufferedByteReceiveStream(stream)
@@ -519,14 +519,14 @@ class FakeProcess:
                     payload = await reader.receive_exactly(length) if length else b""
                     frame = proto.Frame(kind, request_id, payload, stream_no)
                     session = sessions.get(request_id)
-                    if session is not None and kind in (T.DATA, T.EOF, T.CLOSE, T.KILL, T.SIGNAL, T.CREDIT):
+                    if session is not None and kind in (FrameType.DATA, FrameType.EOF, FrameType.CLOSE, FrameType.KILL, FrameType.SIGNAL, FrameType.CREDIT):
                         await session.on_frame(frame, send)
                         if session.done:
                             del sessions[request_id]
-                    elif kind in (T.SPAWN, T.FWRITE):
+                    elif kind in (FrameType.SPAWN, FrameType.FWRITE):
                         sessions[request_id] = _FakeSession(self, frame, tg, send)
                         await sessions[request_id].opened(send)
-                    elif kind not in (T.DATA, T.EOF, T.CLOSE, T.KILL, T.SIGNAL, T.CREDIT):
+                    elif kind not in (FrameType.DATA, FrameType.EOF, FrameType.CLOSE, FrameType.KILL, FrameType.SIGNAL, FrameType.CREDIT):
                         tg.start_soon(self._agent_request, frame, send)
             except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError,
                     proto.ProtocolError):  # fmt: skip
@@ -534,42 +534,42 @@ class FakeProcess:
 
     async def _agent_request(self, frame: proto.Frame, send: Callable[..., Awaitable[None]]) -> None:
         op, request_id, payload = frame.type, frame.id, frame.payload
-        if op == T.PING:
-            await send(T.PONG, request_id)
-        elif op == T.QUERY:
+        if op == FrameType.PING:
+            await send(FrameType.PONG, request_id)
+        elif op == FrameType.QUERY:
             text = {b"block": b"", b"cpus": b"0\n", b"memory": b"MemTotal: 200000 kB\nMemFree: 150000 kB\n"
                     b"MemAvailable: 160000 kB\n"}.get(payload)  # fmt: skip
             if text is None:
-                await send(T.ERROR, request_id, proto.i32(errno.EINVAL) + b"unknown query")
+                await send(FrameType.ERROR, request_id, proto.i32(errno.EINVAL) + b"unknown query")
             else:
-                await send(T.RESULT, request_id, text)
-        elif op in (T.WAITDEV, T.WAITGONE):
+                await send(FrameType.RESULT, request_id, text)
+        elif op in (FrameType.WAITDEV, FrameType.WAITGONE):
             tenths = int.from_bytes(payload[:4], "little")
             bus, _, key = payload[4:].decode().partition("\0")
             name = self.guest_name(bus, key)
-            if op == T.WAITDEV:
+            if op == FrameType.WAITDEV:
                 if name is None:
                     await anyio.sleep(tenths / 10)
                     name = self.guest_name(bus, key)
-                await send(T.RESULT, request_id, bytes([name is not None]) + (name or "").encode())
+                await send(FrameType.RESULT, request_id, bytes([name is not None]) + (name or "").encode())
             else:
-                await send(T.RESULT, request_id, bytes([name is None]))
-        elif op == T.FREAD:
+                await send(FrameType.RESULT, request_id, bytes([name is None]))
+        elif op == FrameType.FREAD:
             path = payload[4:].decode(errors="replace")
             if path not in self.fake.files:
-                await send(T.ERROR, request_id, proto.i32(errno.ENOENT) + f"{path}: No such file or directory".encode())
+                await send(FrameType.ERROR, request_id, proto.i32(errno.ENOENT) + f"{path}: No such file or directory".encode())
                 return
             data, mode = self.fake.files[path]
-            await send(T.RESULT, request_id, proto.u32(mode) + len(data).to_bytes(8, "little"))
+            await send(FrameType.RESULT, request_id, proto.u32(mode) + len(data).to_bytes(8, "little"))
             for pos in range(0, len(data), proto.CHUNK):
-                await send(T.DATA, request_id, data[pos:pos + proto.CHUNK], proto.STDOUT)
-            await send(T.EOF, request_id, b"", proto.STDOUT)
-        elif op == T.POWEROFF:
-            await send(T.RESULT, request_id)
+                await send(FrameType.DATA, request_id, data[pos:pos + proto.CHUNK], proto.STDOUT)
+            await send(FrameType.EOF, request_id, b"", proto.STDOUT)
+        elif op == FrameType.POWEROFF:
+            await send(FrameType.RESULT, request_id)
             await self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
             self.exit(0)
         else:
-            await send(T.ERROR, request_id, proto.i32(errno.EINVAL) + f"unknown request type 0x{op:02x}".encode())
+            await send(FrameType.ERROR, request_id, proto.i32(errno.EINVAL) + f"unknown request type 0x{op:02x}".encode())
 
     async def _serve_console(self, stream: SocketStream) -> None:
         self._console = stream

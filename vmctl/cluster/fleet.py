@@ -4,7 +4,7 @@ Placement is Ray's: the fleet asks for a placement group with one bundle per mem
 share of the ``vmctl_host`` resource and the member's memory) and a strategy (``SPREAD``,
 ``PACK``, ``STRICT_SPREAD``, ``STRICT_PACK``); each member then starts on the node Ray chose for
 its bundle, in that node's host actor. The interface is the local fleet's: ``map``, ``as_ready``,
-per-member :class:`~vmctl.fleet.Outcome`, :class:`~vmctl.fleet.FleetEvent`, ``summary()`` (with
+per-member :class:`~vmctl.fleets.fleet.Outcome`, :class:`~vmctl.fleets.fleet.FleetEvent`, ``summary()`` (with
 each member's node), ``template=True`` (one template per node), ``fail_fast``.
 
 Faults. One watcher task per host actor asks it how it is every ``watch_interval`` seconds. When
@@ -40,8 +40,8 @@ from vmctl.cluster.remote import (
 )
 from vmctl.config import SandboxConfig
 from vmctl.errors import FleetError, NodeLost, VmctlError
-from vmctl.fleet import FleetEvent, FleetEventKind
-from vmctl.members import EventReporter, LedgerMember, MemberLedger, Outcome, fleet_configs
+from vmctl.fleets.fleet import FleetEvent, FleetEventKind
+from vmctl.fleets.members import EventReporter, LedgerMember, MemberLedger, Outcome, fleet_configs
 
 R = TypeVar("R")  # what a map function returns
 STRATEGIES = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")

@@ -43,16 +43,16 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from vmctl import reaper
+from vmctl.agent.processes import GuestProcess, ProcessContext
 from vmctl.cluster.wire import Reply, to_wire
 from vmctl.config import SandboxConfig
+from vmctl.core import reaper
+from vmctl.core.paths import kill_qemu_in, remove_tree, runtime_dir
+from vmctl.core.state import SandboxState
 from vmctl.errors import InvalidArgument, NodeLost, SandboxNotFound
+from vmctl.fleets.template import boot_template
 from vmctl.guest import GuestAssets, ensure_default_assets
-from vmctl.guestproc import GuestProcess, ProcessContext
-from vmctl.paths import kill_qemu_in, remove_tree, runtime_dir
-from vmctl.sandbox import Sandbox
-from vmctl.state import SandboxState
-from vmctl.template import boot_template
+from vmctl.sandbox.facade import Sandbox
 
 FENCE_INTERVAL = 0.5  # seconds between checks that this worker's raylet still runs
 CHUNK = 8 * 1024 * 1024  # snapshot bytes travel through the object store in chunks of this size

@@ -25,24 +25,25 @@ from typing import Any
 import anyio
 from anyio.abc import ByteReceiveStream, ByteSendStream
 
-from vmctl import guestfiles
-from vmctl.agent import DEFAULT_OUTPUT_LIMIT, ExecResult, GuestBlockDevice, GuestMemory
+from vmctl.agent import files as guestfiles
+from vmctl.agent.client import DEFAULT_OUTPUT_LIMIT
+from vmctl.agent.results import ExecResult, GuestBlockDevice, GuestMemory
 from vmctl.cluster.hostservice import HostInfo, HostService
 from vmctl.cluster.wire import Reply, from_wire
 from vmctl.config import SandboxConfig
-from vmctl.detached import check_id
+from vmctl.core.state import SandboxState
+from vmctl.core.waiting import deadline
 from vmctl.devices import Device
 from vmctl.errors import HostError, InvalidArgument, NodeLost, NotSupported, SandboxNotFound, VmctlError
 from vmctl.guest import GuestAssets, ensure_default_assets
-from vmctl.hotplug import PluggedDevice
-from vmctl.sandbox import (
+from vmctl.machine.hotplug import PluggedDevice
+from vmctl.machine.registry import check_id
+from vmctl.sandbox.facade import (
     DEFAULT_CALL_TIMEOUT,
     DEFAULT_RESIZE_TIMEOUT,
     DEFAULT_SNAPSHOT_TIMEOUT,
     DEFAULT_START_TIMEOUT,
 )
-from vmctl.state import SandboxState
-from vmctl.waiting import deadline
 
 #: seconds a cleanup on the way out (a process killed, a half-moved sandbox stopped) may take
 CLEANUP_LIMIT = 30.0

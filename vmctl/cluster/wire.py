@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmctl import errors
-from vmctl.state import SandboxState
+from vmctl.core.state import SandboxState
 
 
 @dataclass(frozen=True)

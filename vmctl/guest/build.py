@@ -28,11 +28,11 @@ from typing import Any
 
 import anyio
 
+from vmctl.core.log import get_logger
+from vmctl.core.paths import cache_dir
 from vmctl.errors import HostError
 from vmctl.guest import cpio
 from vmctl.guest.vmlinux import extract_pvh_vmlinux
-from vmctl.log import get_logger
-from vmctl.paths import cache_dir
 
 log = get_logger("vmctl.guest")
 

@@ -32,10 +32,10 @@ from typing import Any
 import anyio
 from anyio.abc import ByteReceiveStream
 
+from vmctl.core.log import get_logger
+from vmctl.core.paths import cache_dir
 from vmctl.errors import HostError, InvalidArgument
 from vmctl.guest.build import guest_payload
-from vmctl.log import get_logger
-from vmctl.paths import cache_dir
 
 log = get_logger("vmctl.guest.image")
 

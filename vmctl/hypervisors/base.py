@@ -24,9 +24,9 @@ from typing import Any, Protocol
 from anyio.abc import TaskGroup, TaskStatus
 
 from vmctl.config import SandboxConfig
+from vmctl.core.qmp import QmpEvent
+from vmctl.core.waiting import Failure
 from vmctl.devices import Device, Placement
-from vmctl.qmp import QmpEvent
-from vmctl.waiting import Failure
 
 #: a device on the command line: its id, its description and where it sits
 PlacedDevice = tuple[str, Device, Placement]

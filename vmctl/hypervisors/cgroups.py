@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 
-from vmctl import reaper
+from vmctl.core import reaper
 
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from vmctl import reaper
+from vmctl.core import reaper
 from vmctl.errors import HostError, NotSupported
 from vmctl.hypervisors.cmdline import opt
 from vmctl.hypervisors.jail import MINIMAL_ENV, Jail, jail_user, passt_path

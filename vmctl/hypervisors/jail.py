@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmctl import paths as run_dirs
 from vmctl.config import SandboxConfig
+from vmctl.core import paths as run_dirs
 from vmctl.devices import Device, NetworkDevice, SerialPort, VfioDevice, VhostUserBlockDevice, VhostUserNetDevice
 from vmctl.hypervisors import cgroups, jailhelper
 from vmctl.hypervisors.base import RunPaths

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 
-from vmctl import paths
+from vmctl.core import paths
 from vmctl.errors import HostError
 
 NAME = "vmctl-jail"

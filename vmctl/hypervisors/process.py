@@ -24,10 +24,10 @@ from anyio.abc import TaskGroup
 
 from vmctl import host
 from vmctl.config import SandboxConfig
+from vmctl.core.lines import read_lines
 from vmctl.errors import ConfigError, HostError, Problem
 from vmctl.hypervisors.base import VmProcess
 from vmctl.hypervisors.jail import MINIMAL_ENV, Jail, kill_inner
-from vmctl.lines import read_lines
 
 
 class OsProcess:

@@ -18,14 +18,14 @@ import anyio
 from anyio.abc import TaskStatus
 
 from vmctl.config import SandboxConfig
+from vmctl.core.lines import read_lines
+from vmctl.core.qmp import QmpSession
 from vmctl.errors import GuestDisconnected, GuestError, QMPError, SandboxFailed
 from vmctl.hypervisors import cgroups, handover, jail, jailhelper
 from vmctl.hypervisors.base import Capabilities, Hypervisor, Launcher, Start, VmProcess
 from vmctl.hypervisors.cmdline import build_command
 from vmctl.hypervisors.process import PidProcess, QemuLauncher, listen_unix
 from vmctl.hypervisors.savestate import MigrationTracker, load_device_state, save_device_state
-from vmctl.lines import read_lines
-from vmctl.qmp import QmpSession
 
 STDERR_TAIL_LINES = 40
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import anyio
 
+from vmctl.core.qmp import QmpEvent, QmpSession
+from vmctl.core.waiting import Broadcast
 from vmctl.errors import QMPDisconnected, QMPError, VmctlError
-from vmctl.qmp import QmpEvent, QmpSession
-from vmctl.waiting import Broadcast
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
 MAX_BANDWIDTH = 10 * 1024**3  # bytes/s: the default (128 MiB/s) would throttle a local file

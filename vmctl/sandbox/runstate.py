@@ -1,0 +1,87 @@
+"""Run-state control: pause, resume, and saving a VM's state (snapshots, VM templates).
+
+Commands never change state on their own: ``pause`` returns once QEMU's ``STOP`` event moved the
+machine to PAUSED, ``resume`` once ``RESUME`` moved it back. A snapshot of a running sandbox
+pauses it for the save and resumes it afterwards on every path (including a cancelled save whose
+``stop`` was still on its way to QEMU); a paused sandbox is saved as it is and stays paused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from vmctl.config import SandboxConfig
+from vmctl.core.state import SandboxState, StateMachine
+from vmctl.core.waiting import deadline
+from vmctl.core.watcher import StateWatcher
+from vmctl.errors import NotSupported, VmctlError
+from vmctl.hypervisors.base import Hypervisor
+from vmctl.machine import migration
+from vmctl.machine.hotplug import PluggedDevice
+
+UNDO_LIMIT = 10.0
+
+
+class RunControl:
+    def __init__(self, hv: Hypervisor, machine: StateMachine, watcher: StateWatcher, log: Any) -> None:
+        self._hv = hv
+        self._machine = machine
+        self._watcher = watcher
+        self._log = log
+
+    async def pause(self, timeout: float | None) -> None:
+        if not self._hv.capabilities().pause:
+            raise NotSupported(f"the {self._hv.name} backend cannot pause")
+        with deadline(timeout, "pause"):
+            await self._hv.pause()
+            await self._watcher.wait_for(SandboxState.PAUSED)
+
+    async def resume(self, timeout: float | None) -> None:
+        with deadline(timeout, "resume"):
+            await self._hv.resume()
+            await self._watcher.wait_for(SandboxState.RUNNING)
+
+    async def snapshot(self, target: Path, *, sandbox_id: str, config: SandboxConfig,
+                       devices: Sequence[PluggedDevice], timeout: float | None) -> Path:  # fmt: skip
+        if not self._hv.capabilities().snapshots:
+            raise NotSupported(f"the {self._hv.name} backend cannot save snapshots")
+        was_running = self._machine.state is SandboxState.RUNNING
+        try:
+            if was_running:
+                await self.pause(timeout)
+            with deadline(timeout, "snapshot"):
+                await migration.write_snapshot(self._hv, target, sandbox_id=sandbox_id, config=config, devices=devices)
+        finally:
+            if was_running:
+                with anyio.CancelScope(shield=True):
+                    await self._undo_pause()
+        self._log.info("snapshot saved", directory=str(target))
+        return target
+
+    async def _undo_pause(self) -> None:
+        """Resume after a save, including one cancelled while ``stop`` was on its way to QEMU."""
+        if self._machine.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
+            return
+        with anyio.move_on_after(UNDO_LIMIT):
+            try:
+                if self._machine.state is SandboxState.RUNNING:
+                    if await self._hv.query_status() == "running":
+                        return  # the stop never reached QEMU
+                    await self._watcher.wait_for(SandboxState.PAUSED)  # its STOP event is on the way
+                await self.resume(UNDO_LIMIT)
+            except VmctlError as exc:
+                self._log.warning("could not resume after the snapshot", error=str(exc))
+
+    async def become_template(self, config: SandboxConfig, devices: Sequence[PluggedDevice],
+                              timeout: float | None) -> None:  # fmt: skip
+        """Boot-to-be-template: pause at the ready point and save the device state for clones
+        (and the overlay disks, which clones start from)."""
+        assert config.devices_state_path is not None
+        await self.pause(timeout)
+        await self._hv.save_state(config.devices_state_path, skip_shared=True)
+        await migration.write_template_record(config, devices)
+        self._log.info("template saved", devices_state=str(config.devices_state_path))
