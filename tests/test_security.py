@@ -471,3 +471,26 @@ async def test_a_passt_directory_left_when_even_the_reaper_was_killed_is_swept_u
         finally:
             holder.kill()
     assert not old.exists() and in_use.is_dir() and young.is_dir()
+
+
+async def test_a_console_follower_nobody_reads_holds_a_bounded_number_of_bytes() -> None:
+    """Console lines are the guest's (up to 64 KiB each): a follower that stops reading keeps at
+    most ``FOLLOWER_BYTES`` of them (it used to keep 1,000 lines: 64 MiB), and reads on after."""
+    from vmctl.agent.console import FOLLOWER_BYTES, ConsoleFanout
+
+    fanout = ConsoleFanout()
+    follower = fanout.follow()
+    first = await anext_after_push(fanout, follower, "ready")
+    assert first == "ready"
+    for _ in range(1000):
+        fanout.push("x" * 65536)
+    held = fanout._followers[0]  # noqa: SLF001 - the size is what this test is about
+    assert held.size <= FOLLOWER_BYTES and held.dropped > 0
+    assert len(await follower.__anext__()) == 65536  # what it kept is still in order
+    fanout.close()
+    assert [line async for line in follower] and fanout._followers == []  # noqa: SLF001
+
+
+async def anext_after_push(fanout: object, follower: Any, line: str) -> str:
+    fanout.push(line)  # type: ignore[attr-defined]
+    return str(await follower.__anext__())
