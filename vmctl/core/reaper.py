@@ -92,7 +92,7 @@ def watch(pid: int, directory: Path, cgroups: list[Path]) -> None:
     """QEMU ``pid`` (a detached sandbox let go) keeps ``directory`` and ``cgroups``: remove them when it ends."""
     for path in (directory, *cgroups):
         forget(path)
-    if _held_elsewhere(directory / WATCH_LOCK) and reaper_pid() is None:
+    if held_elsewhere(directory / WATCH_LOCK) and reaper_pid() is None:
         return  # another process's reaper watches it: no need to start one just to learn that
     _tell({"op": "watch", "pid": pid, "path": str(directory), "cgroups": [str(c) for c in cgroups]})
 
@@ -209,7 +209,8 @@ def _remove_cgroups(paths: list[str]) -> None:
             time.sleep(0.01)
 
 
-def _held_elsewhere(lock_file: Path) -> bool:
+def held_elsewhere(lock_file: Path) -> bool:
+    """Whether another open file holds the ``flock`` on ``lock_file`` (the lock taken to find out goes with the descriptor)."""
     try:
         fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -243,7 +244,7 @@ class _Watch:
             record = json.loads((self.directory / "record.json").read_text())
         except (OSError, ValueError):
             return False
-        return self.identity is not None and record.get("process") == self.identity and not _held_elsewhere(
+        return self.identity is not None and record.get("process") == self.identity and not held_elsewhere(
             self.directory / "lock"
         )
 

@@ -260,17 +260,7 @@ class AttachLock:
 
     @staticmethod
     def held_elsewhere(path: Path) -> bool:
-        try:
-            fd = os.open(path / LOCK, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # closing our own fd drops a lock we just took
-        return False
+        return reaper.held_elsewhere(path / LOCK)
 
     def release(self) -> None:
         if self._fd is not None:
