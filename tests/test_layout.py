@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("owners", ["vmctl.agent", "vmctl.agent.*", "vmctl.machine", "vmctl.machine.*", "vmctl.guest", "vmctl.guest.*"]),
     ("sandbox", ["vmctl.sandbox", "vmctl.sandbox.*"]),
     ("front", ["vmctl", "vmctl.compat", "vmctl.fleets", "vmctl.fleets.*", "vmctl.cluster", "vmctl.cluster.*",
-               "vmctl.cli", "vmctl.cli.*", "vmctl.testing"]),
+               "vmctl.cli", "vmctl.cli.*", "vmctl.testing", "vmctl.testing.*"]),
 ]
 
 

@@ -1,22 +1,10 @@
-"""A fake QEMU for tests of code that embeds vmctl: no QEMU, no guest, real sockets.
-
-:class:`FakeQemu` is a sandbox backend. It serves the real QMP wire protocol (greeting,
-capabilities negotiation, commands with ids, events) and the vmctl agent protocol on the same
-listening unix sockets a real QEMU would inherit, so everything above the process (QMP session,
-event pump, state machine, agent client) is the production code. Replies, events, delays and
-faults are scriptable::
-
-    fake = FakeQemu(exec_handler=lambda argv, stdin: ExecResult(0, b"hi\\n", b""))
-    async with Sandbox(config, backend=fake) as sb:
-        await fake.emit("GUEST_PANICKED", {"action": "pause"})
-        await sb.wait_for_state(SandboxState.FAILED)
-
-``fake_config(tmp_path)`` makes a valid config whose kernel and initrd are placeholder files.
-"""
+"""The QEMU side of :class:`FakeQemu`: the backend, its launcher and the fake process, which
+serves the real QMP wire protocol (greeting, capabilities, commands with ids, events, scripted
+replies, delays and faults) and a console on the listening sockets a real QEMU would inherit, and
+hands the agent socket to :class:`vmctl.testing.agent.FakeAgent`."""
 
 from __future__ import annotations
 
-import errno
 import inspect
 import json
 import socket
@@ -29,14 +17,12 @@ from typing import Any, Literal
 
 import anyio
 from anyio.abc import SocketListener, SocketStream, TaskGroup
-from anyio.streams.buffered import BufferedByteReceiveStream
 
-from vmctl.agent import protocol as proto
-from vmctl.agent.protocol import FrameType, pack
 from vmctl.agent.results import ExecResult
 from vmctl.config import SandboxConfig
 from vmctl.hypervisors.base import VmProcess
 from vmctl.hypervisors.qemu import QemuHypervisor
+from vmctl.testing.agent import FakeAgent, default_exec
 
 ExecHandler = Callable[[list[bytes], bytes], "ExecResult | Awaitable[ExecResult]"]
 CommandHandler = Callable[[Mapping[str, Any]], Any]
@@ -63,23 +49,6 @@ def fake_config(directory: Path, **overrides: Any) -> SandboxConfig:
                               "memory_mib": 256, "accel": "tcg"}  # fmt: skip
     values.update(overrides)
     return SandboxConfig(**values)
-
-
-async def default_exec(argv: list[bytes], stdin: bytes) -> ExecResult:
-    """A few commands, enough for most tests: echo, cat, true, false, sleep N, exit N."""
-    prog, args = argv[0].decode(), argv[1:]
-    if prog == "echo":
-        return ExecResult(0, b" ".join(args) + b"\n", b"")
-    if prog == "cat":
-        return ExecResult(0, stdin, b"")
-    if prog in ("true", "false"):
-        return ExecResult(int(prog == "false"), b"", b"")
-    if prog == "sleep":
-        await anyio.sleep(float(args[0]))
-        return ExecResult(0, b"", b"")
-    if prog == "exit":
-        return ExecResult(int(args[0]), b"", b"")
-    return ExecResult(127, b"", f"sh: {prog}: not found\n".encode())
 
 
 class FakeQemu:
@@ -186,60 +155,6 @@ class _FakeLauncher:
         return process
 
 
-class _FakeSession:
-    """A process (run by ``exec_handler`` once its stdin ended) or a file being written."""
-
-    _pids = iter(range(1000, 1 << 30))
-
-    def __init__(self, process: FakeProcess, frame: proto.Frame, tg: TaskGroup,
-                 send: Callable[..., Awaitable[None]]) -> None:  # fmt: skip
-        self.process = process
-        self.frame = frame
-        self.tg = tg
-        self.stdin = bytearray()
-        self.done = False
-        self.scope = anyio.CancelScope()
-
-    async def opened(self, send: Callable[..., Awaitable[None]]) -> None:
-        if self.frame.type == FrameType.SPAWN:
-            await send(FrameType.STARTED, self.frame.id, proto.i32(next(self._pids)))
-        else:
-            await send(FrameType.CREDIT, self.frame.id, proto.u32(proto.STDIN_WINDOW), proto.STDIN)
-
-    async def on_frame(self, frame: proto.Frame, send: Callable[..., Awaitable[None]]) -> None:
-        if frame.type == FrameType.DATA and frame.stream == proto.STDIN:
-            self.stdin += frame.payload
-            await send(FrameType.CREDIT, frame.id, proto.u32(len(frame.payload)), proto.STDIN)
-        elif frame.type == FrameType.EOF and frame.stream == proto.STDIN:
-            self.done = True
-            if self.frame.type == FrameType.SPAWN:
-                self.tg.start_soon(self.run, send)
-            else:
-                path = self.frame.payload[4:].decode(errors="replace")
-                self.process.fake.files[path] = (bytes(self.stdin), int.from_bytes(self.frame.payload[:4], "little"))
-                await send(FrameType.RESULT, frame.id)
-        elif frame.type == FrameType.CLOSE:
-            self.done = True
-            self.scope.cancel()
-        elif frame.type == FrameType.KILL and self.frame.type == FrameType.SPAWN:  # killed; EXIT says it is gone
-            self.done = True
-            self.scope.cancel()
-            await send(FrameType.EXIT, frame.id, proto.i32(128 + 9) + b"\0")
-
-    async def run(self, send: Callable[..., Awaitable[None]]) -> None:
-        argv = proto.parse_spawn(self.frame.payload)[0]
-        with self.scope:
-            outcome = self.process.fake.exec_handler(argv, bytes(self.stdin))
-            result = await outcome if inspect.isawaitable(outcome) else outcome
-            assert isinstance(result, ExecResult)
-            rid = self.frame.id
-            for number, data in ((proto.STDOUT, result.stdout), (proto.STDERR, result.stderr)):
-                for pos in range(0, len(data), proto.CHUNK):
-                    await send(FrameType.DATA, rid, data[pos:pos + proto.CHUNK], number)
-                await send(FrameType.EOF, rid, b"", number)
-            await send(FrameType.EXIT, rid, proto.i32(result.exit_code) + bytes([result.timed_out]))
-
-
 class FakeProcess:
     """The fake's stand-in for a QEMU process: serves QMP, agent and console until it 'exits'."""
 
@@ -301,7 +216,7 @@ class FakeProcess:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._accept, "qmp", self._serve_qmp)
-            tg.start_soon(self._accept, "agent", self._serve_agent)
+            tg.start_soon(self._accept, "agent", FakeAgent(self).serve)
             tg.start_soon(self._accept, "console", self._serve_console)
             task_status.started()
 
@@ -491,85 +406,8 @@ class FakeProcess:
         if self._qmp is not None:
             await self._qmp.aclose()
 
-    # -- agent and console -----------------------------------------------------------------
+    # -- console ---------------------------------------------------------------------------
 
-    async def _serve_agent(self, stream: SocketStream) -> None:
-        """The agent protocol (:mod:`vmctl.agent.protocol`): enough of it for tests. Output is sent
-        without waiting for credit; stdin is credited back as it arrives."""
-        lock = anyio.Lock()
-
-        async def send(kind: int, request_id: int, payload: bytes = b"", stream_no: int = 0) -> None:
-            async with lock:
-                await stream.send(pack(kind, request_id, payload, stream_no))
-
-        async with anyio.create_task_group() as tg:
-            if self.fake.ready_delay is not None:
-
-                async def ready() -> None:
-                    await anyio.sleep(self.fake.ready_delay or 0)
-                    await send(FrameType.READY, 0, proto.u32(proto.PROTOCOL_VERSION) + b"fake-boot-id")
-
-                tg.start_soon(ready)
-            reader = BufferedByteReceiveStream(stream)
-            sessions: dict[int, _FakeSession] = {}
-            try:
-                while True:
-                    length, kind, stream_no, request_id = proto.unpack_header(
-                        await reader.receive_exactly(proto.HEADER_SIZE))  # fmt: skip
-                    payload = await reader.receive_exactly(length) if length else b""
-                    frame = proto.Frame(kind, request_id, payload, stream_no)
-                    session = sessions.get(request_id)
-                    if session is not None and kind in (FrameType.DATA, FrameType.EOF, FrameType.CLOSE, FrameType.KILL, FrameType.SIGNAL, FrameType.CREDIT):
-                        await session.on_frame(frame, send)
-                        if session.done:
-                            del sessions[request_id]
-                    elif kind in (FrameType.SPAWN, FrameType.FWRITE):
-                        sessions[request_id] = _FakeSession(self, frame, tg, send)
-                        await sessions[request_id].opened(send)
-                    elif kind not in (FrameType.DATA, FrameType.EOF, FrameType.CLOSE, FrameType.KILL, FrameType.SIGNAL, FrameType.CREDIT):
-                        tg.start_soon(self._agent_request, frame, send)
-            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError,
-                    proto.ProtocolError):  # fmt: skip
-                tg.cancel_scope.cancel()
-
-    async def _agent_request(self, frame: proto.Frame, send: Callable[..., Awaitable[None]]) -> None:
-        op, request_id, payload = frame.type, frame.id, frame.payload
-        if op == FrameType.PING:
-            await send(FrameType.PONG, request_id)
-        elif op == FrameType.QUERY:
-            text = {b"block": b"", b"cpus": b"0\n", b"memory": b"MemTotal: 200000 kB\nMemFree: 150000 kB\n"
-                    b"MemAvailable: 160000 kB\n"}.get(payload)  # fmt: skip
-            if text is None:
-                await send(FrameType.ERROR, request_id, proto.i32(errno.EINVAL) + b"unknown query")
-            else:
-                await send(FrameType.RESULT, request_id, text)
-        elif op in (FrameType.WAITDEV, FrameType.WAITGONE):
-            tenths = int.from_bytes(payload[:4], "little")
-            bus, _, key = payload[4:].decode().partition("\0")
-            name = self.guest_name(bus, key)
-            if op == FrameType.WAITDEV:
-                if name is None:
-                    await anyio.sleep(tenths / 10)
-                    name = self.guest_name(bus, key)
-                await send(FrameType.RESULT, request_id, bytes([name is not None]) + (name or "").encode())
-            else:
-                await send(FrameType.RESULT, request_id, bytes([name is None]))
-        elif op == FrameType.FREAD:
-            path = payload[4:].decode(errors="replace")
-            if path not in self.fake.files:
-                await send(FrameType.ERROR, request_id, proto.i32(errno.ENOENT) + f"{path}: No such file or directory".encode())
-                return
-            data, mode = self.fake.files[path]
-            await send(FrameType.RESULT, request_id, proto.u32(mode) + len(data).to_bytes(8, "little"))
-            for pos in range(0, len(data), proto.CHUNK):
-                await send(FrameType.DATA, request_id, data[pos:pos + proto.CHUNK], proto.STDOUT)
-            await send(FrameType.EOF, request_id, b"", proto.STDOUT)
-        elif op == FrameType.POWEROFF:
-            await send(FrameType.RESULT, request_id)
-            await self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
-            self.exit(0)
-        else:
-            await send(FrameType.ERROR, request_id, proto.i32(errno.EINVAL) + f"unknown request type 0x{op:02x}".encode())
 
     async def _serve_console(self, stream: SocketStream) -> None:
         self._console = stream
