@@ -11,17 +11,10 @@ Ray; using it does (:class:`~vmctl.errors.HostError` says how to install it).
 """
 
 from vmctl.cluster.fleet import ClusterFleet, ClusterMember
+from vmctl.cluster.hosts import hosts, shutdown_hosts
 from vmctl.cluster.hostservice import HostInfo
-from vmctl.cluster.remote import (
-    HOST_RESOURCE,
-    RemoteSandbox,
-    attach,
-    connect,
-    hosts,
-    qemu_nodes,
-    shutdown_hosts,
-    start_detached,
-)
+from vmctl.cluster.raysetup import HOST_RESOURCE, connect, qemu_nodes
+from vmctl.cluster.remote import RemoteSandbox, attach, start_detached
 
 __all__ = [
     "HOST_RESOURCE",

@@ -27,17 +27,9 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
-from vmctl.cluster.remote import (
-    HOST_RESOURCE,
-    MARK,
-    Host,
-    RemoteSandbox,
-    host_on,
-    host_reply,
-    portable,
-    qemu_nodes,
-    require_ray,
-)
+from vmctl.cluster.hosts import Host, host_on, host_reply
+from vmctl.cluster.raysetup import HOST_RESOURCE, MARK, qemu_nodes, require_ray
+from vmctl.cluster.remote import RemoteSandbox, portable
 from vmctl.config import SandboxConfig
 from vmctl.errors import FleetError, NodeLost, VmctlError
 from vmctl.fleets.fleet import FleetEvent, FleetEventKind

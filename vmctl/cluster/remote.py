@@ -1,11 +1,12 @@
-"""The driver's side: host actors per node, and remote sandbox handles that call them.
+"""The driver's side of a sandbox on another node: remote sandbox handles, their processes' stream
+proxies, and detached remote sandboxes.
 
-A driver gets one host actor per node that declares the ``vmctl_host`` resource (placed there
-with a hard node affinity; they need no CPU). They are owned by the driver: when it ends, Ray
-terminates them and they stop their sandboxes. The ``VMCTL_*`` variables of the driver's
-environment are forwarded to them (``runtime_env``), so their runtime and state directories are
-the driver's where the machines share a layout, and a driver using other values gets its own
-host actors.
+A driver gets one host actor per node that declares the ``vmctl_host`` resource
+(:mod:`vmctl.cluster.hosts`; placed there with a hard node affinity, they need no CPU). They are
+owned by the driver: when it ends, Ray terminates them and they stop their sandboxes. The
+``VMCTL_*`` variables of the driver's environment are forwarded to them (``runtime_env``), so
+their runtime and state directories are the driver's where the machines share a layout, and a
+driver using other values gets its own host actors.
 
 A :class:`RemoteSandbox` names a sandbox by id and the host actor that owns it; its coroutines
 are the local sandbox's, proxied. A Ray error saying the actor is gone (its node died, it was
@@ -14,12 +15,9 @@ killed or restarted) becomes :class:`~vmctl.errors.NodeLost`, and the handle sta
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import anyio
@@ -28,13 +26,28 @@ from anyio.abc import ByteReceiveStream, ByteSendStream
 from vmctl.agent import files as guestfiles
 from vmctl.agent.client import DEFAULT_OUTPUT_LIMIT
 from vmctl.agent.results import ExecResult, GuestBlockDevice, GuestMemory
-from vmctl.cluster.hostservice import HostInfo, HostService
+from vmctl.cluster.hosts import (
+    Host,
+    host_on,
+    host_reply,
+)
+from vmctl.cluster.hostservice import HostService
+from vmctl.cluster.raysetup import (
+    DETACHED_PREFIX,
+    HOST_RESOURCE,
+    MARK,
+    NAMESPACE,
+    check_connected,
+    find_node,
+    forwarded_env,
+    require_ray,
+)
 from vmctl.cluster.wire import Reply, from_wire
 from vmctl.config import SandboxConfig
 from vmctl.core.state import SandboxState
 from vmctl.core.waiting import deadline
 from vmctl.devices import Device
-from vmctl.errors import HostError, InvalidArgument, NodeLost, NotSupported, SandboxNotFound, VmctlError
+from vmctl.errors import InvalidArgument, NodeLost, NotSupported, SandboxNotFound
 from vmctl.guest import GuestAssets, ensure_default_assets
 from vmctl.machine.hotplug import PluggedDevice
 from vmctl.machine.registry import check_id
@@ -47,143 +60,6 @@ from vmctl.sandbox.facade import (
 
 #: seconds a cleanup on the way out (a process killed, a half-moved sandbox stopped) may take
 CLEANUP_LIMIT = 30.0
-
-HOST_RESOURCE = "vmctl_host"  # the custom resource operators declare on nodes that can run QEMU
-MARK = 0.001  # how much of it one host actor or one fleet member takes: a marker, not a limit
-NAMESPACE = "vmctl"  # detached sandboxes' actors live here, named "sandbox-<name>"
-DETACHED_PREFIX = "sandbox-"
-
-
-def require_ray() -> ModuleType:
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - depends on the install
-        raise HostError("vmctl.cluster needs Ray: pip install 'vmctl[ray]'") from None
-    return ray
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
-
-
-def connect(address: str = "auto", **options: Any) -> None:
-    """``ray.init(address)`` unless this process is connected already (options go to ``ray.init``).
-    A cluster on a loopback address gets a driver on loopback too (``_node_ip_address``): Ray
-    would otherwise hand the driver the machine's external address."""
-    ray = require_ray()
-    if address.rsplit(":", 1)[0] in LOOPBACK:
-        options.setdefault("_node_ip_address", "127.0.0.1")
-    if not ray.is_initialized():
-        ray.init(address=address, **options)
-
-
-def _check_connected() -> ModuleType:
-    ray = require_ray()
-    if not ray.is_initialized():
-        raise HostError("not connected to a Ray cluster: call vmctl.cluster.connect(address) (or ray.init) first")
-    return ray
-
-
-def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("VMCTL_")}
-
-
-def qemu_nodes() -> list[str]:
-    """Ids of the live nodes that declare the ``vmctl_host`` resource."""
-    ray = _check_connected()
-    return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(HOST_RESOURCE, 0) > 0]
-
-
-def _actor_gone(exc: BaseException) -> bool:
-    ray = require_ray()
-    return isinstance(exc, ray.exceptions.RayActorError)
-
-
-@dataclass(eq=False)
-class Host:
-    """One node's host actor, as this driver sees it."""
-
-    node_id: str
-    actor: Any
-    detached: bool = False
-    lost: str = ""  # why it is gone, once it is
-
-    async def ask(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call a host actor method; a vanished actor raises :class:`NodeLost`. Cancelling the
-        caller cancels the call in the actor too."""
-        ray = require_ray()
-        if self.lost:
-            raise NodeLost(self.lost, node=self.node_id)
-        ref = getattr(self.actor, method).remote(*args, **kwargs)
-        try:
-            return await ref
-        except anyio.get_cancelled_exc_class():
-            ray.cancel(ref)
-            raise
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as exc:
-            self.lost = f"node {self.node_id[:8]} (or its host actor) is gone: {type(exc).__name__}"
-            raise NodeLost(self.lost, node=self.node_id) from None
-        except ray.exceptions.RayError as exc:
-            raise VmctlError(f"Ray failed a call to node {self.node_id[:8]}: {exc}") from None
-
-    async def info(self) -> HostInfo:
-        info: HostInfo = await self.ask("info")
-        return info
-
-
-_hosts: dict[tuple[str, tuple[tuple[str, str], ...]], Host] = {}
-
-
-def host_on(node_id: str) -> Host:
-    """This driver's host actor on ``node_id`` (created on first use, then reused)."""
-    ray = _check_connected()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    env = forwarded_env()
-    key = (node_id, tuple(env.items()))
-    host = _hosts.get(key)
-    if host is not None and host.lost:
-        ray.kill(host.actor)  # restarted (and empty) or dead: a new one takes its place
-    if host is None or host.lost:
-        actor = ray.remote(HostService).options(
-            num_cpus=0, resources={HOST_RESOURCE: MARK}, max_restarts=1, max_concurrency=1000,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            runtime_env={"env_vars": env},
-        ).remote()  # fmt: skip
-        host = _hosts[key] = Host(node_id, actor)
-    return host
-
-
-def find_node(node: str) -> str:
-    """A node id from a full id or a unique prefix of one (of the ``vmctl_host`` nodes)."""
-    matches = [n for n in qemu_nodes() if n.startswith(node)]
-    if len(matches) != 1:
-        raise InvalidArgument(f"node {node!r} matches {len(matches)} live vmctl_host nodes")
-    return matches[0]
-
-
-async def hosts() -> list[HostInfo]:
-    """What every ``vmctl_host`` node's host actor reports (creating them if needed)."""
-    found: list[HostInfo] = []
-    for node in qemu_nodes():
-        try:
-            found.append(await host_on(node).info())
-        except NodeLost:
-            pass
-    return found
-
-
-async def shutdown_hosts(*, timeout: float = 60.0) -> None:
-    """Stop every sandbox this driver's host actors own and end those actors (idempotent)."""
-    ray = require_ray()
-    for key, host in list(_hosts.items()):
-        del _hosts[key]
-        if not host.lost:
-            with anyio.move_on_after(timeout):
-                try:
-                    await host.ask("shutdown")
-                except VmctlError:
-                    pass
-            ray.kill(host.actor)
 
 
 _driver_assets: list[GuestAssets] = []  # this driver's default guest, looked up once
@@ -520,7 +396,7 @@ async def start_detached(config: SandboxConfig, name: str, *, node: str | None =
                          start_timeout: float = DEFAULT_START_TIMEOUT) -> RemoteSandbox:  # fmt: skip
     """A sandbox in a named, detached actor of its own: it outlives this driver until stopped.
     Ray places it on a ``vmctl_host`` node (or on ``node``); :func:`attach` finds it by name."""
-    ray = _check_connected()
+    ray = check_connected()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     check_id(name)
@@ -551,16 +427,10 @@ async def start_detached(config: SandboxConfig, name: str, *, node: str | None =
     return sandbox
 
 
-def host_reply(reply: Reply) -> Any:
-    if reply.error is not None:
-        raise from_wire(reply.error)
-    return reply.value
-
-
 async def attach(name: str) -> RemoteSandbox:
     """The detached sandbox ``name``, from any driver of the cluster: :class:`SandboxNotFound`
     if there is none."""
-    ray = _check_connected()
+    ray = check_connected()
     try:
         actor = ray.get_actor(DETACHED_PREFIX + name, namespace=NAMESPACE)
     except ValueError:
