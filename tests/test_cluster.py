@@ -260,7 +260,12 @@ async def test_a_restarted_host_actor_comes_back_empty_and_says_so(
             with pytest.raises(NodeLost):
                 await sb.exec(["true"])
             with anyio.fail_after(60):
-                after = await sb.host.actor.info.remote()  # the same actor, restarted by Ray
+                while True:  # the same actor, restarted by Ray (unavailable while it restarts)
+                    try:
+                        after = await sb.host.actor.info.remote()
+                        break
+                    except ray.exceptions.ActorUnavailableError:
+                        await anyio.sleep(0.2)
             assert after.restarted and after.sandboxes == () and after.incarnation != before.incarnation
             reply = await sb.host.actor.call.remote(sb.id, "exec", (["true"],), {})
             assert reply.error is not None and reply.error.kind == "NodeLost", reply
