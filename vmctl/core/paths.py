@@ -131,12 +131,11 @@ def _qemu_processes_in(run_dir: Path) -> list[int]:
     """QEMU processes of ours (our uid, or the jail user's) whose sockets or logs live in ``run_dir``."""
     needle = f"{run_dir}/".encode()
     pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+    for pid, argv in reaper.command_lines():
+        if b"qemu-system" in argv[0] and any(needle in a for a in argv):
             try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                if entry.stat().st_uid in {os.getuid(), *QEMU_UIDS} and b"qemu-system" in argv[0] and any(needle in a for a in argv):
-                    pids.append(int(entry.name))
+                if os.stat(f"/proc/{pid}").st_uid in {os.getuid(), *QEMU_UIDS}:
+                    pids.append(pid)
             except OSError:
                 pass
     return pids

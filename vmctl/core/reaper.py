@@ -53,6 +53,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,15 +175,23 @@ def _identity(pid: int) -> str | None:
     return None if fields[0] == "Z" else f"{pid}:{fields[19]}"
 
 
-def _kill_qemu_in(directory: str) -> None:
-    """SIGKILL QEMU processes (or jail helpers starting one) whose command line names ``directory``."""
-    needle = f"{directory}/".encode()
+def command_lines() -> Iterator[tuple[int, list[bytes]]]:
+    """``(pid, argv)`` of every process whose command line can be read (processes come and go)."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                if any(b"qemu-system" in a for a in argv) and any(needle in a for a in argv):
-                    os.kill(int(entry.name), signal.SIGKILL)
+                yield int(entry.name), (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                pass
+
+
+def _kill_qemu_in(directory: str) -> None:
+    """SIGKILL QEMU processes (or jail helpers starting one) whose command line names ``directory``."""
+    needle = f"{directory}/".encode()
+    for pid, argv in command_lines():
+        if any(b"qemu-system" in a for a in argv) and any(needle in a for a in argv):
+            try:
+                os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
 

@@ -245,13 +245,8 @@ def _named_by_processes(paths: list[str]) -> set[str]:
     """Those of ``paths`` that some process's command line names."""
     needles = {p: p.encode() for p in paths}
     named: set[str] = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            named.update(p for p, n in needles.items() if n in cmdline)
+    for _, argv in reaper.command_lines():
+        named.update(p for p, n in needles.items() if any(n in a for a in argv))
     return named
 
 
