@@ -343,10 +343,10 @@ async def test_a_lost_node_fails_its_members_quickly_and_the_others_finish(
             doomed_qemu = await doomed[0].pid()
 
             async def job(sb: cluster.RemoteSandbox) -> bytes:
-                return (await sb.exec(["sh", "-c", "sleep 6; echo done"], check=True)).stdout
+                return (await sb.exec(["sh", "-c", "touch /tmp/started; sleep 6; echo done"], check=True)).stdout
 
-            async def kill_later() -> None:
-                await anyio.sleep(2)
+            async def kill_later() -> None:  # once the doomed member's job runs (a guest-side wait)
+                await doomed[0].exec(["sh", "-c", "until [ -e /tmp/started ]; do sleep 0.05; done"], timeout=30)
                 os.kill(ray_cluster.raylet_pid(2), 9)
 
             started = time.monotonic()

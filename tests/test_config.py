@@ -37,9 +37,23 @@ def problems(files: dict[str, Path], **kw: object) -> dict[str, str]:
 def test_defaults_follow_the_original(files: dict[str, Path]) -> None:
     c = SandboxConfig(kernel=files["kernel"], initrd=files["initrd"])
     assert (c.vcpus, c.memory_mib, c.pci_bridges, c.block_driver, c.machine) == (1, 2048, 1, "virtio-scsi", "q35")
-    assert c.max_vcpus == max(host_probes.cpu_count(), 1)
-    assert c.max_memory_mib == host_probes.total_memory_mib()
     assert c.accel == "auto"
+    here = c.for_host()
+    assert here.max_vcpus == max(host_probes.cpu_count(), 1)
+    assert here.max_memory_mib == host_probes.total_memory_mib()
+
+
+def test_a_config_carries_no_figures_of_the_host_it_was_built_on(files: dict[str, Path], monkeypatch) -> None:
+    """Built on a Ray driver, run on a node: the limits left unset are the node's, not the driver's."""
+    c = SandboxConfig(kernel=files["kernel"], initrd=files["initrd"], vcpus=2)
+    assert (c.max_vcpus, c.max_memory_mib) == (None, None)
+    assert "max_vcpus" not in c.to_mapping() and "max_memory_mib" not in c.to_mapping()
+    monkeypatch.setattr(host_probes, "cpu_count", lambda: 6)
+    monkeypatch.setattr(host_probes, "total_memory_mib", lambda: 9000)
+    node = SandboxConfig.from_mapping(c.to_mapping()).for_host()
+    assert (node.max_vcpus, node.max_memory_mib) == (6, 9000)
+    assert c.for_host({"max_vcpus": 3, "max_memory_mib": 4096}).max_vcpus == 3  # a template's own figures win
+    assert cfg(files, max_vcpus=4).for_host().max_vcpus == 4  # what the user set stays
 
 
 def test_kernel_required_and_must_exist(files: dict[str, Path], tmp_path: Path) -> None:

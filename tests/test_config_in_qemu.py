@@ -56,6 +56,9 @@ async def test_pc_machine_and_no_block_devices(make_config: MakeConfig) -> None:
         peripherals = {p["name"] for p in await qmp(sb, "qom-list", path="/machine/peripheral")}
         assert "br0" in peripherals and "scsi0" not in peripherals
         assert not sb.capabilities().block_hotplug
+        # max_vcpus left unset: the host's CPU count, worked out where the sandbox started
+        assert sb.config.max_vcpus == len(os.sched_getaffinity(0))
+        assert len(await qmp(sb, "query-hotpluggable-cpus")) == sb.config.max_vcpus
 
 
 async def test_custom_qemu_binary_is_the_one_running(make_config: MakeConfig, tmp_path: Path) -> None:

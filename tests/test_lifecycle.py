@@ -20,6 +20,7 @@ from vmctl import (
     SandboxFailed,
     SandboxState,
     Trigger,
+    VmctlError,
     guest,
     limit_commands_in_flight,
 )
@@ -182,17 +183,17 @@ async def test_cancelling_start_leaves_nothing(make_config: MakeConfig, runtime_
         if cancel_after == "create":
             reached.set()
             return
-        while True:
-            hv = sb._hv  # noqa: SLF001 - the test inspects the phase it cancels in
+        step = {"launch": "spawned", "qmp": "qmp", "cont": "cont"}.get(cancel_after)
+        while True:  # the start's steps as the hypervisor reports them (startup_timings)
+            try:
+                hv = sb.hypervisor
+            except VmctlError:  # not created yet
+                hv = None
             if hv is not None and hv.pid is not None:
                 pids.update({hv.pid, jail.inner_pid(hv.pid)})  # the jail's outer process, QEMU
-            done = {
-                "launch": hv is not None and hv.pid is not None,
-                "qmp": hv is not None and hv.qmp.connected,  # type: ignore[attr-defined]
-                "cont": hv is not None and hv.agent._stream is not None,  # noqa: SLF001  # type: ignore[attr-defined]
-                "boot": any("Run /init" in line or "vmctl-init" in line for line in sb.console_tail),
-            }[cancel_after]
-            if done:
+            timings = getattr(hv, "startup_timings", {})
+            if step in timings and hv is not None and hv.pid is not None or cancel_after == "boot" and any(
+                    "Run /init" in line or "vmctl-init" in line for line in sb.console_tail):  # fmt: skip
                 reached.set()
                 return
             await anyio.sleep(0.005)

@@ -38,7 +38,7 @@ async def test_template_then_clones(make_config: MakeConfig, tmp_path: Path) -> 
         assert (await a.exec(["cat", "/tmp/mark"], check=True)).text == "only-in-a\n"
     assert clone_ready < cold_boot, (clone_ready, cold_boot)
 
-    drifted = make_config(boot_from_template=True, memory_path=memory, devices_state_path=state, vcpus=2, max_vcpus=2)
+    drifted = make_config(boot_from_template=True, memory_path=memory, devices_state_path=state, vcpus=2, max_vcpus=5)
     with pytest.raises(ConfigError) as info:
         async with Sandbox(drifted):
             pytest.fail("a clone that no longer matches its template must not start")

@@ -8,7 +8,6 @@ hypervisor layer: 1 vCPU, max vCPUs = host CPUs, 2048 MiB, one PCI bridge, virti
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import tomllib
@@ -18,6 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from vmctl import host
+from vmctl.core.guestmanifest import initrd_switches_root
+from vmctl.core.pathprobe import expand_path, probe
+from vmctl.core.tomlfile import fill_defaults, read_toml_text, relative_to
 from vmctl.devices import (
     BlockDevice,
     BlockDriver,
@@ -25,8 +27,6 @@ from vmctl.devices import (
     DeviceContext,
     device_from_mapping,
     device_to_mapping,
-    expand_path,
-    probe,
 )
 from vmctl.errors import ConfigError, Problem
 from vmctl.params import Param, normalize_params, serialize_params
@@ -123,9 +123,11 @@ class SandboxConfig:
     machine: Machine = "q35"
     accel: Accel = "auto"
     vcpus: int = 1
+    #: the most vCPUs it can grow to; None: the starting host's CPU count (at least vcpus)
     max_vcpus: int | None = None
     memory_mib: int = 2048
     memory_slots: int = 10
+    #: the most memory it can grow to; None: the starting host's memory
     max_memory_mib: int | None = None
     pci_bridges: int = 1
     # block devices
@@ -185,13 +187,7 @@ class SandboxConfig:
             except TypeError as exc:
                 problems.append(Problem(name, str(exc)))
                 object.__setattr__(self, name, ())
-        defaulted = set()
-        if self.max_vcpus is None and isinstance(self.vcpus, int):
-            object.__setattr__(self, "max_vcpus", max(host.cpu_count(), self.vcpus))
-            defaulted.add("max_vcpus")
-        if self.max_memory_mib is None:
-            object.__setattr__(self, "max_memory_mib", host.total_memory_mib())
-            defaulted.add("max_memory_mib")
+        defaulted: set[str] = set()
         if self.block_driver is None:
             object.__setattr__(self, "block_driver", "virtio-mmio" if self.machine == "microvm" else "virtio-scsi")
             defaulted.add("block_driver")
@@ -291,6 +287,20 @@ class SandboxConfig:
 
     # -- derived values ---------------------------------------------------------------------
 
+    def for_host(self, saved: Mapping[str, Any] | None = None) -> SandboxConfig:
+        """This config as it runs here: the limits left unset (``max_vcpus``, ``max_memory_mib``)
+        taken from ``saved`` (a template's record) or else from this host.
+
+        Done where the sandbox starts, never at construction: a config built on a Ray driver
+        must not carry the driver's CPU count and memory to the node that runs it."""
+        saved = saved or {}
+        fills: dict[str, Any] = {}
+        if self.max_vcpus is None:
+            fills["max_vcpus"] = saved.get("max_vcpus") or min(MAX_VCPUS_LIMIT, max(host.cpu_count(), self.vcpus))
+        if self.max_memory_mib is None:
+            fills["max_memory_mib"] = saved.get("max_memory_mib") or max(host.total_memory_mib(), self.memory_mib)
+        return self.replace(**fills) if fills else self
+
     def effective_accel(self) -> Accel:
         """``accel`` after the ``VMCTL_ACCEL`` override (``auto`` is resolved at start)."""
         env = os.environ.get(ACCEL_ENV, "").strip()
@@ -363,48 +373,6 @@ def _validate(c: SandboxConfig) -> list[Problem]:
     return problems
 
 
-def fill_defaults(table: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """``table`` with the default guest (``defaults``: its ``kernel`` and ``initrd``) when it names
-    no kernel. The default initrd comes only with the default kernel (vmctl's initramfs goes with
-    its kernel, an image or not)."""
-    out = dict(table)
-    if "kernel" in defaults and "kernel" not in out:
-        out["kernel"] = str(defaults["kernel"])
-        if "initrd" in defaults and "initrd" not in out:
-            out["initrd"] = str(defaults["initrd"])
-    return out
-
-
-def read_toml_text(path: Path) -> str:
-    """A TOML file's text; :class:`ConfigError` naming the file if it cannot be read as UTF-8."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([Problem(str(path), f"cannot read the file: {exc.strerror}")]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError([Problem(str(path), f"not UTF-8 text: {exc.reason} at byte {exc.start}")]) from None
-    except ValueError as exc:  # a NUL byte in the path
-        raise ConfigError([Problem(repr(str(path)), f"cannot read the file: {exc}")]) from None
-
-
-def relative_to(device: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
-    """A device table with its relative ``path``/``socket`` taken from ``base_dir`` (the TOML file's)."""
-    out = dict(device)
-    for key in ("path", "socket"):
-        if isinstance(out.get(key), str) and out[key] and not expand_path(out[key]).is_absolute():
-            out[key] = str(base_dir / out[key])
-    return out
-
-
-def initrd_switches_root(initrd: Path) -> bool:
-    """Whether ``initrd`` is vmctl's default initramfs, which mounts ``root=`` and switches to it."""
-    try:
-        manifest = json.loads((initrd.parent / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return initrd.name == "initrd.img" and manifest.get("initrd_switches_root") is True
-
-
 def _normalize_devices(value: Any) -> tuple[tuple[Device, ...], list[Problem]]:
     if value is None:
         return (), []
@@ -464,12 +432,11 @@ def _check_sizes(c: SandboxConfig, bad: Any, mistyped: set[str]) -> None:
     if typed("console_log_limit_mib") and c.console_log_limit_mib < 1:
         bad("console_log_limit_mib", "must be at least 1")
     if typed("vcpus", "max_vcpus"):
-        max_vcpus = c.max_vcpus or 1
+        max_vcpus = c.vcpus if c.max_vcpus is None else c.max_vcpus  # unset: the host's count, at least vcpus
         if c.vcpus < 1:
             bad("vcpus", "must be at least 1")
-        if max_vcpus > MAX_VCPUS_LIMIT:  # named after what the user set: max_vcpus defaults to vcpus or more
-            bad("vcpus" if "max_vcpus" in getattr(c, "_defaulted", ()) else "max_vcpus",
-                f"must be at most {MAX_VCPUS_LIMIT}")  # fmt: skip
+        if max_vcpus > MAX_VCPUS_LIMIT:  # named after what the user set
+            bad("vcpus" if c.max_vcpus is None else "max_vcpus", f"must be at most {MAX_VCPUS_LIMIT}")
         if c.vcpus > max_vcpus:
             bad("vcpus", f"{c.vcpus} is more than max_vcpus={max_vcpus}; raise max_vcpus or lower vcpus")
     elif typed("vcpus") and c.vcpus < 1:
@@ -481,7 +448,7 @@ def _check_sizes(c: SandboxConfig, bad: Any, mistyped: set[str]) -> None:
         elif c.memory_mib > host_mib:
             bad("memory_mib", f"{c.memory_mib} MiB is more than the host has ({host_mib} MiB)")
     if typed("memory_mib", "max_memory_mib"):
-        max_mem = c.max_memory_mib or 0
+        max_mem = c.memory_mib if c.max_memory_mib is None else c.max_memory_mib  # unset: the host's memory
         if max_mem < c.memory_mib:
             bad("max_memory_mib", f"{max_mem} MiB is less than memory_mib={c.memory_mib}")
     if typed("memory_slots") and not 0 <= c.memory_slots <= MAX_MEMORY_SLOTS:

@@ -9,7 +9,6 @@ character devices need two spellings (``-chardev`` has no JSON form).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
+from vmctl.core.pathprobe import expand_path, probe
 from vmctl.errors import Problem
 
 ID_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,19}\Z")
@@ -32,27 +32,6 @@ TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 
 BlockDriver = Literal["virtio-scsi", "virtio-blk", "virtio-mmio"]
 ImageFormat = Literal["raw", "qcow2"]
-
-
-def probe(path: Path, kind: Literal["exists", "file", "dir"] = "exists") -> bool:
-    """``path.exists()`` / ``is_file()`` / ``is_dir()``, but False for a name the OS refuses (too
-    long, a NUL byte) instead of raising: validation reports such a path as missing."""
-    if not isinstance(path, Path):
-        return False
-    try:
-        return {"exists": path.exists, "file": path.is_file, "dir": path.is_dir}[kind]()
-    except (OSError, ValueError):
-        return False
-
-
-def expand_path(value: str | os.PathLike[str]) -> Path:
-    """``Path(value)`` with ``~`` expanded; a ``~user`` that does not exist stays as written
-    (and is then reported as a missing file) instead of raising ``RuntimeError``."""
-    path = Path(value)
-    try:
-        return path.expanduser()
-    except RuntimeError:
-        return path
 
 
 @dataclass(frozen=True)
@@ -627,12 +606,6 @@ def _describe(hint: Any) -> str:
     return names.get(hint, str(hint))
 
 
-def stable_mac(sandbox_id: str, dev_id: str) -> str:
-    """A stable, locally administered MAC per sandbox and device (QEMU's 52:54:00 prefix)."""
-    digest = hashlib.sha256(f"{sandbox_id}/{dev_id}".encode()).digest()
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
-
-
 RESERVED_IDS = re.compile(
     r"^(root|rp\d+|br\d+|vser0|scsi0|vsock0|rng0|mem0|iothread0|qmp|console0|agent0|cpu\d+|dimm\d+.*)$"
 )
@@ -647,20 +620,3 @@ def device_to_mapping(device: Device) -> dict[str, Any]:
             continue
         out[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
     return out
-
-
-def id_prefix(device: Device) -> str:
-    return {"block": "disk", "network": "net", "vsock": "vsock", "vfio": "vfio", "vhost-user-block": "vublk",
-            "vhost-user-net": "vunet", "serial": "port", "cpu": "cpu", "memory": "dimm"}[device.kind]  # fmt: skip
-
-
-def with_defaults(device: Device, dev_id: str, sandbox_id: str, run_dir: Path) -> Device:
-    """Fill what a device leaves to vmctl: a serial port's socket and a disk's overlay (in the run
-    directory), a NIC's MAC (stable per sandbox and device). Cold plug and hotplug both come through here."""
-    if isinstance(device, SerialPort) and device.socket is None:
-        return dataclasses.replace(device, socket=run_dir / "q" / f"{dev_id}.sock")  # QEMU makes it: its dir
-    if isinstance(device, NetworkDevice | VhostUserNetDevice) and device.mac is None:
-        return dataclasses.replace(device, mac=stable_mac(sandbox_id, dev_id))
-    if isinstance(device, BlockDevice) and device.overlay and device.overlay_file is None:
-        return dataclasses.replace(device, overlay_file=run_dir / f"{dev_id}.overlay.qcow2")
-    return device

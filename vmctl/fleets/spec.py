@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmctl.config import SandboxConfig, fill_defaults, read_toml_text, relative_to
+from vmctl.config import SandboxConfig
+from vmctl.core.tomlfile import fill_defaults, read_toml_text, relative_to
 from vmctl.devices import Device, device_from_mapping
 from vmctl.errors import ConfigError, Problem, VmctlError
 from vmctl.fleets.members import refuse_shared_writable_disks

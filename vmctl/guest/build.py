@@ -28,6 +28,7 @@ from typing import Any
 
 import anyio
 
+from vmctl.core.guestmanifest import MANIFEST, SWITCHES_ROOT
 from vmctl.core.log import get_logger
 from vmctl.core.paths import cache_dir
 from vmctl.errors import HostError
@@ -191,7 +192,7 @@ async def _ensure_kernel_and_initrd(*, rebuild: bool) -> GuestAssets:
     gcc_version = await _require_gcc()
     key = _cache_key(package, version, busybox, gcc_version)
     target = cache_dir() / "guest" / key
-    manifest = target / "manifest.json"
+    manifest = target / MANIFEST
     if manifest.is_file() and not rebuild:
         return _load(manifest)
     log.info("building default guest", package=package, version=version, into=str(target))
@@ -340,9 +341,9 @@ def _assemble(pkg: Path, out: Path, busybox: bytes, agent: bytes, package: str, 
     cpio.write_initramfs(out / "initrd.img", entries, compress=False)  # faster to boot, see cpio
     assets = GuestAssets(out / "vmlinuz", out / "initrd.img", kernel_version, package, tuple(order), key)
     manifest = {k: v for k, v in asdict(assets).items() if k not in ("kernel", "initrd", "image", "bzimage")}
-    manifest["initrd_switches_root"] = True
+    manifest[SWITCHES_ROOT] = True
     manifest["boot_kernel"] = _boot_kernel(out / "vmlinuz")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return assets
 
 

@@ -91,7 +91,7 @@ class Start(enum.Enum):
 @dataclass(frozen=True)
 class LaunchPlan:
     """How to bring the VM up. ``devices`` are the cold-plugged ones (ids and places worked out
-    once, see :func:`vmctl.hypervisors.cmdline.cold_devices`); ``restored`` are the devices a
+    once, see :func:`vmctl.hypervisors.placement.cold_devices`); ``restored`` are the devices a
     snapshot's guest had hot-plugged, recreated on the command line at the same places."""
 
     start: Start = Start.BOOT

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from vmctl import host
 from vmctl.config import SandboxConfig
-from vmctl.devices import BlockDevice, Placement, id_prefix, with_defaults
 from vmctl.hypervisors.base import PlacedDevice, RunPaths
+from vmctl.hypervisors.placement import cold_devices
 
 AGENT_PORT_NAME = "org.vmctl.agent"
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -84,7 +84,7 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
     """The full argv (binary first) for ``config``; ``fds`` maps qmp/console/agent to listening fds.
 
     ``incoming``: QEMU waits for a saved state (a snapshot) instead of booting. ``devices``: the
-    cold devices as :func:`cold_devices` places them (worked out here when not given).
+    cold devices as :func:`vmctl.hypervisors.placement.cold_devices` places them (worked out here when not given).
     ``restored``: devices a snapshot's guest had hot-plugged, recreated at their places so the
     saved device state finds them. ``boot_files``: where QEMU finds the kernel, initrd or firmware
     when not at the config's paths (inside a jail's mount namespace)."""
@@ -139,38 +139,6 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
     argv += ["-sandbox", SECCOMP]
     argv += c.qemu_extra_args()
     return argv
-
-
-ROOT_DISK_ID = "root"
-
-
-def cold_devices(config: SandboxConfig, paths: RunPaths, sandbox_id: str) -> list[PlacedDevice]:
-    """Ids and places of the config's devices, the same on every call (the sandbox's device
-    table is filled from this too). PCI devices sit on the root bus, SCSI disks take targets
-    from 0 up, serial ports without a socket get one in the run directory, NICs without a MAC
-    get a stable one."""
-    ctx = config.device_context()
-    used = {d.id for d in config.devices if d.id} | {ROOT_DISK_ID}
-    counters: dict[str, int] = {}
-    scsi = 0
-    out = []
-    listed = list(config.devices)
-    if config.image is not None:  # the root disk comes first, so the guest names it vda / sda
-        listed.insert(0, BlockDevice(path=config.image, id=ROOT_DISK_ID, overlay=config.image_overlay))
-    for device in listed:
-        dev_id = device.id
-        while dev_id is None or (dev_id in used and device.id is None):
-            prefix = id_prefix(device)
-            counters[prefix] = counters.get(prefix, -1) + 1
-            candidate = f"{prefix}{counters[prefix]}"
-            dev_id = None if candidate in used else candidate
-        used.add(dev_id)
-        where = Placement()
-        if device.needs_slot(ctx) == "scsi":
-            where = Placement(scsi_id=scsi)
-            scsi += 1
-        out.append((dev_id, with_defaults(device, dev_id, sandbox_id, paths.run_dir), where))
-    return out
 
 
 def _memory(c: SandboxConfig) -> list[str]:

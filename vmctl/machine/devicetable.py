@@ -24,12 +24,10 @@ from vmctl.devices import (
     NetworkDevice,
     VhostUserBlockDevice,
     VhostUserNetDevice,
-    id_prefix,
-    with_defaults,
 )
 from vmctl.errors import ConfigError, GuestError, HotplugError, HotplugTimeout, InvalidArgument, NotSupported
 from vmctl.hypervisors.base import Capabilities, Hypervisor, PlacedDevice
-from vmctl.hypervisors.cmdline import ROOT_DISK_ID
+from vmctl.hypervisors.placement import ROOT_DISK_ID, id_prefix, with_defaults
 from vmctl.machine.hotplug import HotplugQueue, PluggedDevice, SlotAllocator, row_device
 from vmctl.machine.resize import Resizer
 

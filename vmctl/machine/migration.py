@@ -139,8 +139,9 @@ async def write_template_record(config: SandboxConfig, devices: Sequence[Plugged
     _template_record(config.devices_state_path).write_text(json.dumps(_template_identity(config)))
 
 
-def check_template_matches(config: SandboxConfig) -> None:
-    """A clone whose config drifted from its template is refused, never cold-booted instead."""
+def template_clone_config(config: SandboxConfig) -> SandboxConfig:
+    """A clone's config as it runs: the limits it leaves unset taken from its template, and
+    refused, never cold-booted instead, if it drifted from the template in anything else."""
     assert config.devices_state_path is not None
     record = _template_record(config.devices_state_path)
     try:
@@ -149,8 +150,12 @@ def check_template_matches(config: SandboxConfig) -> None:
         raise ConfigError(
             [Problem("devices_state_path", f"no template record at {record}: boot the template again")]
         ) from None
+    if not isinstance(saved, dict):
+        raise ConfigError([Problem("devices_state_path", f"{record} is not a template record: boot the template again")])
+    config = config.for_host(saved)
     mine = _template_identity(config)
     problems = [Problem(key, f"the template has {saved.get(key)!r}, this config {mine.get(key)!r}")
                 for key in sorted(set(saved) | set(mine)) if saved.get(key) != mine.get(key)]  # fmt: skip
     if problems:
         raise ConfigError(problems)
+    return config

@@ -244,7 +244,7 @@ class Sandbox:
                 confirmation = await self._launch(self._tg)
             self._machine.fire(*confirmation)
             if self._config.boot_to_be_template:
-                await self._live().control.become_template(self._config, self.devices, DEFAULT_CALL_TIMEOUT)
+                await self._live().control.become_template(self._origin.config, self.devices, DEFAULT_CALL_TIMEOUT)
             if self.detached:
                 self._save_record()
         except BaseException as exc:
@@ -261,7 +261,7 @@ class Sandbox:
         paths, plan = await self._origin.prepare()
         # an agent that breaks the protocol fails the sandbox: its channel is gone for good
         agent = self._events.agent = AgentClient(paths.agent_socket, on_violation=self._events.on_fault)
-        self._hv = hv = self._backend(self._config, paths, self.id, self._events, self.log, plan=plan, agent=agent)
+        self._hv = hv = self._backend(self._origin.config, paths, self.id, self._events, self.log, plan=plan, agent=agent)
         if self._config.boot_to_be_template and not hv.capabilities().templates:
             raise NotSupported(f"the {hv.name} backend cannot boot VM templates (see capabilities())")
         await hv.create()

@@ -14,7 +14,7 @@ from vmctl.core.paths import make_run_dir, remove_tree
 from vmctl.core.state import SandboxState, Trigger
 from vmctl.errors import SandboxFailed
 from vmctl.hypervisors.base import Hypervisor, LaunchPlan, RunPaths, Start
-from vmctl.hypervisors.cmdline import cold_devices
+from vmctl.hypervisors.placement import cold_devices
 from vmctl.machine import migration, overlays
 from vmctl.machine import registry as registry
 from vmctl.machine.devicetable import DeviceManager
@@ -59,9 +59,13 @@ class Origin:
         return self.paths
 
     def plan(self, paths: RunPaths) -> LaunchPlan:
+        """The launch plan; from here on ``config`` is the one that runs on this host (limits
+        left unset filled from the template or the host, see SandboxConfig.for_host)."""
+        if self.config.boot_from_template:
+            self.config = migration.template_clone_config(self.config)
+        else:
+            self.config = self.config.for_host()
         config = self.config
-        if config.boot_from_template:
-            migration.check_template_matches(config)
         cold = cold_devices(config, paths, self.sandbox_id)  # worked out once: command line and table alike
         if self.snapshot is not None or config.boot_from_template:
             cold = overlays.in_run_dir(cold, paths.run_dir)  # a copy of their own, made by prepare_disks
