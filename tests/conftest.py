@@ -50,6 +50,19 @@ def qemu_processes(marker: str) -> list[int]:
     return pids
 
 
+def virtiofsd_processes() -> list[int]:
+    """Pids of live virtiofsd processes (of any sandbox: tests run one at a time)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"virtiofsd" in (entry / "cmdline").read_bytes().split(b"\0")[0] \
+                    and "State:\tZ" not in (entry / "status").read_text():  # fmt: skip
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 def processes_left(pids: set[int]) -> list[str]:
     """Those of ``pids`` that still exist, zombies included (a zombie has no command line)."""
     out = []
@@ -105,6 +118,7 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield path
     try:
         assert qemu_processes(str(path)) == [], "a QEMU process outlived the test"
+        assert virtiofsd_processes() == [], "a virtiofsd outlived the test"
         assert list(path.iterdir()) == [], f"left behind in the runtime dir: {list(path.iterdir())}"
         assert open_fds_under(str(path)) == [], "file descriptors left open under the runtime dir"
         assert socket_fd_count() <= sockets_before + 2, "socket file descriptors leaked"

@@ -144,7 +144,8 @@ class SandboxConfig:
     debug: bool = False
     mem_prealloc: bool = False
     huge_pages: bool = False
-    #: guest RAM in shared memory (memfd), which vhost-user backends need to map it
+    #: let vhost-user backends you run yourself plug in (hot too): QEMU then reaches their sockets
+    #: by host path, so its jail keeps the host's mount namespace (guest RAM is a shared memfd anyway)
     shared_memory: bool = False
     mlock: bool = False
     disable_nesting_checks: bool = False
@@ -312,7 +313,15 @@ class SandboxConfig:
                              cache_noflush=self.block_cache_noflush,
                              vhost_net=not self.disable_vhost_net and Path("/dev/vhost-net").exists(),
                              network=self.network,
-                             shared_memory=self.shared_memory or self.huge_pages)  # fmt: skip
+                             shared_memory=self.shared_memory or self.huge_pages,
+                             ram_shared=self.guest_ram_shared)  # fmt: skip
+
+    @property
+    def guest_ram_shared(self) -> bool:
+        """Guest RAM that a vhost-user backend (a share's virtiofsd) can map: a memfd shared
+        with it, for every sandbox but a template clone (whose RAM is a private mapping of the
+        template's file) and a template (whose RAM is that file)."""
+        return not (self.boot_from_template or self.boot_to_be_template)
 
     @property
     def memory_hotplug_possible(self) -> bool:

@@ -103,6 +103,8 @@ class DeviceContext:
     cache_noflush: bool = False
     vhost_net: bool = False
     shared_memory: bool = False
+    #: guest RAM that a backend such as virtiofsd can map (memfd shared; not a template clone's)
+    ram_shared: bool = True
     #: what user-mode NICs reach (SandboxConfig.network): "none" adds restrict=on; "egress" is
     #: rendered as slirp here and handed to passt by the hypervisor
     network: str = "egress"
@@ -468,6 +470,76 @@ class SerialPort(Device):
         }
 
 
+#: where a share may not be mounted in the guest: the guest's own system directories
+_SYSTEM_MOUNTS = ("/", "/proc", "/sys", "/dev", "/run", "/tmp", "/etc", "/bin", "/sbin", "/usr", "/lib", "/lib64")
+GUEST_PATH_PATTERN = re.compile(r"^(/[A-Za-z0-9._+@-]{1,64}){1,16}\Z")
+SHARE_TAG_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,36}\Z")  # virtio-fs tags: at most 36 bytes
+ShareCache = Literal["auto", "always", "none"]
+
+
+@dataclass(frozen=True)
+class SharedDirectory(Device):
+    """A host directory mounted in the guest at ``guest_path`` over virtio-fs.
+
+    vmctl runs a ``virtiofsd`` per share (jailed: it sees only ``host_path``, in the sandbox's
+    cgroup) and the agent mounts it; the plug returns once the guest has it mounted.
+    ``read_only`` is enforced on the host (a read-only bind under virtiofsd), not by the guest's
+    mount options. ``tag`` is the virtio-fs tag the guest mounts (the device id when not given);
+    ``cache`` is virtiofsd's cache mode (``auto``: the guest revalidates after a timeout;
+    ``none``: every access reaches the host, for a directory the host changes meanwhile)."""
+
+    kind: ClassVar[str] = "share"
+    host_path: Path = field(default=Path())
+    guest_path: str = ""
+    read_only: bool = True
+    tag: str | None = None
+    cache: ShareCache = "auto"
+    id: str | None = None
+    #: the vhost-user socket between QEMU and virtiofsd (vmctl makes it in the run directory)
+    socket: Path | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.host_path, str | os.PathLike):
+            object.__setattr__(self, "host_path", expand_path(self.host_path).absolute())
+
+    def problems(self, ctx: DeviceContext) -> list[Problem]:
+        out = super().problems(ctx)
+        if not probe(self.host_path, "dir"):
+            out.append(Problem("share.host_path", f"{self.host_path} does not exist or is not a directory"))
+        guest = self.guest_path
+        if not isinstance(guest, str) or not GUEST_PATH_PATTERN.fullmatch(guest) \
+                or any(part in (".", "..") for part in guest.split("/")):  # fmt: skip
+            out.append(Problem("share.guest_path", f"{guest!r}: an absolute path in the guest such as /workspace "
+                                                   "(letters, digits, '._+@-'; no '.' or '..' parts)"))  # fmt: skip
+        elif guest.rstrip("/") in _SYSTEM_MOUNTS or guest.startswith(("/proc/", "/sys/", "/dev/")):
+            out.append(Problem("share.guest_path", f"{guest} is one of the guest's own system directories; "
+                                                   "mount the share elsewhere, e.g. /workspace"))  # fmt: skip
+        if self.tag is not None and not SHARE_TAG_PATTERN.fullmatch(str(self.tag)):
+            out.append(Problem("share.tag", f"{self.tag!r}: 1-36 letters, digits, '_', '.', '-'"))
+        if self.cache not in get_args(ShareCache):
+            out.append(Problem("share.cache", f"{self.cache!r}: use one of {', '.join(get_args(ShareCache))}"))
+        if self.socket is not None and self.socket.parent.name != "q":
+            out.append(Problem("share.socket", "vmctl makes the share's socket itself; leave it unset"))
+        if not ctx.ram_shared:
+            out.append(Problem("share", "virtiofsd must map guest memory, which a template keeps in its file "
+                                        "and a clone maps privately (and QEMU cannot save a virtio-fs device "
+                                        "into a template): boot the sandbox without boot_to_be_template / "
+                                        "boot_from_template to give it a share"))  # fmt: skip
+        return out
+
+    def mount_tag(self, dev_id: str) -> str:
+        return self.tag or dev_id
+
+    def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
+        assert self.socket is not None, "the sandbox fills in the socket path"
+        return [Backend("chardev", {"id": f"{dev_id}-fs", "path": str(self.socket)}, f"{dev_id}-fs")]
+
+    def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
+        driver = "vhost-user-fs-pci" if ctx.pci else "vhost-user-fs-device"
+        return _placed({"driver": driver, "id": dev_id, "chardev": f"{dev_id}-fs", "tag": self.mount_tag(dev_id)},
+                       where)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class CpuDevice(Device):
     """A hot-added vCPU (``resize_vcpus`` makes these; they are rows of the device table so that
@@ -539,6 +611,7 @@ DEVICE_TYPES: dict[str, type[Device]] = {
         VhostUserBlockDevice,
         VhostUserNetDevice,
         SerialPort,
+        SharedDirectory,
         CpuDevice,
         DimmDevice,
     )

@@ -38,7 +38,7 @@ def read_toml_text(path: Path) -> str:
 def relative_to(device: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
     """A device table with its relative ``path``/``socket`` taken from ``base_dir`` (the TOML file's)."""
     out = dict(device)
-    for key in ("path", "socket"):
+    for key in ("path", "socket", "host_path"):
         if isinstance(out.get(key), str) and out[key] and not expand_path(out[key]).is_absolute():
             out[key] = str(base_dir / out[key])
     return out

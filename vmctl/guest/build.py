@@ -50,6 +50,12 @@ GUEST_MODULES = (
     "virtio_pci", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_scsi", "sd_mod",
     "virtio_net", "virtio_rng", "virtio_balloon", "vmw_vsock_virtio_transport", "pvpanic_pci",
 )  # fmt: skip
+#: Modules in the initramfs that nothing loads at boot: the guest loads them when a device needs
+#: them (a shared directory's file system), so a sandbox without one pays nothing at boot.
+ON_DEMAND_MODULES = ("virtiofs",)
+#: the file beside load-order naming them and what they need, in load order (the init copies the
+#: list and the modules to /run/vmctl/modules before it switches to a disk root)
+ON_DEMAND_LIST = "on-demand"
 
 
 @dataclass(frozen=True)
@@ -291,7 +297,7 @@ async def _kernel_package() -> tuple[str, str]:
 
 def _cache_key(package: str, version: str, busybox: bytes, gcc_version: str) -> str:
     h = hashlib.sha256()
-    for part in (FORMAT_VERSION, package, version, ",".join(GUEST_MODULES), gcc_version):
+    for part in (FORMAT_VERSION, package, version, ",".join(GUEST_MODULES), ",".join(ON_DEMAND_MODULES), gcc_version):
         h.update(part.encode() + b"\0")
     for blob in (busybox, _guest_file("init"), _guest_file(AGENT_SOURCE)):
         h.update(hashlib.sha256(blob).digest())
@@ -323,7 +329,9 @@ def _assemble(pkg: Path, out: Path, busybox: bytes, agent: bytes, package: str, 
         {_module_name(Path(line)) for line in builtin_file.read_text().split()} if builtin_file.exists() else set()
     )
     wanted = [m for m in GUEST_MODULES if m not in builtin]
-    order = _load_order(wanted, available)
+    boot = _load_order(wanted, available)
+    order = _load_order(wanted + [m for m in ON_DEMAND_MODULES if m not in builtin], available)
+    on_demand = [m for m in order if m not in boot]  # with what they need, in load order
     # where busybox modprobe looks (uname -r); load-order names what the init asks modprobe for,
     # modules.dep adds what each needs
     mods = f"lib/modules/{kernel_version}"
@@ -334,6 +342,7 @@ def _assemble(pkg: Path, out: Path, busybox: bytes, agent: bytes, package: str, 
         cpio.file_entry("etc/vmctl-initramfs", b"this initramfs switches to root= when given\n"),
         cpio.dir_entry(mods),
         cpio.file_entry(f"{mods}/load-order", "".join(f"{m}\n" for m in wanted).encode()),
+        cpio.file_entry(f"{mods}/{ON_DEMAND_LIST}", "".join(f"{m}\n" for m in on_demand).encode()),
         cpio.file_entry(f"{mods}/modules.dep", _modules_dep(order, modules).encode()),
     ]
     entries += [cpio.file_entry(f"{mods}/{m}.ko", data) for m, data in modules.items()]

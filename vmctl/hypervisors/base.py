@@ -44,6 +44,8 @@ class Capabilities:
     vsock: bool = False
     templates: bool = True
     snapshots: bool = True
+    #: shared directories can be hot-plugged (PCI slots free, guest RAM virtiofsd can map)
+    share_hotplug: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,12 @@ class Hypervisor(ABC):
     async def close(self, *, keep_running: bool) -> None:
         """Close QMP, console and agent connections and end the run task; the process is killed
         unless ``keep_running`` (a detached sandbox being let go)."""
+
+    async def start_helpers(self, dev_id: str, device: Device) -> None:  # noqa: B027 - most devices need none
+        """Start what serves ``device`` on the host (a share's virtiofsd) before it is plugged."""
+
+    async def stop_helpers(self, dev_id: str) -> None:  # noqa: B027
+        """End what :meth:`start_helpers` started, once the device is gone or its plug failed."""
 
     @abstractmethod
     def capabilities(self) -> Capabilities: ...

@@ -151,10 +151,8 @@ def _memory(c: SandboxConfig) -> list[str]:
         backend = f"memory-backend-file,id=mem0,size={size},mem-path={opt(c.memory_path)},share={share}"
     elif c.huge_pages:
         backend = f"memory-backend-file,id=mem0,size={size},mem-path=/dev/hugepages,share=on"
-    elif c.shared_memory:  # a vhost-user backend maps guest RAM: it must be shared (memfd leaves no file)
+    else:  # a vhost-user backend (a share's virtiofsd, hot-plugged too) maps guest RAM: shared, a memfd
         backend = f"memory-backend-memfd,id=mem0,size={size},share=on"
-    else:
-        backend = f"memory-backend-ram,id=mem0,size={size}"
     if c.mem_prealloc:
         backend += ",prealloc=on"
     return ["-m", ",".join(mem), "-object", backend]

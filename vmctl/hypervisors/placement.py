@@ -9,7 +9,7 @@ import hashlib
 from pathlib import Path
 
 from vmctl.config import SandboxConfig
-from vmctl.devices import BlockDevice, Device, NetworkDevice, Placement, SerialPort, VhostUserNetDevice
+from vmctl.devices import BlockDevice, Device, NetworkDevice, Placement, SerialPort, SharedDirectory, VhostUserNetDevice
 from vmctl.hypervisors.base import PlacedDevice, RunPaths
 
 ROOT_DISK_ID = "root"
@@ -23,12 +23,14 @@ def stable_mac(sandbox_id: str, dev_id: str) -> str:
 
 def id_prefix(device: Device) -> str:
     return {"block": "disk", "network": "net", "vsock": "vsock", "vfio": "vfio", "vhost-user-block": "vublk",
-            "vhost-user-net": "vunet", "serial": "port", "cpu": "cpu", "memory": "dimm"}[device.kind]  # fmt: skip
+            "vhost-user-net": "vunet", "serial": "port", "share": "share", "cpu": "cpu", "memory": "dimm"}[device.kind]  # fmt: skip
 
 
 def with_defaults(device: Device, dev_id: str, sandbox_id: str, run_dir: Path) -> Device:
     """Fill what a device leaves to vmctl: a serial port's socket and a disk's overlay (in the run
     directory), a NIC's MAC (stable per sandbox and device). Cold plug and hotplug both come through here."""
+    if isinstance(device, SharedDirectory) and device.socket is None:  # vmctl listens there for virtiofsd
+        return dataclasses.replace(device, socket=run_dir / "q" / f"{dev_id}.fs.sock")
     if isinstance(device, SerialPort) and device.socket is None:
         return dataclasses.replace(device, socket=run_dir / "q" / f"{dev_id}.sock")  # QEMU makes it: its dir
     if isinstance(device, NetworkDevice | VhostUserNetDevice) and device.mac is None:

@@ -20,12 +20,14 @@ from anyio.abc import TaskStatus
 from vmctl.config import SandboxConfig
 from vmctl.core.lines import read_lines
 from vmctl.core.qmp import QmpSession
-from vmctl.errors import GuestDisconnected, GuestError, QMPError, SandboxFailed
+from vmctl.devices import Device, SharedDirectory
+from vmctl.errors import GuestDisconnected, GuestError, NotSupported, QMPError, SandboxFailed
 from vmctl.hypervisors import cgroups, handover, jail, jailhelper
 from vmctl.hypervisors.base import Capabilities, Hypervisor, Launcher, Start, VmProcess
 from vmctl.hypervisors.cmdline import build_command
 from vmctl.hypervisors.process import PidProcess, QemuLauncher, listen_unix
 from vmctl.hypervisors.savestate import MigrationTracker, load_device_state, save_device_state
+from vmctl.hypervisors.virtiofs import ShareDaemons
 
 STDERR_TAIL_LINES = 40
 
@@ -88,6 +90,7 @@ class QemuHypervisor(Hypervisor):
         self._jail: jail.Jail | None = None
         self._cgroup: cgroups.Cgroup | None = None
         self._handover: handover.Handover | None = None
+        self._shares: ShareDaemons | None = None
         self._backend_sizes: dict[str, int] = {}
         #: where QEMU finds its kernel, initrd and firmware inside the jail (the effective config,
         #: for snapshots and records, keeps the user's paths)
@@ -122,7 +125,19 @@ class QemuHypervisor(Hypervisor):
             memory_hotplug=c.memory_hotplug_possible,
             network_hotplug=c.pci_bridges > 0,
             vsock=c.vsock,
+            share_hotplug=c.pci_bridges > 0 and c.guest_ram_shared and c.machine != "microvm",
         )
+
+    async def start_helpers(self, dev_id: str, device: Device) -> None:
+        if isinstance(device, SharedDirectory):
+            if self._shares is None:  # attached: this controller did not make QEMU's jail
+                raise NotSupported("a share cannot be hot-plugged into a sandbox this controller attached to "
+                                   "(its virtiofsd would run outside the sandbox's jail): plug it before detaching")
+            await self._shares.start(dev_id, device)
+
+    async def stop_helpers(self, dev_id: str) -> None:
+        if self._shares is not None:
+            await self._shares.stop(dev_id)
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         if self._handover is None:
@@ -255,6 +270,13 @@ class QemuHypervisor(Hypervisor):
             listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
         argv = self._command({name: s.fileno() for name, s in listeners.items()})
         self._argv, extra_fds = await self._handover.command_line(argv) if self._handover else (argv, [])
+        if self._shares is not None:  # each share's virtiofsd listens before QEMU connects
+            self._shares.bind(tg)
+            began = time.perf_counter()
+            for dev_id, device, _ in self.plan.devices or ():
+                if isinstance(device, SharedDirectory):
+                    await self._shares.start(dev_id, device)
+            self.startup_timings["shares"] = round(time.perf_counter() - began, 4)  # before spawn: its own length
         self.log.debug("launching qemu", argv=self._argv, jail=self._jail.parts() if self._jail else None)
         self._stamp("spawn")
         self._process = await self._launcher.spawn(self._argv, listeners, detached=self.plan.detached,
@@ -276,12 +298,17 @@ class QemuHypervisor(Hypervisor):
                                        log=self.log)  # fmt: skip
         if "mount" in self._jail.namespaces:
             self._jail.binds += [(p, p, True) for p in self._handover.extra_binds]
+        self._shares = ShareDaemons(run_dir=self.paths.run_dir, log_dir=self.paths.log_dir, jail=self._jail,
+                                    qemu_uid=self._jail.uid,
+                                    detached=self.plan.detached, log=self.log)  # fmt: skip
 
     async def _release_jail(self) -> None:
         """After QEMU is gone (or let go): passt processes and descriptors, then the cgroup."""
         kept = self._keep_running and self._process is not None and self._process.returncode is None
         if self._handover is not None:
             self._handover.close(keep_running=kept)
+        if self._shares is not None:
+            await self._shares.close(keep_running=kept)
         if self._cgroup is not None and not kept:
             # removal kills what is left in it first: nothing of this sandbox outlives it
             if not await self._cgroup.remove_async():

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
+import anyio
+
 from vmctl.agent.client import AgentClient
 from vmctl.config import SandboxConfig
 from vmctl.core.qmp import QmpEvent
@@ -22,12 +24,14 @@ from vmctl.devices import (
     BlockDevice,
     Device,
     NetworkDevice,
+    SharedDirectory,
     VhostUserBlockDevice,
     VhostUserNetDevice,
 )
 from vmctl.errors import ConfigError, GuestError, HotplugError, HotplugTimeout, InvalidArgument, NotSupported
 from vmctl.hypervisors.base import Capabilities, Hypervisor, PlacedDevice
 from vmctl.hypervisors.placement import ROOT_DISK_ID, id_prefix, with_defaults
+from vmctl.machine import shares
 from vmctl.machine.hotplug import HotplugQueue, PluggedDevice, SlotAllocator, row_device
 from vmctl.machine.resize import Resizer
 
@@ -148,12 +152,17 @@ class DeviceManager:
             return "net", str(device.mac)
         if isinstance(device, VhostUserBlockDevice):
             return "pci", record.id
+        if isinstance(device, SharedDirectory):
+            return "share", device.guest_path
         return None
 
     async def _guest_name(self, record: PluggedDevice, wait: float) -> str | None:
         key = self._guest_key(record)
         if key is None:
             return None
+        if key[0] == "share":
+            assert isinstance(record.device, SharedDirectory)
+            return await shares.mount(self._agent, record.id, record.device, wait)
         if key[0] == "pci":
             address = None
             for bus in await self._hv.execute("query-pci"):
@@ -207,7 +216,8 @@ class DeviceManager:
         if device.kind in RESIZE_KINDS:
             raise InvalidArgument(f"{device.kind} devices come from resize_vcpus / resize_memory, not hotplug")
         allowed = {"block": caps.block_hotplug, "network": caps.network_hotplug,
-                   "vsock": caps.network_hotplug, "serial": True}.get(device.kind, caps.network_hotplug)  # fmt: skip
+                   "vsock": caps.network_hotplug, "serial": True,
+                   "share": caps.share_hotplug}.get(device.kind, caps.network_hotplug)  # fmt: skip
         if not allowed:
             raise NotSupported(f"this sandbox cannot hotplug {device.kind} devices (see capabilities())")
         if isinstance(device, BlockDevice) and device.overlay:
@@ -234,7 +244,16 @@ class DeviceManager:
             return found
 
         with deadline(timeout, f"hotplug of {dev_id}", HotplugTimeout):
-            return await self.queue.plug(device, dev_id, confirm)
+            if dev_id in self.queue.devices:  # the queue refuses it; nothing of ours may start first
+                return await self.queue.plug(device, dev_id, confirm)
+            await self._hv.start_helpers(dev_id, device)
+            try:
+                return await self.queue.plug(device, dev_id, confirm)
+            except BaseException:
+                if dev_id not in self.queue.devices:  # not plugged (a plug QEMU confirms later keeps them)
+                    with anyio.CancelScope(shield=True):
+                        await self._hv.stop_helpers(dev_id)
+                raise
 
     async def unplug(self, device: PluggedDevice | str, timeout: float | None) -> None:
         dev_id = device if isinstance(device, str) else device.id
@@ -244,6 +263,8 @@ class DeviceManager:
         if dev_id == ROOT_DISK_ID:
             raise InvalidArgument("the root disk cannot be unplugged from a running sandbox")
         key = self._guest_key(record) if record is not None else None
+        if record is not None and isinstance(record.device, SharedDirectory):
+            await shares.unmount(self._agent, dev_id, record.device, timeout)
         with deadline(timeout, f"unplug of {dev_id}", lambda why: HotplugTimeout(
                 f"{why}; it stays unplug-pending and is cleaned up if QEMU confirms later")):  # fmt: skip
             await self.queue.unplug(dev_id)
@@ -252,6 +273,7 @@ class DeviceManager:
             wait = (timeout or DEFAULT_GUEST_WAIT) + (GUEST_GRACE if timeout else 0)
             if key is not None and key[0] == "scsi" and not await self._agent.wait_device_gone(*key, timeout=wait):
                 raise HotplugError(f"QEMU removed {dev_id} but the guest still shows it")
+        await self._hv.stop_helpers(dev_id)
 
     # -- resize ------------------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ from typing import Any
 from vmctl.config import SandboxConfig
 from vmctl.core import reaper
 from vmctl.core.paths import remove_tree
-from vmctl.errors import ConfigError, InvalidArgument, Problem, QMPError
+from vmctl.devices import SharedDirectory
+from vmctl.errors import ConfigError, InvalidArgument, NotSupported, Problem, QMPError
 from vmctl.hypervisors.base import Hypervisor, PlacedDevice
 from vmctl.machine import overlays
 from vmctl.machine.hotplug import PluggedDevice, row_device
@@ -70,6 +71,15 @@ def check_target(directory: str | Path) -> Path:
     if not target.parent.is_dir():
         raise InvalidArgument(f"directory: {target.parent} does not exist")
     return target
+
+
+def refuse_shares(devices: Sequence[PluggedDevice]) -> None:
+    """QEMU 7.2 cannot save a vhost-user-fs device: refused before anything is paused or written."""
+    names = [f"{d.id} ({d.device.host_path} at {d.device.guest_path})" for d in devices
+             if isinstance(d.device, SharedDirectory)]  # fmt: skip
+    if names:
+        raise NotSupported(f"a sandbox with shared directories cannot be saved (QEMU cannot save virtio-fs "
+                           f"state): {', '.join(names)}; unplug them first and plug them again after the restore")
 
 
 async def write_snapshot(hv: Hypervisor, target: Path, *, sandbox_id: str, config: SandboxConfig,

@@ -163,7 +163,7 @@ class Resizer:
         await self._agent.check_exec(["sh", "-c", _WAIT_MODULES])
         before = (await self._agent.memory()).total_kib
         dev_id = self._queue.new_id("dimm")
-        shared = self._queue.ctx.shared_memory
+        shared = self._queue.ctx.ram_shared  # a vhost-user backend maps hot-added RAM too
         record = await self._queue.plug(DimmDevice(size_mib=delta, shared=shared), dev_id)
         # a snapshot must recreate it at the same address (QEMU would accept another, and the
         # guest would then crash), so the table keeps where QEMU put it

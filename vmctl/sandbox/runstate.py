@@ -49,6 +49,7 @@ class RunControl:
                        devices: Sequence[PluggedDevice], timeout: float | None) -> Path:  # fmt: skip
         if not self._hv.capabilities().snapshots:
             raise NotSupported(f"the {self._hv.name} backend cannot save snapshots")
+        migration.refuse_shares(devices)
         was_running = self._machine.state is SandboxState.RUNNING
         try:
             if was_running:

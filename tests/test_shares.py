@@ -1,0 +1,199 @@
+"""Host directories in the guest over virtio-fs (SharedDirectory), on real QEMU: cold and hot
+plugs, what the guest can reach through a share (nothing outside it), read-only enforced on
+the host, and no virtiofsd left behind on any path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from vmctl import (
+    ConfigError,
+    NotSupported,
+    Sandbox,
+    SandboxConfig,
+    SandboxState,
+    SharedDirectory,
+    VmctlError,
+)
+from vmctl.hypervisors import jail
+
+from .conftest import processes_left, virtiofsd_processes
+
+pytestmark = pytest.mark.qemu
+MakeConfig = Callable[..., SandboxConfig]
+
+
+def tree(tmp_path: Path, name: str, files: dict[str, str]) -> Path:
+    top = tmp_path / name
+    top.mkdir()
+    for rel, text in files.items():
+        (top / rel).parent.mkdir(parents=True, exist_ok=True)
+        (top / rel).write_text(text)
+    return top
+
+
+async def sh(sb: Sandbox, script: str) -> tuple[int, str]:
+    r = await sb.exec(["sh", "-c", script])
+    return r.exit_code, r.text + r.stderr.decode(errors="replace")
+
+
+async def test_a_cold_read_only_share_and_a_hot_writable_one(make_config: MakeConfig, tmp_path: Path,
+                                                            runtime_dir: Path) -> None:  # fmt: skip
+    data = tree(tmp_path, "data", {"a.txt": "from the host\n", "sub/b.txt": "nested\n"})
+    out = tmp_path / "out"
+    out.mkdir()
+    config = make_config(devices=[SharedDirectory(host_path=data, guest_path="/data")])
+    async with Sandbox(config) as sb:
+        row = next(d for d in sb.devices if isinstance(d.device, SharedDirectory))
+        assert row.guest_path == "/data" and not row.hotplugged
+        assert (await sb.exec(["cat", "/data/a.txt", "/data/sub/b.txt"], check=True)).text == "from the host\nnested\n"
+        mounts = (await sb.exec(["cat", "/proc/mounts"], check=True)).text
+        assert any(line.split()[1:3] == ["/data", "virtiofs"] and "ro" in line.split()[3].split(",")
+                   for line in mounts.splitlines()), mounts  # fmt: skip
+        code, said = await sh(sb, "echo x > /data/new")
+        assert code != 0 and not (data / "new").exists(), said
+        # the guest's root remounting it read-write changes nothing: read-only is the host's
+        code, said = await sh(sb, "mount -o remount,rw /data && echo x > /data/new")
+        assert code != 0 and not (data / "new").exists(), said
+        (data / "later.txt").write_text("written on the host while mounted\n")
+        assert (await sb.exec(["cat", "/data/later.txt"], check=True)).text == "written on the host while mounted\n"
+        daemons = virtiofsd_processes()
+        assert daemons, "each share has its virtiofsd"
+
+        hot = await sb.hotplug(SharedDirectory(host_path=out, guest_path="/out", read_only=False, id="results"))
+        assert hot.guest_path == "/out" and hot.hotplugged
+        await sb.exec(["sh", "-c", "mkdir /out/build && echo built > /out/build/result"], check=True)
+        assert (out / "build" / "result").read_text() == "built\n"
+        assert (out / "build" / "result").stat().st_uid == os.geteuid()
+
+        async with sb.process(["sh", "-c", "cd /out && echo ready && sleep 30"]) as busy:
+            assert (await busy.stdout.receive()).startswith(b"ready")
+            with pytest.raises(VmctlError, match="in use"):
+                await sb.unplug("results")
+            assert "results" in [d.id for d in sb.devices], "a share in use stays plugged"
+            await busy.signal(9)
+            await busy.wait()
+        await sb.unplug("results")
+        assert "results" not in [d.id for d in sb.devices]
+        code, _ = await sh(sb, "grep -q ' /out virtiofs ' /proc/mounts")
+        assert code != 0, "unmounted in the guest before the device went"
+        assert len(virtiofsd_processes()) < len(daemons) + 1
+    assert virtiofsd_processes() == []
+    assert (out / "build" / "result").read_text() == "built\n", "the host keeps what the guest wrote"
+
+
+async def test_nothing_outside_the_share_is_reachable(make_config: MakeConfig, tmp_path: Path,
+                                                      runtime_dir: Path) -> None:  # fmt: skip
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host-secret\n")
+    shared = tree(tmp_path, "shared", {"inside.txt": "inside\n"})
+    (shared / "abs-link").symlink_to(secret)  # planted on the host side
+    (shared / "rel-link").symlink_to("../secret.txt")
+    (shared / "etc-link").symlink_to("/etc")
+    config = make_config(devices=[SharedDirectory(host_path=shared, guest_path="/mnt/s", read_only=False)])
+    async with Sandbox(config) as sb:
+        for path in ("/mnt/s/abs-link", "/mnt/s/rel-link", "/mnt/s/../secret.txt", "/mnt/s/etc-link/hostname"):
+            _, said = await sh(sb, f"cat {path}")
+            assert "host-secret" not in said, path
+        _, said = await sh(sb, "cat /mnt/s/etc-link/passwd")  # the guest's own /etc, not the host's
+        assert Path("/etc/passwd").read_text() != said
+        # a link the guest makes points into the guest, whatever its target names
+        await sb.exec(["sh", "-c", f"ln -s {secret} /mnt/s/guest-link && ln -s /etc /mnt/s/g-etc"], check=True)
+        _, said = await sh(sb, "cat /mnt/s/guest-link")
+        assert "host-secret" not in said
+        assert os.readlink(shared / "guest-link") == str(secret), "a link is stored as written, never followed"
+        # no device nodes: the guest's root cannot plant one in the host's directory
+        code, said = await sh(sb, "mknod /mnt/s/disk b 8 0")
+        assert code != 0 and not (shared / "disk").exists(), said
+        # the share's root is its top: '..' from it is the guest's own root
+        listing = (await sb.exec(["ls", "/mnt/s/.."], check=True)).text.split()
+        assert "s" in listing and "secret.txt" not in listing
+        code, said = await sh(sb, "ls /mnt/s/../../")
+        assert "secret.txt" not in said
+    assert virtiofsd_processes() == []
+
+
+async def test_virtiofsd_is_jailed_in_the_sandbox_cgroup(make_config: MakeConfig, tmp_path: Path,
+                                                          runtime_dir: Path) -> None:  # fmt: skip
+    if os.geteuid() != 0 or not jail.status_allows("namespaces"):
+        pytest.skip("the jail's namespaces need root")
+    shared = tree(tmp_path, "shared", {"f": "x"})
+    async with Sandbox(make_config(devices=[SharedDirectory(host_path=shared, guest_path="/work")])) as sb:
+        pids = virtiofsd_processes()
+        assert pids
+        qemu_cgroup = Path(f"/proc/{sb.hypervisor.qemu_pid}/cgroup").read_text()
+        for pid in pids:
+            assert Path(f"/proc/{pid}/cgroup").read_text() == qemu_cgroup, "virtiofsd joins the sandbox's cgroup"
+            assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+            assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+            root_entries = sorted(os.listdir(f"/proc/{pid}/root"))
+            assert "root" not in root_entries and "home" not in root_entries, root_entries
+    assert virtiofsd_processes() == []
+
+
+async def test_a_cancelled_start_leaves_no_virtiofsd(make_config: MakeConfig, tmp_path: Path,
+                                                     runtime_dir: Path) -> None:  # fmt: skip
+    shared = tree(tmp_path, "shared", {"f": "x"})
+    sb = Sandbox(make_config(devices=[SharedDirectory(host_path=shared, guest_path="/work")]))
+    seen: set[int] = set()
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def cancel_once_virtiofsd_runs() -> None:
+                while True:  # the start's steps as the hypervisor reports them (startup_timings)
+                    try:
+                        timings = sb.hypervisor.startup_timings
+                    except VmctlError:  # not created yet
+                        timings = {}
+                    if "shares" in timings:
+                        seen.update(virtiofsd_processes())
+                        scope.cancel()
+                        return
+                    await anyio.sleep(0.005)
+
+            tg.start_soon(cancel_once_virtiofsd_runs)
+            async with sb:
+                pytest.fail("the start should have been cancelled")
+    assert seen and processes_left(seen) == []
+    assert sb.state is SandboxState.STOPPED
+    assert virtiofsd_processes() == []
+
+
+async def test_shares_refused_where_they_cannot_work(make_config: MakeConfig, tmp_path: Path,
+                                                     runtime_dir: Path) -> None:  # fmt: skip
+    shared = tree(tmp_path, "shared", {"f": "x"})
+    share = SharedDirectory(host_path=shared, guest_path="/work")
+    with pytest.raises(ConfigError) as info:
+        make_config(devices=[share], boot_to_be_template=True, memory_path=tmp_path / "m",
+                    devices_state_path=tmp_path / "s")  # fmt: skip
+    assert info.value.fields == ("devices[0].share",) and "template" in str(info.value)
+    for bad, field in [({"guest_path": "/proc"}, "share.guest_path"), ({"guest_path": "work"}, "share.guest_path"),
+                       ({"guest_path": "/a/../etc"}, "share.guest_path"), ({"tag": "x" * 40}, "share.tag"),
+                       ({"host_path": tmp_path / "missing"}, "share.host_path")]:  # fmt: skip
+        args = {"host_path": shared, "guest_path": "/work", **bad}
+        with pytest.raises(ConfigError) as info:
+            make_config(devices=[SharedDirectory(**args)])  # type: ignore[arg-type]
+        assert info.value.fields == (f"devices[0].{field.removeprefix('share.')}",), (bad, info.value)
+    async with Sandbox(make_config(devices=[share])) as sb:
+        with pytest.raises(NotSupported, match="shared directories"):
+            await sb.snapshot(tmp_path / "snap")
+        assert not (tmp_path / "snap").exists() and sb.state is SandboxState.RUNNING
+
+
+def test_a_share_in_toml(tmp_path: Path, make_config: MakeConfig) -> None:
+    (tmp_path / "checkout").mkdir()
+    base = make_config()
+    (tmp_path / "sb.toml").write_text(
+        f'[sandbox]\nkernel = "{base.kernel}"\ninitrd = "{base.initrd}"\n'
+        'devices = [{type = "share", host_path = "checkout", guest_path = "/workspace", read_only = false}]\n'
+    )
+    config = SandboxConfig.from_toml(tmp_path / "sb.toml")
+    (share,) = config.devices
+    assert isinstance(share, SharedDirectory)
+    assert (share.host_path, share.guest_path, share.read_only) == (tmp_path / "checkout", "/workspace", False)
+    assert SandboxConfig.from_mapping(config.to_mapping()) == config

@@ -1,0 +1,57 @@
+"""A shared directory's guest side: the agent loads virtio-fs (an on-demand module of vmctl's
+initramfs, kept past the switch to a disk root) and mounts the share's tag at its guest path;
+on unplug it unmounts first, and a share still in use stays plugged with the processes named.
+"""
+
+from __future__ import annotations
+
+from vmctl.agent.client import AgentClient
+from vmctl.devices import SharedDirectory
+from vmctl.errors import GuestError
+
+#: a few seconds: the module is loaded once, the mount answers at once
+MOUNT_TIMEOUT = 30.0
+
+# $1 tag, $2 mount point, $3 options. The module list is the initramfs's, or the copy the init
+# kept in /run/vmctl/modules when it switched to a disk root.
+_MOUNT = r"""
+if ! grep -qw virtiofs /proc/filesystems; then
+    read -r rel < /proc/sys/kernel/osrelease
+    if [ -s "/lib/modules/$rel/on-demand" ]; then
+        modprobe -a $(cat "/lib/modules/$rel/on-demand") 2>/dev/null
+    elif [ -s /run/vmctl/modules/on-demand ]; then
+        while read -r m; do insmod "/run/vmctl/modules/$m.ko" 2>/dev/null; done < /run/vmctl/modules/on-demand
+    fi
+fi
+grep -qw virtiofs /proc/filesystems || { echo "this guest's kernel has no virtio-fs" >&2; exit 3; }
+mkdir -p "$2" && mount -t virtiofs -o "$3" "$1" "$2"
+"""
+
+# $1 mount point. Busy: the pids using it (fuser), for the error.
+_UNMOUNT = r"""
+grep -q " $1 virtiofs " /proc/mounts || exit 0
+umount "$1" 2>/dev/null && exit 0
+echo "in use by pids: $(fuser -m "$1" 2>/dev/null)"
+exit 4
+"""
+
+
+async def mount(agent: AgentClient, dev_id: str, share: SharedDirectory, timeout: float | None = None) -> str:
+    """Mount ``share`` in the guest; its guest path once mounted."""
+    options = ("ro" if share.read_only else "rw") + ",nodev"
+    wait = timeout or MOUNT_TIMEOUT
+    result = await agent.exec(["sh", "-c", _MOUNT, "sh", share.mount_tag(dev_id), share.guest_path, options],
+                              timeout=wait)  # fmt: skip
+    if not result.ok:
+        why = result.stderr.decode(errors="replace").strip()[-300:] or f"exit code {result.exit_code}"
+        raise GuestError(f"the guest could not mount share {dev_id} at {share.guest_path}: {why}")
+    return share.guest_path
+
+
+async def unmount(agent: AgentClient, dev_id: str, share: SharedDirectory, timeout: float | None = None) -> None:
+    """Unmount ``share`` in the guest before its device goes; a share in use is a GuestError."""
+    result = await agent.exec(["sh", "-c", _UNMOUNT, "sh", share.guest_path], timeout=timeout or MOUNT_TIMEOUT)
+    if not result.ok:
+        detail = result.stdout.decode(errors="replace").strip()[-200:]
+        raise GuestError(f"share {dev_id} at {share.guest_path} is in use in the guest ({detail}); "
+                         "end what uses it, then unplug it again")  # fmt: skip
