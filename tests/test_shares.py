@@ -13,6 +13,7 @@ import pytest
 
 from vmctl import (
     ConfigError,
+    GuestError,
     NotSupported,
     Sandbox,
     SandboxConfig,
@@ -180,9 +181,52 @@ async def test_shares_refused_where_they_cannot_work(make_config: MakeConfig, tm
             make_config(devices=[SharedDirectory(**args)])  # type: ignore[arg-type]
         assert info.value.fields == (f"devices[0].{field.removeprefix('share.')}",), (bad, info.value)
     async with Sandbox(make_config(devices=[share])) as sb:
-        with pytest.raises(NotSupported, match="shared directories"):
+        await sb.pause()
+        with pytest.raises(NotSupported, match="resume"):  # its guest must unmount the share for the save
             await sb.snapshot(tmp_path / "snap")
-        assert not (tmp_path / "snap").exists() and sb.state is SandboxState.RUNNING
+        assert not (tmp_path / "snap").exists() and sb.state is SandboxState.PAUSED
+
+
+async def test_a_snapshot_restores_its_shares_mounted(make_config: MakeConfig, tmp_path: Path,
+                                                      runtime_dir: Path) -> None:  # fmt: skip
+    data = tree(tmp_path, "data", {"a.txt": "read-only data\n"})
+    out = tmp_path / "out"
+    out.mkdir()
+    async with Sandbox(make_config(devices=[SharedDirectory(host_path=data, guest_path="/data")])) as sb:
+        await sb.hotplug(SharedDirectory(host_path=out, guest_path="/out", read_only=False, id="results"))
+        await sb.exec(["sh", "-c", "echo before > /out/f && echo in-memory > /tmp/mark"], check=True)
+        # a file the guest holds open on a share: the save is refused, naming it, before anything is written
+        async with sb.process(["sh", "-c", "exec 3</data/a.txt; echo ready; sleep 60"]) as busy:
+            assert (await busy.stdout.receive()).startswith(b"ready")
+            with pytest.raises(GuestError, match="/data") as info:
+                await sb.snapshot(tmp_path / "refused")
+            assert "pids" in str(info.value) and not (tmp_path / "refused").exists()
+            await busy.signal(9)
+            await busy.wait()
+        snap = await sb.snapshot(tmp_path / "snap")
+        # the sandbox goes on with both shares mounted again
+        assert (await sb.exec(["cat", "/data/a.txt"], check=True)).text == "read-only data\n"
+        await sb.exec(["sh", "-c", "echo after > /out/g"], check=True)
+        assert (out / "g").read_text() == "after\n"
+        assert {d.id: d.guest_path for d in sb.devices if isinstance(d.device, SharedDirectory)} == \
+            {"share0": "/data", "results": "/out"}  # fmt: skip
+    assert virtiofsd_processes() == []
+    (out / "host-side").write_text("written while no sandbox ran\n")
+    async with Sandbox.restore(snap) as restored:
+        assert (await restored.exec(["cat", "/tmp/mark"], check=True)).text == "in-memory\n", "the saved guest"
+        said = (await restored.exec(["cat", "/data/a.txt", "/out/f", "/out/host-side"], check=True)).text
+        assert said == "read-only data\nbefore\nwritten while no sandbox ran\n"
+        await restored.exec(["sh", "-c", "echo restored > /out/h"], check=True)
+        assert (out / "h").read_text() == "restored\n"
+        code, _ = await sh(restored, "echo x > /data/new")
+        assert code != 0 and not (data / "new").exists(), "still read-only"
+        rows = {d.id: d for d in restored.devices if isinstance(d.device, SharedDirectory)}
+        assert rows["results"].hotplugged and not rows["share0"].hotplugged
+        assert rows["results"].guest_path == "/out" and rows["share0"].guest_path == "/data"
+        await restored.unplug("share0")  # a config share sits on a port of its own: it can go too
+        code, _ = await sh(restored, "grep -q ' /data virtiofs ' /proc/mounts")
+        assert code != 0
+    assert virtiofsd_processes() == []
 
 
 def test_a_share_in_toml(tmp_path: Path, make_config: MakeConfig) -> None:

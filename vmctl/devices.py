@@ -501,6 +501,8 @@ class SharedDirectory(Device):
     def __post_init__(self) -> None:
         if isinstance(self.host_path, str | os.PathLike):
             object.__setattr__(self, "host_path", expand_path(self.host_path).absolute())
+        if isinstance(self.socket, str):  # read back from a record
+            object.__setattr__(self, "socket", Path(self.socket))
 
     def problems(self, ctx: DeviceContext) -> list[Problem]:
         out = super().problems(ctx)

@@ -102,6 +102,10 @@ class LaunchPlan:
     detached: bool = False  # QEMU may outlive this controller
     devices: Sequence[PlacedDevice] = ()
     restored: Sequence[PlacedDevice] = ()
+    #: shares plugged once the guest runs, not on the command line: a saved state has none (QEMU
+    #: cannot save virtio-fs). A restore puts each back where the guest knew it; a clone's go to
+    #: free slots (placement None). The flag: hot-plugged before the save (else from the config).
+    deferred: Sequence[tuple[str, Device, Placement | None, bool]] = ()
 
     @property
     def resumes_a_guest(self) -> bool:

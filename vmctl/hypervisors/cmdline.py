@@ -14,7 +14,7 @@ from pathlib import Path
 from vmctl import host
 from vmctl.config import SandboxConfig
 from vmctl.hypervisors.base import PlacedDevice, RunPaths
-from vmctl.hypervisors.placement import cold_devices
+from vmctl.hypervisors.placement import cold_devices, cold_share_ports
 
 AGENT_PORT_NAME = "org.vmctl.agent"
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -167,4 +167,6 @@ def _bridges(c: SandboxConfig) -> list[str]:
             out += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1}"]
         else:
             out += ["-device", f"pci-bridge,id=br{i},bus=pci.0,chassis_nr={i + 1}"]
+    for i, port in enumerate(cold_share_ports(c)):
+        out += ["-device", f"pcie-root-port,id={port},bus=pcie.0,chassis={c.pci_bridges + 1 + i}"]
     return out

@@ -38,16 +38,30 @@ def with_defaults(device: Device, dev_id: str, sandbox_id: str, run_dir: Path) -
     if isinstance(device, BlockDevice) and device.overlay and device.overlay_file is None:
         return dataclasses.replace(device, overlay_file=run_dir / f"{dev_id}.overlay.qcow2")
     return device
+def share_port(index: int) -> str:
+    """The root port of the config's ``index``-th share (q35): its own, so that the share can be
+    unplugged for a snapshot and plugged back where the guest knew it."""
+    return f"fs{index}"
+
+
+def cold_share_ports(config: SandboxConfig) -> list[str]:
+    """The root ports the command line adds for the config's shares: none on a template clone,
+    whose guest never saw them (its shares go to ``pci_bridges`` ports once it runs)."""
+    if config.machine != "q35" or config.boot_from_template:
+        return []
+    return [share_port(i) for i in range(sum(isinstance(d, SharedDirectory) for d in config.devices))]
+
+
 def cold_devices(config: SandboxConfig, paths: RunPaths, sandbox_id: str) -> list[PlacedDevice]:
     """Ids and places of the config's devices, the same on every call (the sandbox's device
-    table is filled from this too). PCI devices sit on the root bus, SCSI disks take targets
-    from 0 up, serial ports without a socket get one in the run directory, NICs without a MAC
+    table is filled from this too). PCI devices sit on the root bus (shares on q35 on a root port
+    of their own, see share_port), SCSI disks take targets from 0 up, serial ports without a socket get one in the run directory, NICs without a MAC
     get a stable one."""
     ctx = config.device_context()
     used = {d.id for d in config.devices if d.id} | {ROOT_DISK_ID}
     counters: dict[str, int] = {}
     scsi = 0
-    out = []
+    out: list[PlacedDevice] = []
     listed = list(config.devices)
     if config.image is not None:  # the root disk comes first, so the guest names it vda / sda
         listed.insert(0, BlockDevice(path=config.image, id=ROOT_DISK_ID, overlay=config.image_overlay))
@@ -63,5 +77,7 @@ def cold_devices(config: SandboxConfig, paths: RunPaths, sandbox_id: str) -> lis
         if device.needs_slot(ctx) == "scsi":
             where = Placement(scsi_id=scsi)
             scsi += 1
+        elif isinstance(device, SharedDirectory) and ctx.machine == "q35":
+            where = Placement(bus=share_port(len([p for p in out if isinstance(p[1], SharedDirectory)])))
         out.append((dev_id, with_defaults(device, dev_id, sandbox_id, paths.run_dir), where))
     return out

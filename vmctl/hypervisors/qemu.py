@@ -195,7 +195,7 @@ class QemuHypervisor(Hypervisor):
 
     def _command(self, fds: dict[str, int]) -> list[str]:
         return build_command(self._effective, self.paths, self.sandbox_id, fds,
-                             incoming=self.plan.incoming is not None, devices=self.plan.devices or None,
+                             incoming=self.plan.incoming is not None, devices=self.plan.devices,
                              restored=self.plan.restored, boot_files=self._boot_files)  # fmt: skip
 
     def _read_log_tail(self) -> None:

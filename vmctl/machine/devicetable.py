@@ -10,7 +10,8 @@ included; the guest side is given a little longer, so the host's deadline is the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from vmctl.devices import (
     BlockDevice,
     Device,
     NetworkDevice,
+    Placement,
     SharedDirectory,
     VhostUserBlockDevice,
     VhostUserNetDevice,
@@ -232,7 +234,10 @@ class DeviceManager:
         dev_id = device.id or self.queue.new_id(id_prefix(device))
         device = with_defaults(device, dev_id, self._sandbox_id, self._hv.paths.run_dir)
         wait = (timeout or DEFAULT_GUEST_WAIT) + (GUEST_GRACE if timeout else 0)
+        with deadline(timeout, f"hotplug of {dev_id}", HotplugTimeout):
+            return await self._plug(device, dev_id, self._confirmer(wait))
 
+    def _confirmer(self, wait: float) -> Callable[[PluggedDevice], Coroutine[Any, Any, str | None]]:
         async def confirm(record: PluggedDevice) -> str | None:
             if self._guest_key(record) is None:
                 return None
@@ -243,17 +248,64 @@ class DeviceManager:
             await self._note_address(record)
             return found
 
-        with deadline(timeout, f"hotplug of {dev_id}", HotplugTimeout):
-            if dev_id in self.queue.devices:  # the queue refuses it; nothing of ours may start first
-                return await self.queue.plug(device, dev_id, confirm)
-            await self._hv.start_helpers(dev_id, device)
-            try:
-                return await self.queue.plug(device, dev_id, confirm)
-            except BaseException:
-                if dev_id not in self.queue.devices:  # not plugged (a plug QEMU confirms later keeps them)
-                    with anyio.CancelScope(shield=True):
-                        await self._hv.stop_helpers(dev_id)
-                raise
+        return confirm
+
+    async def _plug(self, device: Device, dev_id: str, confirm: Callable[[PluggedDevice], Coroutine[Any, Any, str | None]],
+                    placement: Placement | None = None, hotplugged: bool = True) -> PluggedDevice:  # fmt: skip
+        """Plug with the device's host helpers (a share's virtiofsd) started first, and stopped
+        again if the device did not get in."""
+        if dev_id in self.queue.devices:  # the queue refuses it; nothing of ours may start first
+            return await self.queue.plug(device, dev_id, confirm)
+        await self._hv.start_helpers(dev_id, device)
+        try:
+            return await self.queue.plug(device, dev_id, confirm, placement=placement, hotplugged=hotplugged)
+        except BaseException:
+            if dev_id not in self.queue.devices:  # not plugged (a plug QEMU confirms later keeps them)
+                with anyio.CancelScope(shield=True):
+                    await self._hv.stop_helpers(dev_id)
+            raise
+
+    # -- shares around a saved state -----------------------------------------------------------
+
+    async def plug_deferred(self, deferred: Sequence[tuple[str, Device, Placement | None, bool]]) -> None:
+        """Plug and mount the shares a restored or cloned guest gets once it runs."""
+        for dev_id, device, where, hotplugged in deferred:
+            problems = device.problems(self.queue.ctx)
+            if problems:
+                raise ConfigError(problems)
+            with deadline(DEFAULT_GUEST_WAIT, f"plugging share {dev_id} back", HotplugTimeout):
+                await self._plug(device, dev_id, self._confirmer(DEFAULT_GUEST_WAIT), where, hotplugged)
+
+    @contextlib.asynccontextmanager
+    async def shares_set_aside(self, timeout: float | None) -> AsyncIterator[list[PluggedDevice]]:
+        """Unmount and unplug every share for a save (QEMU cannot save virtio-fs), and plug each
+        back where it was once the save is done, on every path. A share the guest is using is
+        refused before anything is touched, with the guest's processes named."""
+        taken = [r for r in self.devices if isinstance(r.device, SharedDirectory)]
+        for record in taken:
+            if not record.hotplugged and self.queue.ctx.pci and record.placement.bus is None:
+                raise NotSupported(f"share {record.id} sits on the root bus of this {self._config.machine} machine and "
+                                   "cannot be unplugged for the save: use machine='q35' (the default)")  # fmt: skip
+        if taken:
+            await shares.check_unused(self._agent, [(r.id, r.device) for r in taken if r.device is not None], timeout)
+        out: list[PluggedDevice] = []
+        try:
+            for record in taken:
+                await self.unplug(record.id, timeout)
+                out.append(record)
+            yield out
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._plug_back(out)
+                except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
+                    self._log.warning("could not plug a share back after a failed save", error=str(exc))
+            raise
+        with anyio.CancelScope(shield=True):
+            await self._plug_back(out)
+
+    async def _plug_back(self, records: list[PluggedDevice]) -> None:
+        await self.plug_deferred([(r.id, r.device, r.placement, r.hotplugged) for r in records if r.device is not None])
 
     async def unplug(self, device: PluggedDevice | str, timeout: float | None) -> None:
         dev_id = device if isinstance(device, str) else device.id

@@ -110,6 +110,10 @@ class SlotAllocator:
         what = "PCIe root port (raise pci_bridges)" if kind == "pci" else "SCSI target"
         raise HotplugError(f"no free {what} for {owner}: {len(self._pool(kind))} in use")
 
+    def places(self, kind: str) -> list[Placement]:
+        """Every place of ``kind`` the allocator hands out (a cold share's own port is not one)."""
+        return list(self._pool(kind))
+
     def claim(self, kind: str, owner: str, placement: Placement) -> None:
         """Mark a place taken by a cold-plugged device."""
         self._owner[owner] = (kind, placement)
@@ -223,15 +227,18 @@ class HotplugQueue:
     # -- requests ----------------------------------------------------------------------------
 
     async def plug(self, device: Device, dev_id: str,
-                   confirm: Callable[[PluggedDevice], Awaitable[str | None]] | None = None) -> PluggedDevice:  # fmt: skip
+                   confirm: Callable[[PluggedDevice], Awaitable[str | None]] | None = None, *,
+                   placement: Placement | None = None, hotplugged: bool = True) -> PluggedDevice:  # fmt: skip
         """Plug ``device``; return once QEMU acknowledged it (its command's return, or its
         ``ACPI_DEVICE_OST`` for CPUs and DIMMs) and ``confirm`` saw it in the guest.
 
+        ``placement``: a place the guest already knows (a share plugged back after a snapshot),
+        instead of a free slot; ``hotplugged=False``: a device of the config, plugged late.
         Unbounded here: the caller's deadline bounds the whole call."""
         self._check_alive()
         ost = self._ost.add(dev_id) if device.ack() == "acpi" else None
         try:
-            record = await self._submit_plug(device, dev_id)
+            record = await self._submit_plug(device, dev_id, placement, hotplugged)
             if ost is not None:
                 info = await ost.wait()
                 if info.get("status", 0) != 0:
@@ -243,15 +250,19 @@ class HotplugQueue:
             record.guest_path = await confirm(record)
         return record
 
-    async def _submit_plug(self, device: Device, dev_id: str) -> PluggedDevice:
+    async def _submit_plug(self, device: Device, dev_id: str, placement: Placement | None,
+                           hotplugged: bool) -> PluggedDevice:  # fmt: skip
         async with self._submit:
             self._check_alive()
             if dev_id in self.devices:  # checked under the lock: two plugs of one id cannot race
                 raise HotplugError(f"device id {dev_id!r} is already in use in this sandbox")
             await self._flush_late_cleanup()
             kind = device.needs_slot(self.ctx)
-            placement = self.slots.allocate(kind, dev_id) if kind else Placement()
-            record = PluggedDevice(dev_id, device, placement, hotplugged=True,
+            if placement is None:
+                placement = self.slots.allocate(kind, dev_id) if kind else Placement()
+            elif kind and placement in self.slots.places(kind):
+                self.slots.claim(kind, dev_id, placement)
+            record = PluggedDevice(dev_id, device, placement, hotplugged=hotplugged,
                                    cleanup=device.cleanup_commands(dev_id, self.ctx))  # fmt: skip
             sent: list[Backend] = []
             try:

@@ -2,7 +2,9 @@
 
 A snapshot directory holds the device and memory state (``state``) and ``sandbox.json``: the
 effective config and every hot-plugged device with its place (disks, NICs, vCPUs, DIMMs), so a
-restore recreates them on QEMU's command line where the saved state expects them. It is written
+restore recreates them on QEMU's command line where the saved state expects them. Shares are not
+in the saved state (QEMU cannot save virtio-fs): they are unmounted and unplugged for the save,
+and plugged back and mounted at their places once the restored guest runs. It is written
 into a hidden sibling directory and renamed into place at the end: a failed or cancelled save
 leaves nothing that looks like a snapshot.
 
@@ -27,8 +29,7 @@ from typing import Any
 from vmctl.config import SandboxConfig
 from vmctl.core import reaper
 from vmctl.core.paths import remove_tree
-from vmctl.devices import SharedDirectory
-from vmctl.errors import ConfigError, InvalidArgument, NotSupported, Problem, QMPError
+from vmctl.errors import ConfigError, InvalidArgument, Problem, QMPError
 from vmctl.hypervisors.base import Hypervisor, PlacedDevice
 from vmctl.machine import overlays
 from vmctl.machine.hotplug import PluggedDevice, row_device
@@ -56,12 +57,18 @@ class Snapshot:
         """Where this snapshot keeps the overlay of disk ``dev_id``."""
         return self.directory / SNAPSHOT_OVERLAYS / f"{dev_id}.qcow2"
 
+    #: the hot-plugged shares, unplugged for the save and plugged back after a restore
+    shares: Sequence[dict[str, Any]] = field(default_factory=tuple)
+
     def restored_devices(self) -> list[PlacedDevice]:
         out = []
         for row in self.devices:
             dev_id, device, where, _ = row_device(row)
             out.append((dev_id, device, where))
         return out
+
+    def restored_shares(self) -> list[PlacedDevice]:
+        return [row_device(row)[:3] for row in self.shares]
 
 
 def check_target(directory: str | Path) -> Path:
@@ -73,18 +80,12 @@ def check_target(directory: str | Path) -> Path:
     return target
 
 
-def refuse_shares(devices: Sequence[PluggedDevice]) -> None:
-    """QEMU 7.2 cannot save a vhost-user-fs device: refused before anything is paused or written."""
-    names = [f"{d.id} ({d.device.host_path} at {d.device.guest_path})" for d in devices
-             if isinstance(d.device, SharedDirectory)]  # fmt: skip
-    if names:
-        raise NotSupported(f"a sandbox with shared directories cannot be saved (QEMU cannot save virtio-fs "
-                           f"state): {', '.join(names)}; unplug them first and plug them again after the restore")
 
 
 async def write_snapshot(hv: Hypervisor, target: Path, *, sandbox_id: str, config: SandboxConfig,
-                         devices: Sequence[PluggedDevice]) -> Path:  # fmt: skip
-    """Save a paused VM into ``target`` atomically (a hidden sibling renamed at the end)."""
+                         devices: Sequence[PluggedDevice], shares: Sequence[PluggedDevice] = ()) -> Path:  # fmt: skip
+    """Save a paused VM into ``target`` atomically (a hidden sibling renamed at the end).
+    ``shares``: the shares set aside for the save (the hot-plugged ones are recorded)."""
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     reaper.add_dir(partial)  # a save cut short by our death leaves no half-written snapshot
     try:
@@ -96,7 +97,8 @@ async def write_snapshot(hv: Hypervisor, target: Path, *, sandbox_id: str, confi
             raise QMPError(f"snapshot to {target} failed: {exc}") from exc
         await overlays.save(((d.id, d.device) for d in devices), lambda i: partial / SNAPSHOT_OVERLAYS / f"{i}.qcow2")
         record = {"vmctl_snapshot": SNAPSHOT_VERSION, "sandbox_id": sandbox_id, "config": config.to_mapping(),
-                  "devices": [d.to_row() for d in devices if d.hotplugged and d.device is not None]}  # fmt: skip
+                  "devices": [d.to_row() for d in devices if d.hotplugged and d.device is not None],
+                  "shares": [d.to_row() for d in shares if d.hotplugged]}  # fmt: skip
         (partial / SNAPSHOT_RECORD).write_text(json.dumps(record, indent=2))
         partial.rename(target)
     finally:
@@ -113,10 +115,11 @@ def read_snapshot(directory: str | Path) -> Snapshot:
     if not isinstance(record, dict) or record.get("vmctl_snapshot") != SNAPSHOT_VERSION \
             or not (source / SNAPSHOT_STATE).is_file():  # fmt: skip
         raise InvalidArgument(f"directory: {source} is not a complete vmctl snapshot")
-    devices = record.get("devices", [])
-    if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
-        raise InvalidArgument(f"directory: {source} has a malformed device list")
-    return Snapshot(source, SandboxConfig.from_mapping(record["config"]), tuple(devices))
+    devices, shares = record.get("devices", []), record.get("shares", [])
+    for rows in (devices, shares):
+        if not isinstance(rows, list) or not all(isinstance(d, dict) for d in rows):
+            raise InvalidArgument(f"directory: {source} has a malformed device list")
+    return Snapshot(source, SandboxConfig.from_mapping(record["config"]), tuple(devices), tuple(shares))
 
 
 # -- templates ---------------------------------------------------------------------------------

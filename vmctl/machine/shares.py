@@ -6,7 +6,7 @@ on unplug it unmounts first, and a share still in use stays plugged with the pro
 from __future__ import annotations
 
 from vmctl.agent.client import AgentClient
-from vmctl.devices import SharedDirectory
+from vmctl.devices import Device, SharedDirectory
 from vmctl.errors import GuestError
 
 #: a few seconds: the module is loaded once, the mount answers at once
@@ -34,6 +34,28 @@ umount "$1" 2>/dev/null && exit 0
 echo "in use by pids: $(fuser -m "$1" 2>/dev/null)"
 exit 4
 """
+
+
+# $@ mount points. Each one in use: "path pids" (fuser), one line each.
+_IN_USE = r"""
+for m in "$@"; do
+    p=$(fuser -m "$m" 2>/dev/null)
+    [ -n "$p" ] && echo "$m $p"
+done
+exit 0
+"""
+
+
+async def check_unused(agent: AgentClient, placed: list[tuple[str, Device]], timeout: float | None = None) -> None:
+    """A GuestError naming each share the guest has files open on (nothing is unmounted)."""
+    paths = {d.guest_path: dev_id for dev_id, d in placed if isinstance(d, SharedDirectory)}
+    result = await agent.exec(["sh", "-c", _IN_USE, "sh", *paths], timeout=timeout or MOUNT_TIMEOUT)
+    busy = [line.split(None, 1) for line in result.text.splitlines()[:16] if line.strip()]
+    named = [f"{paths.get(b[0], '?')} at {b[0]} (pids {b[1][:100] if len(b) > 1 else '?'})"
+             for b in busy if b[0] in paths]  # fmt: skip
+    if named:
+        raise GuestError(f"the guest has files open on shared directories: {'; '.join(named)}; end those "
+                         "processes (a share is unplugged for the save and cannot carry open files across it)")
 
 
 async def mount(agent: AgentClient, dev_id: str, share: SharedDirectory, timeout: float | None = None) -> str:

@@ -279,6 +279,7 @@ class Sandbox:
         if not await self._run.guest_ready(self._watcher):
             raise self._events.failed(self._machine.failure or "stopped while starting")
         await devices.confirm_cold()
+        await devices.plug_deferred(plan.deferred)  # a restored or cloned guest's shares
         return Trigger.GUEST_READY, "agent ready"
 
     def _save_record(self) -> None:
@@ -360,8 +361,9 @@ class Sandbox:
         """Save memory, device state and the device table to ``directory`` (which must not exist);
         a failed or cancelled save leaves none (see :mod:`vmctl.machine.migration`)."""
         target = migration.check_target(directory)
-        return await self._guest_call(self._live().control.snapshot(
-            target, sandbox_id=self.id, config=self.config, devices=self.devices, timeout=timeout))  # fmt: skip
+        parts = self._live()
+        return await self._guest_call(parts.control.snapshot(
+            target, sandbox_id=self.id, config=self.config, devices=parts.devices, timeout=timeout))  # fmt: skip
 
     @classmethod
     def restore(cls, directory: str | Path, **options: Any) -> Sandbox:

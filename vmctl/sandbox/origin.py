@@ -5,6 +5,7 @@ gets, how its start is confirmed, and whether its QEMU goes on when this control
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,10 @@ from vmctl.agent.client import AgentClient
 from vmctl.config import SandboxConfig
 from vmctl.core.paths import make_run_dir, remove_tree
 from vmctl.core.state import SandboxState, Trigger
+from vmctl.devices import Device, SharedDirectory
 from vmctl.errors import SandboxFailed
-from vmctl.hypervisors.base import Hypervisor, LaunchPlan, RunPaths, Start
-from vmctl.hypervisors.placement import cold_devices
+from vmctl.hypervisors.base import Hypervisor, LaunchPlan, PlacedDevice, RunPaths, Start
+from vmctl.hypervisors.placement import cold_devices, with_defaults
 from vmctl.machine import migration, overlays
 from vmctl.machine import registry as registry
 from vmctl.machine.devicetable import DeviceManager
@@ -72,10 +74,16 @@ class Origin:
         if self.record is not None:
             return LaunchPlan(Start.ATTACH, attach_pid=self.record.pid, detached=True, devices=cold)
         if self.snapshot is not None:
+            unsaved, cold = _split_shares(cold)
+            deferred = [(i, d, w, False) for i, d, w in unsaved]
+            deferred += [(i, _in_run_dir(d, i, self.sandbox_id, paths), w, True)
+                         for i, d, w in self.snapshot.restored_shares()]  # fmt: skip
             return LaunchPlan(Start.RESTORE, incoming=self.snapshot.state, detached=self.detached, devices=cold,
-                              restored=self.snapshot.restored_devices())  # fmt: skip
+                              restored=self.snapshot.restored_devices(), deferred=deferred)  # fmt: skip
         if config.boot_from_template:
-            return LaunchPlan(Start.CLONE, incoming=config.devices_state_path, detached=self.detached, devices=cold)
+            unsaved, cold = _split_shares(cold)
+            return LaunchPlan(Start.CLONE, incoming=config.devices_state_path, detached=self.detached, devices=cold,
+                              deferred=[(i, d, None, False) for i, d, _ in unsaved])  # fmt: skip
         return LaunchPlan(Start.BOOT, detached=self.detached, devices=cold)
 
     async def prepare(self) -> tuple[RunPaths, LaunchPlan]:
@@ -137,3 +145,16 @@ class Origin:
                 remove_tree(self.paths.run_dir)
         if self.hold is not None:
             self.hold.release()
+
+
+def _split_shares(placed: list[PlacedDevice]) -> tuple[list[PlacedDevice], list[PlacedDevice]]:
+    """(shares, the rest): a saved state has no shares, so they are plugged once the guest runs."""
+    shares = [p for p in placed if isinstance(p[1], SharedDirectory)]
+    return shares, [p for p in placed if not isinstance(p[1], SharedDirectory)]
+
+
+def _in_run_dir(device: Device, dev_id: str, sandbox_id: str, paths: RunPaths) -> Device:
+    """A recorded share with its socket in this run directory (the saved one is gone)."""
+    if isinstance(device, SharedDirectory):
+        device = with_defaults(dataclasses.replace(device, socket=None), dev_id, sandbox_id, paths.run_dir)
+    return device

@@ -18,9 +18,11 @@ from vmctl.config import SandboxConfig
 from vmctl.core.state import SandboxState, StateMachine
 from vmctl.core.waiting import deadline
 from vmctl.core.watcher import StateWatcher
+from vmctl.devices import SharedDirectory
 from vmctl.errors import NotSupported, VmctlError
 from vmctl.hypervisors.base import Hypervisor
 from vmctl.machine import migration
+from vmctl.machine.devicetable import DeviceManager
 from vmctl.machine.hotplug import PluggedDevice
 
 UNDO_LIMIT = 10.0
@@ -46,21 +48,28 @@ class RunControl:
             await self._watcher.wait_for(SandboxState.RUNNING)
 
     async def snapshot(self, target: Path, *, sandbox_id: str, config: SandboxConfig,
-                       devices: Sequence[PluggedDevice], timeout: float | None) -> Path:  # fmt: skip
+                       devices: DeviceManager, timeout: float | None) -> Path:  # fmt: skip
+        """Shares are set aside first (unmounted and unplugged while the guest runs) and plugged
+        back after the save, whatever happened to it."""
         if not self._hv.capabilities().snapshots:
             raise NotSupported(f"the {self._hv.name} backend cannot save snapshots")
-        migration.refuse_shares(devices)
         was_running = self._machine.state is SandboxState.RUNNING
-        try:
-            if was_running:
-                await self.pause(timeout)
-            with deadline(timeout, "snapshot"):
-                await migration.write_snapshot(self._hv, target, sandbox_id=sandbox_id, config=config, devices=devices)
-        finally:
-            if was_running:
-                with anyio.CancelScope(shield=True):
-                    await self._undo_pause()
-        self._log.info("snapshot saved", directory=str(target))
+        shared = [d.id for d in devices.devices if isinstance(d.device, SharedDirectory)]
+        if shared and not was_running:
+            raise NotSupported(f"resume the sandbox before saving it: its guest must unmount {', '.join(shared)} "
+                               "for the save (QEMU cannot save a shared directory)")  # fmt: skip
+        with deadline(timeout, "snapshot"):
+            async with devices.shares_set_aside(timeout) as set_aside:
+                try:
+                    if was_running:
+                        await self.pause(timeout)
+                    await migration.write_snapshot(self._hv, target, sandbox_id=sandbox_id, config=config,
+                                                   devices=devices.devices, shares=set_aside)  # fmt: skip
+                finally:
+                    if was_running:
+                        with anyio.CancelScope(shield=True):
+                            await self._undo_pause()
+        self._log.info("snapshot saved", directory=str(target), shares=shared or None)
         return target
 
     async def _undo_pause(self) -> None:
