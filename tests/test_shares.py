@@ -17,6 +17,7 @@ from vmctl import (
     NotSupported,
     Sandbox,
     SandboxConfig,
+    SandboxPool,
     SandboxState,
     SharedDirectory,
     VmctlError,
@@ -180,6 +181,14 @@ async def test_shares_refused_where_they_cannot_work(make_config: MakeConfig, tm
         with pytest.raises(ConfigError) as info:
             make_config(devices=[SharedDirectory(**args)])  # type: ignore[arg-type]
         assert info.value.fields == (f"devices[0].{field.removeprefix('share.')}",), (bad, info.value)
+    with pytest.raises(ConfigError) as info:
+        make_config(devices=[SharedDirectory(host_path=tmp_path / "{member}", guest_path="/w")])
+    assert info.value.fields == ("devices[0].host_path",) and "{index} or {id}" in str(info.value)
+    with pytest.raises(ConfigError) as info:  # {index} belongs to fleets and pools
+        async with Sandbox(make_config(devices=[SharedDirectory(host_path=tmp_path / "{index}", guest_path="/w")])):
+            pytest.fail("a lone sandbox has no index")
+    assert info.value.fields == ("devices[0].host_path",) and not (tmp_path / "{index}").exists()
+    assert virtiofsd_processes() == []
     async with Sandbox(make_config(devices=[share])) as sb:
         await sb.pause()
         with pytest.raises(NotSupported, match="resume"):  # its guest must unmount the share for the save
@@ -241,3 +250,58 @@ def test_a_share_in_toml(tmp_path: Path, make_config: MakeConfig) -> None:
     assert isinstance(share, SharedDirectory)
     assert (share.host_path, share.guest_path, share.read_only) == (tmp_path / "checkout", "/workspace", False)
     assert SandboxConfig.from_mapping(config.to_mapping()) == config
+
+
+async def test_a_pool_of_clones_with_a_shared_checkout_and_a_writable_directory_each(
+        make_config: MakeConfig, tmp_path: Path, runtime_dir: Path) -> None:  # fmt: skip
+    """The README's walk-through: a read-only checkout in every member of a template pool, a
+    build writing to each member's own directory, one member saved and restored with both."""
+    checkout = tree(tmp_path, "checkout", {"main.c": "int main(void) { return 0; }\n", "lib/util.h": "#pragma once\n"})
+    builds = tmp_path / "builds"
+    builds.mkdir()
+    config = make_config(pci_bridges=2, devices=[
+        SharedDirectory(host_path=checkout, guest_path="/src"),
+        SharedDirectory(host_path=builds / "{index}", guest_path="/out", read_only=False)])  # fmt: skip
+    async with SandboxPool(config, size=2) as pool:
+        assert pool.template, "members are template clones"
+        async with pool.acquire(timeout=120) as first, pool.acquire(timeout=120) as second:
+            for sb in (first, second):
+                await sb.exec(["sh", "-c", f"cp -r /src /out/tree && echo {sb.id} > /out/who"], check=True)
+                code, _ = await sh(sb, "echo x > /src/new")
+                assert code != 0, "the checkout is read-only in every member"
+            made = {(d / "who").read_text().strip(): d for d in builds.iterdir() if (d / "who").exists()}
+            assert set(made) == {first.id, second.id}, "each member wrote into a directory of its own"
+            assert all(d.name.isdigit() for d in builds.iterdir()), "{index}: one directory per member"
+            for d in made.values():
+                assert (d / "tree" / "lib" / "util.h").read_text() == "#pragma once\n"
+            snap = await first.snapshot(tmp_path / "snap")
+            mine = made[first.id]
+    assert virtiofsd_processes() == []
+    async with Sandbox.restore(snap) as restored:
+        assert (await restored.exec(["cat", "/src/main.c"], check=True)).text.startswith("int main")
+        await restored.exec(["sh", "-c", "echo again > /out/after-restore"], check=True)
+        assert (mine / "after-restore").read_text() == "again\n", "the member's own directory, mounted again"
+    assert virtiofsd_processes() == []
+
+
+async def test_a_clone_takes_the_shares_of_its_config(make_config: MakeConfig, tmp_path: Path,
+                                                     runtime_dir: Path) -> None:  # fmt: skip
+    memory, state = tmp_path / "template.mem", tmp_path / "template.state"
+    async with Sandbox(make_config(boot_to_be_template=True, memory_path=memory, devices_state_path=state)):
+        pass
+    template_ram = memory.read_bytes()
+    shared = tree(tmp_path, "shared", {"f": "for the clone\n"})
+    clone = make_config(boot_from_template=True, memory_path=memory, devices_state_path=state)
+    async with Sandbox(clone) as sb:  # its RAM is a private mapping of the template's file: no share can map it
+        assert not sb.capabilities().share_hotplug
+        with pytest.raises(NotSupported):
+            await sb.hotplug(SharedDirectory(host_path=shared, guest_path="/w"))
+    with pytest.raises(ConfigError) as info:
+        make_config(boot_from_template=True, memory_path=memory, devices_state_path=state, pci_bridges=0,
+                    devices=[SharedDirectory(host_path=shared, guest_path="/w")])  # fmt: skip
+    assert info.value.fields == ("pci_bridges",)
+    async with Sandbox(clone.replace(devices=(SharedDirectory(host_path=shared, guest_path="/w"),))) as sb:
+        assert (await sb.exec(["cat", "/w/f"], check=True)).text == "for the clone\n"
+        await sb.exec(["sh", "-c", "echo scribble > /tmp/x"], check=True)
+    assert memory.read_bytes() == template_ram, "the clone wrote to a copy of its own"
+    assert virtiofsd_processes() == []

@@ -45,6 +45,20 @@ async def test_template_then_clones(make_config: MakeConfig, tmp_path: Path) -> 
     assert set(info.value.fields) == {"vcpus", "max_vcpus"} and "template has 1" in str(info.value)
 
 
+async def test_a_clones_snapshot_restores_after_its_template_is_gone(make_config: MakeConfig, tmp_path: Path) -> None:
+    memory, state = tmp_path / "template.mem", tmp_path / "template.state"
+    async with Sandbox(make_config(boot_to_be_template=True, memory_path=memory, devices_state_path=state)):
+        pass
+    async with Sandbox(make_config(boot_from_template=True, memory_path=memory, devices_state_path=state)) as clone:
+        await clone.exec(["sh", "-c", "echo in-the-clone > /tmp/mark"], check=True)
+        snap = await clone.snapshot(tmp_path / "snap")
+    memory.unlink()
+    state.unlink()
+    async with Sandbox.restore(snap) as restored:  # the snapshot holds all of the clone's RAM
+        assert not restored.config.boot_from_template
+        assert (await restored.exec(["cat", "/tmp/mark"], check=True)).text == "in-the-clone\n"
+
+
 @pytest.mark.timeout(180)
 async def test_a_microvm_template_is_refused_before_any_qemu_starts(make_config, tmp_path) -> None:
     """capabilities() says microvm offers no templates, so boot_to_be_template on microvm must be

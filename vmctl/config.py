@@ -319,9 +319,12 @@ class SandboxConfig:
     @property
     def guest_ram_shared(self) -> bool:
         """Guest RAM that a vhost-user backend (a share's virtiofsd) can map: a memfd shared
-        with it, for every sandbox but a template clone (whose RAM is a private mapping of the
-        template's file) and a template (whose RAM is that file)."""
-        return not (self.boot_from_template or self.boot_to_be_template)
+        with it on a boot; on a template clone with shares in its config, a copy of its own of
+        the template's memory file (a clone without maps that file privately, which no backend
+        can see into); never on a template (QEMU cannot save a virtio-fs device into it)."""
+        if self.boot_to_be_template:
+            return False
+        return not self.boot_from_template or any(d.kind == "share" for d in self.devices)
 
     @property
     def memory_hotplug_possible(self) -> bool:
@@ -572,6 +575,10 @@ def _check_templates(c: SandboxConfig, bad: Any) -> None:
     if (c.boot_to_be_template or c.boot_from_template) and c.shared_memory:
         bad("shared_memory", "templates keep guest memory in memory_path (a clone maps it privately); "
                              "vhost-user devices cannot be combined with templates")  # fmt: skip
+    clone_shares = sum(d.kind == "share" for d in c.devices) if c.boot_from_template else 0
+    if clone_shares > c.pci_bridges and c.machine != "microvm":
+        bad("pci_bridges", f"a clone plugs its {clone_shares} share(s) once it runs, each on a free root port: "
+                           f"raise pci_bridges to at least {clone_shares} (in the template's config too)")  # fmt: skip
 
 
 def shared_writable_disks(configs: list[SandboxConfig]) -> list[str]:

@@ -475,6 +475,8 @@ _SYSTEM_MOUNTS = ("/", "/proc", "/sys", "/dev", "/run", "/tmp", "/etc", "/bin", 
 GUEST_PATH_PATTERN = re.compile(r"^(/[A-Za-z0-9._+@-]{1,64}){1,16}\Z")
 SHARE_TAG_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,36}\Z")  # virtio-fs tags: at most 36 bytes
 ShareCache = Literal["auto", "always", "none"]
+#: what a fleet or a pool fills into a share's host path, per member (each directory made if missing)
+MEMBER_PLACEHOLDERS = ("index", "id")
 
 
 @dataclass(frozen=True)
@@ -506,7 +508,14 @@ class SharedDirectory(Device):
 
     def problems(self, ctx: DeviceContext) -> list[Problem]:
         out = super().problems(ctx)
-        if not probe(self.host_path, "dir"):
+        fixed, placeholders = self.member_template()
+        unknown = placeholders - set(MEMBER_PLACEHOLDERS)
+        if unknown:
+            out.append(Problem("share.host_path", f"{self.host_path}: unknown placeholder(s) "
+                                                  f"{', '.join(sorted(unknown))}; use {{index}} or {{id}}"))  # fmt: skip
+        elif placeholders and not probe(fixed, "dir"):
+            out.append(Problem("share.host_path", f"{fixed} (where each member's directory goes) does not exist"))
+        elif not placeholders and not probe(self.host_path, "dir"):
             out.append(Problem("share.host_path", f"{self.host_path} does not exist or is not a directory"))
         guest = self.guest_path
         if not isinstance(guest, str) or not GUEST_PATH_PATTERN.fullmatch(guest) \
@@ -524,10 +533,24 @@ class SharedDirectory(Device):
             out.append(Problem("share.socket", "vmctl makes the share's socket itself; leave it unset"))
         if not ctx.ram_shared:
             out.append(Problem("share", "virtiofsd must map guest memory, which a template keeps in its file "
-                                        "and a clone maps privately (and QEMU cannot save a virtio-fs device "
-                                        "into a template): boot the sandbox without boot_to_be_template / "
-                                        "boot_from_template to give it a share"))  # fmt: skip
+                                        "(QEMU cannot save a virtio-fs device into a template: give the clones "
+                                        "the share instead), and which a clone without shares in its config maps "
+                                        "privately (put a share in the clone's config to plug more later)"))  # fmt: skip
         return out
+
+    def member_template(self) -> tuple[Path, set[str]]:
+        """The part of ``host_path`` before any ``{placeholder}``, and the placeholders named."""
+        parts = self.host_path.parts
+        named = {m for part in parts for m in re.findall(r"\{([^{}]*)\}", part)}
+        first = next((i for i, part in enumerate(parts) if "{" in part or "}" in part), len(parts))
+        return Path(*parts[:first]) if first else Path("/"), named
+
+    def for_member(self, **values: str) -> SharedDirectory:
+        """This share with ``{index}`` / ``{id}`` in its host path filled in."""
+        path = str(self.host_path)
+        for name, value in values.items():
+            path = path.replace("{" + name + "}", value)
+        return dataclasses.replace(self, host_path=Path(path))
 
     def mount_tag(self, dev_id: str) -> str:
         return self.tag or dev_id

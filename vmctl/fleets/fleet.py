@@ -39,6 +39,7 @@ from vmctl.fleets.members import (
 )
 from vmctl.fleets.template import boot_template
 from vmctl.hypervisors.base import Backend
+from vmctl.machine.shares import member_config
 from vmctl.sandbox.facade import Sandbox
 
 __all__ = ["Fleet", "FleetEvent", "FleetEventKind", "Member", "Outcome", "refuse_shared_writable_disks"]
@@ -121,10 +122,13 @@ class Fleet:
 
     def _make_members(self, configs: list[SandboxConfig]) -> list[Member]:
         self._member_configs = configs
-        return [
-            Member(i, Sandbox(c, id=f"{self._id_prefix}-{i}", backend=self._backend, start_timeout=self._start_timeout))
-            for i, c in enumerate(configs)
-        ]
+        return [Member(i, self._sandbox(i, c)) for i, c in enumerate(configs)]
+
+    def _sandbox(self, index: int, config: SandboxConfig, sandbox_id: str | None = None) -> Sandbox:
+        """Member ``index``'s sandbox, its shares' ``{index}`` and ``{id}`` filled in."""
+        sandbox_id = sandbox_id or f"{self._id_prefix}-{index}"
+        config = member_config(config, sandbox_id=sandbox_id, index=index)
+        return Sandbox(config, id=sandbox_id, backend=self._backend, start_timeout=self._start_timeout)
 
     async def _boot_template(self, stack: AsyncExitStack) -> None:
         """Boot one sandbox to be the template (it saves its state and stops); members clone it."""
@@ -254,8 +258,7 @@ class Fleet:
                 await member._gone.wait()
                 if self._closing or not self._ledger.is_open:
                     raise FleetError("the fleet closed during the restart")
-                member.sandbox = Sandbox(self._member_configs[index], id=old.id, backend=self._backend,
-                                         start_timeout=self._start_timeout)  # fmt: skip
+                member.sandbox = self._sandbox(index, self._member_configs[index], old.id)
                 member.restarts += 1
                 self._ledger.boots_begin(1)
                 self._start_member(member)

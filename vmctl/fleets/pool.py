@@ -47,6 +47,7 @@ from vmctl.errors import PoolError, PoolTimeout, VmctlError
 from vmctl.fleets.members import EventReporter, OwnerBlock
 from vmctl.fleets.template import boot_template
 from vmctl.hypervisors.base import Backend
+from vmctl.machine.shares import member_config
 from vmctl.sandbox.facade import Sandbox
 
 WARM_UP_TIMEOUT = 30.0
@@ -280,7 +281,9 @@ class SandboxPool:
 
     def _spawn(self) -> None:
         assert self._tg is not None
-        sandbox = Sandbox(self._member_config, id=f"{self._id_prefix}-{next(self._numbers)}",
+        index = next(self._numbers)
+        sandbox_id = f"{self._id_prefix}-{index}"
+        sandbox = Sandbox(member_config(self._member_config, sandbox_id=sandbox_id, index=index), id=sandbox_id,
                           backend=self._backend, start_timeout=self._start_timeout)  # fmt: skip
         member = _Member(sandbox)
         self._members.append(member)

@@ -14,7 +14,7 @@ from pathlib import Path
 from vmctl import host
 from vmctl.config import SandboxConfig
 from vmctl.hypervisors.base import PlacedDevice, RunPaths
-from vmctl.hypervisors.placement import cold_devices, cold_share_ports
+from vmctl.hypervisors.placement import clone_ram, cold_devices, cold_share_ports
 
 AGENT_PORT_NAME = "org.vmctl.agent"
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -99,7 +99,7 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
         nested = host.running_in_vm() and not c.disable_nesting_checks
         argv += ["-cpu", "host,pmu=off" if nested else "host"]
     argv += ["-smp", f"{c.vcpus},maxcpus={c.max_vcpus},sockets=1,dies=1,cores={c.max_vcpus},threads=1"]
-    argv += _memory(c)
+    argv += _memory(c, clone_ram(paths.run_dir))
     if c.mlock:
         argv += ["-overcommit", "mem-lock=on"]
     argv += ["-kernel", str(boot["kernel"]), "-append", kernel_cmdline(c)]
@@ -141,12 +141,14 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
     return argv
 
 
-def _memory(c: SandboxConfig) -> list[str]:
+def _memory(c: SandboxConfig, own_copy: Path) -> list[str]:
     size = f"{c.memory_mib}M"
     mem = [f"size={size}"]
     if c.memory_hotplug_possible:
         mem += [f"slots={c.memory_slots}", f"maxmem={c.max_memory_mib}M"]
-    if c.boot_to_be_template or c.boot_from_template:
+    if c.boot_from_template and c.guest_ram_shared:  # a clone with shares: its own copy, mapped shared
+        backend = f"memory-backend-file,id=mem0,size={size},mem-path={opt(own_copy)},share=on"
+    elif c.boot_to_be_template or c.boot_from_template:
         share = "on" if c.boot_to_be_template else "off"
         backend = f"memory-backend-file,id=mem0,size={size},mem-path={opt(c.memory_path)},share={share}"
     elif c.huge_pages:

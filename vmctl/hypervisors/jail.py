@@ -29,6 +29,7 @@ from vmctl.core import paths as run_dirs
 from vmctl.devices import Device, NetworkDevice, SerialPort, VfioDevice, VhostUserBlockDevice, VhostUserNetDevice
 from vmctl.hypervisors import cgroups, jailhelper
 from vmctl.hypervisors.base import RunPaths
+from vmctl.hypervisors.placement import clone_ram
 
 JAIL_ENV = "VMCTL_JAIL"
 USER_ENV = "VMCTL_JAIL_USER"
@@ -332,7 +333,12 @@ def prepare(jail: Jail, config: SandboxConfig, paths: RunPaths) -> dict[str, Pat
             os.close(os.open(inside, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o400))  # what the bind covers
             jail.binds.append((path.resolve(), inside, False))
         boot_files[name] = inside
-    if config.memory_path is not None and (config.boot_to_be_template or config.boot_from_template):
+    if config.boot_from_template and config.guest_ram_shared:  # a clone's own copy (see placement.clone_ram)
+        own = clone_ram(paths.run_dir)
+        if jail.uid is not None:
+            os.chown(own, jail.uid, jail.gid if jail.gid is not None else -1)
+        jail.binds.append((own, own, True))
+    elif config.memory_path is not None and (config.boot_to_be_template or config.boot_from_template):
         mem = config.memory_path
         if config.boot_to_be_template and not mem.exists():
             os.close(os.open(mem, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))

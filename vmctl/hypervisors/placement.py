@@ -38,6 +38,11 @@ def with_defaults(device: Device, dev_id: str, sandbox_id: str, run_dir: Path) -
     if isinstance(device, BlockDevice) and device.overlay and device.overlay_file is None:
         return dataclasses.replace(device, overlay_file=run_dir / f"{dev_id}.overlay.qcow2")
     return device
+def clone_ram(run_dir: Path) -> Path:
+    """A clone's own copy of its template's memory file, when a share must map its RAM."""
+    return run_dir / "clone.ram"
+
+
 def share_port(index: int) -> str:
     """The root port of the config's ``index``-th share (q35): its own, so that the share can be
     unplugged for a snapshot and plugged back where the guest knew it."""

@@ -20,15 +20,19 @@ after the VM's state is saved, while QEMU has the disks flushed and inactive.
 from __future__ import annotations
 
 import json
+import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from vmctl.config import SandboxConfig
 from vmctl.core import reaper
 from vmctl.core.paths import remove_tree
+from vmctl.devices import SharedDirectory
 from vmctl.errors import ConfigError, InvalidArgument, Problem, QMPError
 from vmctl.hypervisors.base import Hypervisor, PlacedDevice
 from vmctl.machine import overlays
@@ -96,14 +100,27 @@ async def write_snapshot(hv: Hypervisor, target: Path, *, sandbox_id: str, confi
                 raise
             raise QMPError(f"snapshot to {target} failed: {exc}") from exc
         await overlays.save(((d.id, d.device) for d in devices), lambda i: partial / SNAPSHOT_OVERLAYS / f"{i}.qcow2")
+        config, share_rows = standalone(config, shares)
         record = {"vmctl_snapshot": SNAPSHOT_VERSION, "sandbox_id": sandbox_id, "config": config.to_mapping(),
                   "devices": [d.to_row() for d in devices if d.hotplugged and d.device is not None],
-                  "shares": [d.to_row() for d in shares if d.hotplugged]}  # fmt: skip
+                  "shares": share_rows}  # fmt: skip
         (partial / SNAPSHOT_RECORD).write_text(json.dumps(record, indent=2))
         partial.rename(target)
     finally:
         remove_tree(partial)
     return target
+
+
+def standalone(config: SandboxConfig, shares: Sequence[PluggedDevice]) -> tuple[SandboxConfig, list[dict[str, Any]]]:
+    """What a snapshot records of its config and its shares. A clone's snapshot holds all of its
+    RAM, so it restores without the template (which may be gone by then): its config loses the
+    template fields, and its shares (on the root ports any hot device takes, not ports of their
+    own) are recorded with their places, as hot-plugged ones are."""
+    if not config.boot_from_template:
+        return config, [d.to_row() for d in shares if d.hotplugged]
+    unshared = tuple(d for d in config.devices if not isinstance(d, SharedDirectory))
+    own = config.replace(boot_from_template=False, memory_path=None, devices_state_path=None, devices=unshared)
+    return own, [d.to_row() for d in shares]
 
 
 def read_snapshot(directory: str | Path) -> Snapshot:
@@ -132,7 +149,9 @@ def _template_record(state: Path) -> Path:
 def _template_identity(config: SandboxConfig) -> dict[str, Any]:
     """What a clone must share with its template (everything but the template fields and the
     host-side ones: how QEMU is jailed and capped changes nothing the guest sees)."""
-    return {k: v for k, v in config.to_mapping().items() if k not in _TEMPLATE_FIELDS and k not in _HOST_SIDE}
+    out = {k: v for k, v in config.to_mapping().items() if k not in _TEMPLATE_FIELDS and k not in _HOST_SIDE}
+    kept = [d for d in out.pop("devices", []) if d.get("type") != "share"]  # a clone's shares come once it runs
+    return {**out, "devices": kept} if kept else out
 
 
 _HOST_SIDE = frozenset({"jail", "memory_limit_mib", "console_log_limit_mib"})
@@ -172,3 +191,13 @@ def template_clone_config(config: SandboxConfig) -> SandboxConfig:
     if problems:
         raise ConfigError(problems)
     return config
+
+
+async def copy_template_ram(template_ram: Path, own: Path) -> None:
+    """A clone's own copy of its template's RAM (holes stay holes), for a clone whose RAM a
+    share's virtiofsd must map: the template's file is mapped privately by every other clone."""
+    try:
+        await anyio.run_process(["cp", "--sparse=always", "--reflink=auto", "--", str(template_ram), str(own)])
+    except subprocess.CalledProcessError as exc:
+        why = exc.stderr.decode(errors="replace").strip()[-300:]
+        raise ConfigError([Problem("memory_path", f"could not copy the template's RAM for a clone with shares: {why}")]) from None

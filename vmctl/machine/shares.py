@@ -6,8 +6,9 @@ on unplug it unmounts first, and a share still in use stays plugged with the pro
 from __future__ import annotations
 
 from vmctl.agent.client import AgentClient
+from vmctl.config import SandboxConfig
 from vmctl.devices import Device, SharedDirectory
-from vmctl.errors import GuestError
+from vmctl.errors import ConfigError, GuestError, Problem
 
 #: a few seconds: the module is loaded once, the mount answers at once
 MOUNT_TIMEOUT = 30.0
@@ -44,6 +45,23 @@ for m in "$@"; do
 done
 exit 0
 """
+
+
+def member_config(config: SandboxConfig, *, sandbox_id: str, index: int | None = None) -> SandboxConfig:
+    """``config`` with ``{id}`` (and, in a fleet or a pool, ``{index}``) filled into its shares'
+    host paths, each member's directory made (0700) if it is missing; it stays afterwards."""
+    values = {"id": sandbox_id} | ({"index": str(index)} if index is not None else {})
+    devices, changed = [], False
+    for i, device in enumerate(config.devices):
+        if isinstance(device, SharedDirectory) and device.member_template()[1]:
+            device = device.for_member(**values)
+            if device.member_template()[1]:
+                raise ConfigError([Problem(f"devices[{i}].host_path", "{index} is filled in for each member of a "
+                                           "Fleet or a SandboxPool; a sandbox on its own has none: use {id}")])
+            device.host_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            changed = True
+        devices.append(device)
+    return config.replace(devices=tuple(devices)) if changed else config
 
 
 async def check_unused(agent: AgentClient, placed: list[tuple[str, Device]], timeout: float | None = None) -> None:

@@ -16,8 +16,8 @@ from vmctl.core.state import SandboxState, Trigger
 from vmctl.devices import Device, SharedDirectory
 from vmctl.errors import SandboxFailed
 from vmctl.hypervisors.base import Hypervisor, LaunchPlan, PlacedDevice, RunPaths, Start
-from vmctl.hypervisors.placement import cold_devices, with_defaults
-from vmctl.machine import migration, overlays
+from vmctl.hypervisors.placement import clone_ram, cold_devices, with_defaults
+from vmctl.machine import migration, overlays, shares
 from vmctl.machine import registry as registry
 from vmctl.machine.devicetable import DeviceManager
 
@@ -63,6 +63,7 @@ class Origin:
     def plan(self, paths: RunPaths) -> LaunchPlan:
         """The launch plan; from here on ``config`` is the one that runs on this host (limits
         left unset filled from the template or the host, see SandboxConfig.for_host)."""
+        self.config = shares.member_config(self.config, sandbox_id=self.sandbox_id)  # {id} in a share's path
         if self.config.boot_from_template:
             self.config = migration.template_clone_config(self.config)
         else:
@@ -95,7 +96,8 @@ class Origin:
 
     async def prepare_disks(self, plan: LaunchPlan) -> None:
         """Make the overlay disks' overlays before QEMU opens them: empty on a boot, copies of
-        the snapshot's or the template's on a restore or a clone (an attach finds them in use)."""
+        the snapshot's or the template's on a restore or a clone (an attach finds them in use);
+        and a clone with shares its own copy of the template's RAM."""
         if plan.start is Start.ATTACH:
             return
         snapshot, config = self.snapshot, self.config
@@ -103,6 +105,8 @@ class Origin:
             await overlays.prepare(plan.devices, source=snapshot.overlay)
         elif plan.start is Start.CLONE:
             await overlays.prepare(plan.devices, source=lambda dev_id: migration.template_overlay(config, dev_id))
+            if config.guest_ram_shared and config.memory_path is not None and self.paths is not None:
+                await migration.copy_template_ram(config.memory_path, clone_ram(self.paths.run_dir))
         else:
             await overlays.prepare(plan.devices)
 
