@@ -141,6 +141,19 @@ def test_hypervisor_params_cannot_take_over_managed_options(files: dict[str, Pat
     assert cfg(files, hypervisor_params={"rtc": "base=utc"}).qemu_extra_args() == ["-rtc", "base=utc"]
 
 
+def test_machine_accelerators_and_guest_hooks_are_checked(files: dict[str, Path]) -> None:
+    config = cfg(files, machine_accelerators="usb=off, nvdimm")
+    assert config.machine_accelerators == ("usb=off", "nvdimm=on")
+    assert SandboxConfig.from_mapping(config.to_mapping()) == config
+    found = problems(files, machine_accelerators=["acpi=off", "usb=maybe", "memory-backend=x"])
+    assert set(found) == {"machine_accelerators[0]", "machine_accelerators[1]", "machine_accelerators[2]"}
+    assert "not allowed" in found["machine_accelerators[0]"] and "on or off" in found["machine_accelerators[1]"]
+    assert cfg(files, machine="microvm", machine_accelerators=("rtc=off",)).machine_accelerators == ("rtc=off",)
+    for bad in ("hooks", "/etc/../hooks", "/a b"):
+        assert "guest_hook_path" in problems(files, guest_hook_path=bad)
+    assert "hotplug_vfio_on_root_bus" in problems(files, machine="microvm", hotplug_vfio_on_root_bus=True)
+
+
 def test_accel_env_override(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VMCTL_ACCEL", "tcg")
     assert cfg(files, accel="kvm").effective_accel() == "tcg"

@@ -10,7 +10,20 @@ from typing import Any
 import anyio
 import pytest
 
-from vmctl import ReadyTimeout, Sandbox, SandboxConfig, SandboxFailed, SandboxState
+from vmctl import (
+    GuestError,
+    QMPError,
+    ReadyTimeout,
+    Sandbox,
+    SandboxConfig,
+    SandboxFailed,
+    SandboxState,
+    SharedDirectory,
+    VfioDevice,
+)
+from vmctl.hypervisors.placement import vfio_hotplug_place
+
+from .conftest import virtiofsd_processes
 
 pytestmark = pytest.mark.qemu
 MakeConfig = Callable[..., SandboxConfig]
@@ -116,3 +129,65 @@ async def test_a_guest_that_never_readies_times_out_naming_the_accelerator(make_
             pytest.fail("no agent, no ready")
     assert "accel=tcg" in str(info.value) and "start_timeout" in str(info.value)
     assert sb.state is SandboxState.FAILED and "not ready within 8" in sb.failure
+
+
+async def test_machine_accelerators_realtime_and_vfio_on_the_root_bus_reach_qemu(make_config: MakeConfig) -> None:
+    config = make_config(machine_accelerators="usb=off,nvdimm,dump-guest-core=off", realtime=True, mlock=False,
+                         hotplug_vfio_on_root_bus=True)  # fmt: skip
+    async with Sandbox(config) as sb:
+        assert await qmp(sb, "qom-get", path="/machine", property="usb") is False
+        assert await qmp(sb, "qom-get", path="/machine", property="nvdimm") is True
+        assert await qmp(sb, "qom-get", path="/machine", property="dump-guest-core") is False
+        status = Path(f"/proc/{sb.pid}/status").read_text()
+        locked_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmLck")))
+        assert locked_kib == 0, "realtime without mlock: guest memory stays swappable"
+        # VFIO onto the root bus: the command vmctl sends names pcie.0, and q35's root bus cannot take it
+        where = vfio_hotplug_place(sb.config)
+        command = VfioDevice(host_address="0000:00:02.0").frontend("vfio0", sb.config.device_context(), where)
+        assert command["bus"] == "pcie.0"
+        with pytest.raises(QMPError, match="pcie.0"):
+            await qmp(sb, "device_add", **command)
+    async with Sandbox(make_config(machine="pc", hotplug_vfio_on_root_bus=True)) as sb:
+        command = VfioDevice(host_address="0000:00:02.0").frontend("vfio0", sb.config.device_context(),
+                                                                   vfio_hotplug_place(sb.config))  # fmt: skip
+        assert command["bus"] == "pci.0"
+        with pytest.raises(QMPError) as info:  # pc's root bus hot-plugs: what fails is this host's missing IOMMU group
+            await qmp(sb, "device_add", **command)
+        assert "pci.0" not in str(info.value) and "vfio" in str(info.value).lower()
+
+
+def hook_tree(top: Path, hooks: dict[str, str]) -> Path:
+    for rel, body in hooks.items():
+        path = top / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+    return top
+
+
+async def test_guest_hooks_run_at_start_and_before_a_clean_stop(make_config: MakeConfig, tmp_path: Path,
+                                                                runtime_dir: Path) -> None:  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    hooks = hook_tree(tmp_path / "hooks", {
+        "start/10-hello": 'echo "hello from the start hook of $VMCTL_SANDBOX_ID"; echo started > /tmp/started',
+        "start/20-second": "test -e /tmp/started",  # in name order
+        "start/README": "exit 1",  # not executable: skipped
+        "stop/10-bye": "echo stopped-cleanly > /out/bye"})  # fmt: skip
+    (hooks / "start" / "README").chmod(0o644)
+    shares = [SharedDirectory(host_path=hooks, guest_path="/hooks"),
+              SharedDirectory(host_path=out, guest_path="/out", read_only=False)]  # fmt: skip
+    async with Sandbox(make_config(guest_hook_path="/hooks", devices=shares)) as sb:
+        assert (await sb.exec(["cat", "/tmp/started"], check=True)).text == "started\n"
+        assert any(f"hello from the start hook of {sb.id}" in line for line in sb.console_tail)
+        assert not (out / "bye").exists()
+    assert (out / "bye").read_text() == "stopped-cleanly\n", "the stop hook ran before the guest went"
+
+    failing = hook_tree(tmp_path / "failing", {"start/10-ok": "true", "start/20-broken": "echo no; exit 7",
+                                               "start/30-never": "touch /tmp/never"})  # fmt: skip
+    sb = Sandbox(make_config(guest_hook_path="/hooks", devices=[SharedDirectory(host_path=failing, guest_path="/hooks")]))
+    with pytest.raises(GuestError, match=r"'20-broken'.*exit code 7"):
+        async with sb:
+            pytest.fail("a failing start hook fails the start")
+    assert sb.state in (SandboxState.FAILED, SandboxState.STOPPED)
+    assert virtiofsd_processes() == []

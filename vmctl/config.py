@@ -21,6 +21,7 @@ from vmctl.core.guestmanifest import initrd_switches_root
 from vmctl.core.pathprobe import expand_path, probe
 from vmctl.core.tomlfile import fill_defaults, read_toml_text, relative_to
 from vmctl.devices import (
+    GUEST_PATH_PATTERN,
     BlockDevice,
     BlockDriver,
     Device,
@@ -29,7 +30,7 @@ from vmctl.devices import (
     device_to_mapping,
 )
 from vmctl.errors import ConfigError, Problem
-from vmctl.params import Param, normalize_params, serialize_params
+from vmctl.params import Param, machine_option_problem, normalize_machine_options, normalize_params, serialize_params
 
 Accel = Literal["auto", "kvm", "tcg"]
 Machine = Literal["q35", "pc", "microvm"]
@@ -121,6 +122,9 @@ class SandboxConfig:
     qemu_binary: Path | None = None
     # machine
     machine: Machine = "q35"
+    #: extra ``-machine`` options from an allowlist (the original's MachineAccelerators):
+    #: ``("usb=off", "nvdimm")`` or ``"usb=off,nvdimm"``; a bare name means ``=on``
+    machine_accelerators: tuple[str, ...] = ()
     accel: Accel = "auto"
     vcpus: int = 1
     #: the most vCPUs it can grow to; None: the starting host's CPU count (at least vcpus)
@@ -147,6 +151,9 @@ class SandboxConfig:
     #: let vhost-user backends you run yourself plug in (hot too): QEMU then reaches their sockets
     #: by host path, so its jail keeps the host's mount namespace (guest RAM is a shared memfd anyway)
     shared_memory: bool = False
+    #: the original's realtime: guest memory locking is decided explicitly, by ``mlock``
+    #: (``-overcommit mem-lock=on|off``); with realtime on and mlock off, guest memory stays swappable
+    realtime: bool = False
     mlock: bool = False
     disable_nesting_checks: bool = False
     #: TCG's translation-block cache in MiB (``-accel tcg,tb-size=``); QEMU's own default is 1 GiB
@@ -155,6 +162,11 @@ class SandboxConfig:
     vsock: bool = False
     disable_vhost_net: bool = False
     entropy_source: Path = Path("/dev/urandom")
+    #: VFIO devices hot-plug onto the root bus (``pcie.0`` / ``pci.0``) instead of a root port
+    hotplug_vfio_on_root_bus: bool = False
+    #: a directory in the guest: the agent runs the executables in its ``start`` subdirectory once
+    #: the guest is up (a failing one fails the start) and in ``stop`` before a clean stop
+    guest_hook_path: str | None = None
     # cold-plugged devices (present from boot; hot-added ones go through Sandbox.hotplug)
     devices: tuple[Device, ...] = ()
     # templates
@@ -188,6 +200,11 @@ class SandboxConfig:
             except TypeError as exc:
                 problems.append(Problem(name, str(exc)))
                 object.__setattr__(self, name, ())
+        try:
+            object.__setattr__(self, "machine_accelerators", normalize_machine_options(self.machine_accelerators))
+        except TypeError as exc:
+            problems.append(Problem("machine_accelerators", str(exc)))
+            object.__setattr__(self, "machine_accelerators", ())
         defaulted: set[str] = set()
         if self.block_driver is None:
             object.__setattr__(self, "block_driver", "virtio-mmio" if self.machine == "microvm" else "virtio-scsi")
@@ -264,6 +281,8 @@ class SandboxConfig:
                 value = dict(value) if len(set(keys)) == len(keys) else serialize_params(value, "=")
             elif f.name == "devices":
                 value = [device_to_mapping(d) for d in value]
+            elif f.name == "machine_accelerators":
+                value = list(value)
             out[f.name] = value
         return out
 
@@ -379,6 +398,7 @@ def _validate(c: SandboxConfig) -> list[Problem]:
         )
     _check_sizes(c, bad, mistyped)
     _check_params(c, bad)
+    _check_machine_and_hooks(c, bad)
     _check_host_features(c, bad)
     _check_templates(c, bad)
     _check_devices(c, problems)
@@ -469,6 +489,20 @@ def _check_sizes(c: SandboxConfig, bad: Any, mistyped: set[str]) -> None:
         bad("tcg_tb_size_mib", f"must be between 1 and {MAX_TCG_TB_SIZE_MIB} (MiB)")
     if typed("pci_bridges") and not 0 <= c.pci_bridges <= MAX_PCI_BRIDGES:
         bad("pci_bridges", f"must be between 0 and {MAX_PCI_BRIDGES}")
+
+
+def _check_machine_and_hooks(c: SandboxConfig, bad: Any) -> None:
+    for i, item in enumerate(c.machine_accelerators):
+        why = machine_option_problem(c.machine, item)
+        if why:
+            bad(f"machine_accelerators[{i}]", why)
+    hooks = c.guest_hook_path
+    if hooks is not None and (not isinstance(hooks, str) or not GUEST_PATH_PATTERN.fullmatch(hooks)
+                              or any(part in (".", "..") for part in hooks.split("/"))):  # fmt: skip
+        bad("guest_hook_path", f"{hooks!r}: an absolute directory in the guest such as /etc/vmctl/hooks "
+                               "(letters, digits, '._+@-'; no '.' or '..' parts)")  # fmt: skip
+    if c.hotplug_vfio_on_root_bus and c.machine == "microvm":
+        bad("hotplug_vfio_on_root_bus", "microvm has no PCI bus: leave it off")
 
 
 def _check_params(c: SandboxConfig, bad: Any) -> None:

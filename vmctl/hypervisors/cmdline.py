@@ -94,14 +94,15 @@ def build_command(config: SandboxConfig, paths: RunPaths, sandbox_id: str, fds: 
     pci = c.machine != "microvm"
     argv = [str(c.qemu_binary), "-name", f"{sandbox_id},debug-threads=on", "-S", "-nodefaults",
             "-no-user-config", "-display", "none", "-msg", "timestamp=on",
-            "-machine", f"{c.machine},memory-backend=mem0", "-accel", accel_option(c)]  # fmt: skip
+            "-machine", ",".join([c.machine, "memory-backend=mem0", *c.machine_accelerators]),
+            "-accel", accel_option(c)]  # fmt: skip
     if c.accel == "kvm":
         nested = host.running_in_vm() and not c.disable_nesting_checks
         argv += ["-cpu", "host,pmu=off" if nested else "host"]
     argv += ["-smp", f"{c.vcpus},maxcpus={c.max_vcpus},sockets=1,dies=1,cores={c.max_vcpus},threads=1"]
     argv += _memory(c, clone_ram(paths.run_dir))
-    if c.mlock:
-        argv += ["-overcommit", "mem-lock=on"]
+    if c.mlock or c.realtime:  # realtime decides locking explicitly: off leaves guest memory swappable
+        argv += ["-overcommit", f"mem-lock={'on' if c.mlock else 'off'}"]
     argv += ["-kernel", str(boot["kernel"]), "-append", kernel_cmdline(c)]
     if c.initrd is not None and not (c.boot_from_template or incoming):
         # a guest that resumes from saved state never reads its initramfs again, and QEMU would

@@ -38,6 +38,15 @@ def with_defaults(device: Device, dev_id: str, sandbox_id: str, run_dir: Path) -
     if isinstance(device, BlockDevice) and device.overlay and device.overlay_file is None:
         return dataclasses.replace(device, overlay_file=run_dir / f"{dev_id}.overlay.qcow2")
     return device
+def vfio_hotplug_place(config: SandboxConfig) -> Placement | None:
+    """Where a hot-plugged VFIO device goes: the root bus with ``hotplug_vfio_on_root_bus`` (the
+    original's option, for devices that must sit there; QEMU hot-plugs onto ``pci.0`` of a pc
+    machine, and says so when ``pcie.0`` of q35 cannot), else a free root port (None)."""
+    if not config.hotplug_vfio_on_root_bus:
+        return None
+    return Placement(bus="pcie.0" if config.machine == "q35" else "pci.0")
+
+
 def clone_ram(run_dir: Path) -> Path:
     """A clone's own copy of its template's memory file, when a share must map its RAM."""
     return run_dir / "clone.ram"

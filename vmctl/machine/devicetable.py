@@ -27,12 +27,13 @@ from vmctl.devices import (
     NetworkDevice,
     Placement,
     SharedDirectory,
+    VfioDevice,
     VhostUserBlockDevice,
     VhostUserNetDevice,
 )
 from vmctl.errors import ConfigError, GuestError, HotplugError, HotplugTimeout, InvalidArgument, NotSupported
 from vmctl.hypervisors.base import Capabilities, Hypervisor, PlacedDevice
-from vmctl.hypervisors.placement import ROOT_DISK_ID, id_prefix, with_defaults
+from vmctl.hypervisors.placement import ROOT_DISK_ID, id_prefix, vfio_hotplug_place, with_defaults
 from vmctl.machine import shares
 from vmctl.machine.hotplug import HotplugQueue, PluggedDevice, SlotAllocator, row_device
 from vmctl.machine.resize import Resizer
@@ -234,8 +235,9 @@ class DeviceManager:
         dev_id = device.id or self.queue.new_id(id_prefix(device))
         device = with_defaults(device, dev_id, self._sandbox_id, self._hv.paths.run_dir)
         wait = (timeout or DEFAULT_GUEST_WAIT) + (GUEST_GRACE if timeout else 0)
+        where = vfio_hotplug_place(self._config) if isinstance(device, VfioDevice) else None
         with deadline(timeout, f"hotplug of {dev_id}", HotplugTimeout):
-            return await self._plug(device, dev_id, self._confirmer(wait))
+            return await self._plug(device, dev_id, self._confirmer(wait), where)
 
     def _confirmer(self, wait: float) -> Callable[[PluggedDevice], Coroutine[Any, Any, str | None]]:
         async def confirm(record: PluggedDevice) -> str | None:

@@ -45,10 +45,10 @@ from vmctl.errors import (
     SandboxFailed,
     VmctlError,
 )
-from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor
+from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor, Start
 from vmctl.hypervisors.microvm import MicrovmHypervisor
 from vmctl.hypervisors.qemu import QemuHypervisor
-from vmctl.machine import migration
+from vmctl.machine import guesthooks, migration
 from vmctl.machine import registry as registry
 from vmctl.machine.devicetable import DeviceManager
 from vmctl.machine.hotplug import PluggedDevice
@@ -280,6 +280,9 @@ class Sandbox:
             raise self._events.failed(self._machine.failure or "stopped while starting")
         await devices.confirm_cold()
         await devices.plug_deferred(plan.deferred)  # a restored or cloned guest's shares
+        hooks = self._origin.config.guest_hook_path
+        if hooks and plan.start in (Start.BOOT, Start.CLONE) and not self._config.boot_to_be_template:
+            await guesthooks.run(agent, hooks, "start", self.id)  # a new guest's start (not a restore's)
         return Trigger.GUEST_READY, "agent ready"
 
     def _save_record(self) -> None:
@@ -314,6 +317,8 @@ class Sandbox:
             self._machine.fire(Trigger.STOP, "closed before start")
             return
         try:
+            if graceful and state is SandboxState.RUNNING and self._parts is not None:
+                await self._stop_hooks(self._parts.agent, timeout)
             if state is not SandboxState.FAILED:
                 self._machine.fire(Trigger.STOP, "stop requested")
                 if self._hv is not None:
@@ -323,6 +328,16 @@ class Sandbox:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release()
+
+    async def _stop_hooks(self, agent: AgentClient, timeout: float) -> None:
+        """The guest's stop hooks before a clean stop; one that fails is logged, the stop goes on."""
+        hooks = self.config.guest_hook_path
+        if not hooks:
+            return
+        try:
+            await guesthooks.run(agent, hooks, "stop", self.id, timeout=min(timeout, guesthooks.HOOK_TIMEOUT))
+        except VmctlError as exc:
+            self.log.warning("a guest stop hook failed; stopping anyway", error=str(exc))
 
     async def _release(self) -> None:
         """Kill and reap QEMU unless kept, close connections, end pumps, remove the run dir (once)."""
