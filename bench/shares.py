@@ -12,7 +12,9 @@ In one sandbox (default guest, 1 vCPU, 1 GiB so a 256 MiB file fits in the guest
 - hot-plugging a share until the guest has it mounted, against hot-plugging a disk until the
   guest shows it (and each unplug);
 - controller cost: the PSS of each share's ``virtiofsd`` (with its jail helper);
-- template clones: start to first answer without a share and with one (its RAM copy and plug).
+- template clones: start to first answer without a share and with one (its RAM copy and plug);
+- 9p (Debian's generic kernel, cold shares): the same file and tree at the original's msize
+  (8192) and at 512000.
 
 Prints a table with the load average and writes JSON to bench/results/.
 
@@ -178,6 +180,25 @@ async def hotplug_rounds(sb: Sandbox, work: Path, rounds: int) -> dict[str, Any]
     return {k: statistics.median(v) for k, v in times.items()} | {"virtiofsd_pss_kib": statistics.median(pss)}
 
 
+async def nine_p(config: SandboxConfig, work: Path, mib: int, files: int, msize: int) -> dict[str, float]:
+    """The same big file and tree through a cold 9p share (generic kernel), at ``msize``."""
+    big, tree = work / f"9p-big-{msize}", work / f"9p-tree-{msize}"
+    big.mkdir()
+    with (big / "big").open("wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(MIB))
+    make_tree(tree, files)
+    os.sync()
+    shares = (SharedDirectory(host_path=big, guest_path="/big", protocol="9p"),
+              SharedDirectory(host_path=tree, guest_path="/tree", protocol="9p"))  # fmt: skip
+    async with Sandbox(config.replace(devices=shares, msize_9p=msize)) as sb:
+        out = {"read": await guest_sh(sb, "cat /big/big > /dev/null"),
+               "tree": await guest_sh(sb, "find /tree -type f -exec cat {} + | wc -c")}  # fmt: skip
+    shutil.rmtree(big)
+    shutil.rmtree(tree)
+    return out
+
+
 async def clone_starts(config: SandboxConfig, work: Path, rounds: int) -> dict[str, float]:
     memory, state = work / "t.mem", work / "t.state"
     async with Sandbox(config.replace(boot_to_be_template=True, memory_path=memory, devices_state_path=state)):
@@ -217,6 +238,10 @@ async def main() -> None:
             plug = await hotplug_rounds(sb, work, args.rounds)
             print("  hotplug done", flush=True)
         clones = await clone_starts(config.replace(memory_mib=256), work, args.rounds)
+        generic = await guest.ensure_default_assets(kernel="generic")
+        on_generic = config.replace(kernel=generic.kernel, initrd=generic.initrd)
+        nine = {m: await nine_p(on_generic, work, args.mib, args.files, m) for m in (8192, 512000)}
+        print("  9p done", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
@@ -235,6 +260,10 @@ async def main() -> None:
     print(f"\nhotplug (median of {args.rounds}, s): share until mounted {plug['share_plug']:.3f}, "
           f"disk until seen {plug['disk_plug']:.3f} ({plug['share_plug'] / plug['disk_plug']:.2f}x); "
           f"unplug share {plug['share_unplug']:.3f}, disk {plug['disk_unplug']:.3f}")  # fmt: skip
+    for msize, row in nine.items():
+        print(f"9p (generic kernel, msize {msize}): {args.mib} MiB file read {row['read']:.2f} s "
+              f"({row['read'] / big['share_read']:.1f}x virtio-fs), {small['files']} files read {row['tree']:.2f} s "
+              f"({row['tree'] / (small['share'] - small['share_available']):.1f}x virtio-fs)")  # fmt: skip
     print(f"virtiofsd per share: {plug['virtiofsd_pss_kib'] / 1024:.1f} MiB PSS")
     print(f"template clone to first answer (median of {args.rounds}, s): {clones['clone']:.2f} without a share, "
           f"{clones['clone_with_share']:.2f} with one")  # fmt: skip
@@ -242,7 +271,7 @@ async def main() -> None:
     out = RESULTS / f"shares-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"host": platform.node(), "accel": accel, "load_before": load_before,
                                "load_after": load_after, "big_file": big, "small_files": small, "hotplug": plug,
-                               "clones": clones}, indent=2))  # fmt: skip
+                               "clones": clones, "nine_p": nine}, indent=2))  # fmt: skip
     print(f"wrote {out}")
 
 

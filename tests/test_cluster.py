@@ -30,12 +30,14 @@ ray = pytest.importorskip("ray", reason="vmctl.cluster needs Ray: pip install 'v
 from tests.conftest import qemu_processes  # noqa: E402
 from vmctl import (  # noqa: E402
     BlockDevice,
+    ConfigError,
     GuestCommandFailed,
     IllegalTransition,
     InvalidArgument,
     NodeLost,
     SandboxConfig,
     SandboxState,
+    SharedDirectory,
     cluster,  # noqa: E402
 )
 from vmctl.fleets.fleet import FleetEvent, FleetEventKind  # noqa: E402
@@ -168,8 +170,11 @@ async def test_move_to_another_node_keeps_the_guest(
         ray_cluster: RayCluster, make_config: Callable[..., SandboxConfig], tmp_path: Path) -> None:  # fmt: skip
     disk = tmp_path / "data.img"
     disk.write_bytes(b"\0" * (8 << 20))
+    out, gone = tmp_path / "out", tmp_path / "gone"
+    out.mkdir()
+    gone.mkdir()
     try:
-        async with cluster.ClusterFleet(make_config(), size=1, strategy="PACK", wait=False) as fleet:
+        async with cluster.ClusterFleet(make_config(pci_bridges=3), size=1, strategy="PACK", wait=False) as fleet:
             ready = [m async for m in fleet.as_ready()]
             assert [m.sandbox for m in ready] == fleet.sandboxes and ready[0].boot_seconds
             sb = fleet.sandboxes[0]
@@ -177,14 +182,24 @@ async def test_move_to_another_node_keeps_the_guest(
             await sb.write_file("/root/note", b"kept")
             plugged = await sb.hotplug(BlockDevice(path=disk, id="data"))
             assert plugged.guest_path and plugged.guest_path.startswith("/dev/")
+            await sb.hotplug(SharedDirectory(host_path=out, guest_path="/out", read_only=False, id="out"))
+            await sb.hotplug(SharedDirectory(host_path=gone, guest_path="/gone", id="gone"))
             source = sb.node
             target = next(ray_cluster.node_id(i) for i in range(3) if ray_cluster.node_id(i) != source)
+            gone.rmdir()  # its virtiofsd still serves it here; the target node has no such directory
+            with pytest.raises(ConfigError) as info:
+                await sb.move_to(target[:12])
+            assert info.value.fields == ("devices.gone.host_path",) and "before moving" in str(info.value)
+            assert sb.node == source and sb.state is SandboxState.RUNNING, "refused before anything was saved"
+            await sb.unplug("gone")
             started = time.monotonic()
             await sb.move_to(target[:12])
             moved_in = time.monotonic() - started
             assert sb.node == target and sb.state is SandboxState.RUNNING
             assert (await sb.exec(BOOT_ID, check=True)).stdout == boot_id, "the same guest, not a new boot"
             assert await sb.read_file("/root/note") == b"kept"
+            await sb.exec(["sh", "-c", "echo after-the-move > /out/moved"], check=True)
+            assert (out / "moved").read_text() == "after-the-move\n", "the share is mounted again on the target"
             assert [d.id for d in await sb.devices() if d.id == "data"] == ["data"], "hot-plugged disk moved too"
             await sb.unplug("data")
             infos = {i.node_id: i for i in await cluster.hosts()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lzma
 import shutil
 import struct
 import subprocess
@@ -78,6 +79,13 @@ def test_lz4_legacy_fallback_matches_the_tool() -> None:
     data = b"".join(struct.pack("<I", i % 1000) + b"vmctl" * (i % 7) for i in range(20000))
     packed = subprocess.run(["lz4", "-l", "-c"], input=data, capture_output=True, check=True).stdout
     assert vmlinux.lz4_legacy_decompress(packed + struct.pack("<I", len(data))) == data
+
+
+def test_an_xz_payload_with_the_kernels_size_after_it_unpacks() -> None:
+    """Debian's generic kernel is xz: its payload ends with the 4-byte size, which is not a stream."""
+    data = b"".join(struct.pack("<I", i) for i in range(50000))
+    packed = lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    assert vmlinux.decompress("xz", packed + struct.pack("<I", len(data))) == data
 
 
 @pytest.mark.qemu

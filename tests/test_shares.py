@@ -4,6 +4,7 @@ the host, and no virtiofsd left behind on any path."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from vmctl import (
     SandboxState,
     SharedDirectory,
     VmctlError,
+    guest,
 )
 from vmctl.hypervisors import jail
 
@@ -305,3 +307,46 @@ async def test_a_clone_takes_the_shares_of_its_config(make_config: MakeConfig, t
         await sb.exec(["sh", "-c", "echo scribble > /tmp/x"], check=True)
     assert memory.read_bytes() == template_ram, "the clone wrote to a copy of its own"
     assert virtiofsd_processes() == []
+
+
+@pytest.fixture(scope="module")
+def generic_guest() -> guest.GuestAssets:
+    """The default guest built from Debian's generic kernel (it has 9p; cached under its own key)."""
+    return anyio.run(functools.partial(guest.ensure_default_assets, kernel="generic"))
+
+
+async def test_9p_shares_on_the_generic_kernel_with_the_originals_msize(
+        make_config: MakeConfig, generic_guest: guest.GuestAssets, tmp_path: Path, runtime_dir: Path) -> None:  # fmt: skip
+    data = tree(tmp_path, "data", {"a.txt": "over 9p\n"})
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o777)  # QEMU itself writes a 9p share, as the jail's user
+    shares = [SharedDirectory(host_path=data, guest_path="/data", protocol="9p"),
+              SharedDirectory(host_path=out, guest_path="/out", protocol="9p", read_only=False)]  # fmt: skip
+    with pytest.raises(ConfigError) as info:  # the cloud kernel has no 9p: refused before anything starts
+        make_config(devices=shares)
+    assert info.value.fields == ("devices[0].protocol",) and "--kernel generic" in str(info.value)
+    generic = {"kernel": generic_guest.kernel, "initrd": generic_guest.initrd}
+    for msize in (None, 262144):
+        config = make_config(devices=shares, **generic, **({"msize_9p": msize} if msize else {}))
+        assert config.msize_9p == (msize or 8192)
+        async with Sandbox(config) as sb:
+            assert (await sb.exec(["cat", "/data/a.txt"], check=True)).text == "over 9p\n"
+            mounts = [line.split() for line in (await sb.exec(["cat", "/proc/mounts"], check=True)).text.splitlines()]
+            (mount,) = [m for m in mounts if m[1] == "/data"]
+            assert mount[2] == "9p" and f"msize={msize or 8192}" in mount[3] and "ro" in mount[3].split(",")
+            code, _ = await sh(sb, "echo x > /data/new")
+            assert code != 0 and not (data / "new").exists(), "read-only on the host side (readonly=on)"
+            await sb.exec(["sh", "-c", f"echo {msize} > /out/written"], check=True)
+            assert (out / "written").read_text() == f"{msize}\n"
+            assert virtiofsd_processes() == [], "QEMU serves 9p itself"
+            with pytest.raises(NotSupported, match="cold-plugged only"):
+                await sb.hotplug(SharedDirectory(host_path=data, guest_path="/more", protocol="9p"))
+            with pytest.raises(NotSupported, match="cold-plugged only"):
+                await sb.unplug("share0")
+            with pytest.raises(NotSupported, match="9p"):
+                await sb.snapshot(tmp_path / f"snap-{msize}")
+            assert not (tmp_path / f"snap-{msize}").exists()
+    with pytest.raises(ConfigError) as info:
+        make_config(msize_9p=100, **generic)
+    assert info.value.fields == ("msize_9p",)

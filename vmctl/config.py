@@ -17,15 +17,18 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from vmctl import host
-from vmctl.core.guestmanifest import initrd_switches_root
+from vmctl.core.guestmanifest import initrd_filesystems, initrd_switches_root
 from vmctl.core.pathprobe import expand_path, probe
 from vmctl.core.tomlfile import fill_defaults, read_toml_text, relative_to
 from vmctl.devices import (
+    DEFAULT_MSIZE_9P,
     GUEST_PATH_PATTERN,
+    MAX_MSIZE_9P,
     BlockDevice,
     BlockDriver,
     Device,
     DeviceContext,
+    SharedDirectory,
     device_from_mapping,
     device_to_mapping,
 )
@@ -134,6 +137,8 @@ class SandboxConfig:
     #: the most memory it can grow to; None: the starting host's memory
     max_memory_mib: int | None = None
     pci_bridges: int = 1
+    #: the ``msize`` (bytes) a 9p share is mounted with in the guest (the original's Msize9p)
+    msize_9p: int = DEFAULT_MSIZE_9P
     # block devices
     block_driver: BlockDriver = None  # type: ignore[assignment]  # virtio-scsi, or virtio-mmio on microvm
     block_cache_set: bool = False
@@ -399,6 +404,7 @@ def _validate(c: SandboxConfig) -> list[Problem]:
     _check_sizes(c, bad, mistyped)
     _check_params(c, bad)
     _check_machine_and_hooks(c, bad)
+    _check_shares(c, bad)
     _check_host_features(c, bad)
     _check_templates(c, bad)
     _check_devices(c, problems)
@@ -489,6 +495,28 @@ def _check_sizes(c: SandboxConfig, bad: Any, mistyped: set[str]) -> None:
         bad("tcg_tb_size_mib", f"must be between 1 and {MAX_TCG_TB_SIZE_MIB} (MiB)")
     if typed("pci_bridges") and not 0 <= c.pci_bridges <= MAX_PCI_BRIDGES:
         bad("pci_bridges", f"must be between 0 and {MAX_PCI_BRIDGES}")
+
+
+def _check_shares(c: SandboxConfig, bad: Any) -> None:
+    """What a share needs of the rest of the config (the device checks its own fields)."""
+    if not isinstance(c.msize_9p, int) or not 4096 <= c.msize_9p <= MAX_MSIZE_9P:
+        bad("msize_9p", f"{c.msize_9p!r}: between 4096 and {MAX_MSIZE_9P} bytes (the original's default: "
+                        f"{DEFAULT_MSIZE_9P})")  # fmt: skip
+    nine_p = [i for i, d in enumerate(c.devices) if isinstance(d, SharedDirectory) and d.protocol == "9p"]
+    if not nine_p:
+        return
+    if c.boot_to_be_template or c.boot_from_template:
+        bad(f"devices[{nine_p[0]}].protocol", "a 9p share cannot be in a template (QEMU cannot save a mounted "
+                                              "9p export) nor be plugged into a clone (9p is cold only): use "
+                                              "protocol='virtiofs'")  # fmt: skip
+    if c.machine == "microvm":
+        bad(f"devices[{nine_p[0]}].protocol", "9p on microvm is not supported by vmctl: use protocol='virtiofs'")
+    kernels = initrd_filesystems(c.initrd) if isinstance(c.initrd, Path) else None
+    if kernels is not None and "9p" not in kernels:
+        bad(f"devices[{nine_p[0]}].protocol", "this guest's kernel has no 9p (Debian's cloud kernel): build the "
+                                              "default guest from the generic kernel (vmctl guest build --kernel "
+                                              "generic, or ensure_default_assets(kernel='generic')) and use its "
+                                              "kernel and initrd")  # fmt: skip
 
 
 def _check_machine_and_hooks(c: SandboxConfig, bad: Any) -> None:

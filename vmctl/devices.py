@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, TypeGuard, get_args
 
 from vmctl.core.pathprobe import expand_path, probe
 from vmctl.errors import Problem
@@ -51,6 +51,9 @@ class Backend:
     def cold_args(self) -> list[str]:
         if self.kind == "chardev":
             return ["-chardev", _chardev_string(self.spec)]
+        if self.kind == "fsdev":  # QemuOpts only, and no QMP command at all (9p is cold-plugged only)
+            opts = [f"{k}={str(v).replace(',', ',,')}" for k, v in self.spec.items() if k != "driver"]
+            return ["-fsdev", ",".join([str(self.spec["driver"]), *opts])]
         return [f"-{self.kind}", json.dumps(self.spec, separators=(",", ":"))]
 
     def add_command(self) -> QmpCommand:
@@ -475,6 +478,10 @@ _SYSTEM_MOUNTS = ("/", "/proc", "/sys", "/dev", "/run", "/tmp", "/etc", "/bin", 
 GUEST_PATH_PATTERN = re.compile(r"^(/[A-Za-z0-9._+@-]{1,64}){1,16}\Z")
 SHARE_TAG_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,36}\Z")  # virtio-fs tags: at most 36 bytes
 ShareCache = Literal["auto", "always", "none"]
+ShareProtocol = Literal["virtiofs", "9p"]
+#: the original's 9p msize (bytes), and the most the guest's virtio transport takes
+DEFAULT_MSIZE_9P = 8192
+MAX_MSIZE_9P = 512000
 #: what a fleet or a pool fills into a share's host path, per member (each directory made if missing)
 MEMBER_PLACEHOLDERS = ("index", "id")
 
@@ -497,6 +504,9 @@ class SharedDirectory(Device):
     tag: str | None = None
     cache: ShareCache = "auto"
     id: str | None = None
+    #: ``virtiofs`` (a virtiofsd per share; cold or hot, snapshots) or ``9p`` (QEMU serves the
+    #: directory itself; cold only, for guests whose kernel has 9p: ``vmctl guest build --kernel generic``)
+    protocol: ShareProtocol = "virtiofs"
     #: the vhost-user socket between QEMU and virtiofsd (vmctl makes it in the run directory)
     socket: Path | None = None
 
@@ -531,7 +541,11 @@ class SharedDirectory(Device):
             out.append(Problem("share.cache", f"{self.cache!r}: use one of {', '.join(get_args(ShareCache))}"))
         if self.socket is not None and self.socket.parent.name != "q":
             out.append(Problem("share.socket", "vmctl makes the share's socket itself; leave it unset"))
-        if not ctx.ram_shared:
+        if self.protocol not in get_args(ShareProtocol):
+            out.append(Problem("share.protocol", f"{self.protocol!r}: use virtiofs or 9p"))
+        elif self.protocol == "9p" and self.cache != "auto":
+            out.append(Problem("share.cache", "cache is virtiofsd's; a 9p share has none: leave it 'auto'"))
+        if self.protocol == "virtiofs" and not ctx.ram_shared:
             out.append(Problem("share", "virtiofsd must map guest memory, which a template keeps in its file "
                                         "(QEMU cannot save a virtio-fs device into a template: give the clones "
                                         "the share instead), and which a clone without shares in its config maps "
@@ -555,11 +569,27 @@ class SharedDirectory(Device):
     def mount_tag(self, dev_id: str) -> str:
         return self.tag or dev_id
 
+    @property
+    def over_virtiofs(self) -> bool:
+        return self.protocol == "virtiofs"
+
     def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
+        if not self.over_virtiofs:  # QEMU serves it from inside its jail, where it is bound at the same path
+            spec = {"driver": "local", "id": f"{dev_id}-fs", "path": str(self.host_path), "security_model": "none"}
+            if self.read_only:
+                spec["readonly"] = "on"
+            return [Backend("fsdev", spec, f"{dev_id}-fs")]
         assert self.socket is not None, "the sandbox fills in the socket path"
         return [Backend("chardev", {"id": f"{dev_id}-fs", "path": str(self.socket)}, f"{dev_id}-fs")]
 
+    def cleanup_commands(self, dev_id: str, ctx: DeviceContext) -> list[QmpCommand]:
+        return super().cleanup_commands(dev_id, ctx) if self.over_virtiofs else []  # no fsdev_del
+
     def frontend(self, dev_id: str, ctx: DeviceContext, where: Placement) -> dict[str, Any]:
+        if not self.over_virtiofs:
+            driver = "virtio-9p-pci" if ctx.pci else "virtio-9p-device"
+            return _placed({"driver": driver, "id": dev_id, "fsdev": f"{dev_id}-fs",
+                            "mount_tag": self.mount_tag(dev_id)}, where)  # fmt: skip
         driver = "vhost-user-fs-pci" if ctx.pci else "vhost-user-fs-device"
         return _placed({"driver": driver, "id": dev_id, "chardev": f"{dev_id}-fs", "tag": self.mount_tag(dev_id)},
                        where)  # fmt: skip
@@ -718,3 +748,8 @@ def device_to_mapping(device: Device) -> dict[str, Any]:
             continue
         out[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
     return out
+
+
+def virtiofs_share(device: object) -> TypeGuard[SharedDirectory]:
+    """A share served by a virtiofsd (which vmctl starts, and which snapshots set aside)."""
+    return isinstance(device, SharedDirectory) and device.over_virtiofs

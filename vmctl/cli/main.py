@@ -16,6 +16,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from vmctl import host
 from vmctl.cli import detached as detachedcli
 from vmctl.config import SandboxConfig
+from vmctl.core.guestmanifest import initrd_filesystems
 from vmctl.core.log import configure
 from vmctl.core.state import state_diagram
 from vmctl.errors import ConfigError, VmctlError
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     b = gsub.add_parser("build", help="build (or reuse) the default guest kernel and initramfs")
     b.add_argument("--rebuild", action="store_true", help="build again even if the cache has it")
     b.add_argument("--image", action="store_true", help="also build an ext4 root filesystem image")
+    b.add_argument("--kernel", choices=("cloud", "generic"), default="cloud",
+                   help="Debian's cloud kernel (default) or its generic one, which has 9p (cached apart)")  # fmt: skip
     b.add_argument("--debian", action="store_true", help="with --image: a Debian minbase root made by mmdebstrap")
     b.add_argument("--packages", default="", help="with --debian: packages to add, comma-separated (python3,git)")
     b.add_argument("--suite", default=DEFAULT_SUITE, help=f"with --debian: the Debian suite (default {DEFAULT_SUITE})")
@@ -88,12 +91,13 @@ async def _guest_build(args: argparse.Namespace) -> int:
         print("vmctl guest build: --packages and --size go with --image --debian / --from-tar / --from-dir",
               file=sys.stderr)  # fmt: skip
         return 2
-    assets = await ensure_default_assets(rebuild=args.rebuild, image=args.image)
+    assets = await ensure_default_assets(rebuild=args.rebuild, image=args.image, kernel=args.kernel)
     if args.json:
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(assets).items()}))
     else:
         print(f"kernel  {assets.kernel}  ({assets.kernel_package})")
         print(f"initrd  {assets.initrd}  ({len(assets.modules)} modules, {assets.initrd.stat().st_size // 1024} KiB)")
+        print(f"shares  {', '.join(sorted(initrd_filesystems(assets.initrd) or ())) or 'none'}")
         if assets.image is not None:
             print(f"image   {assets.image}  (ext4, boot it with the initrd above)")
     return 0

@@ -49,6 +49,7 @@ from vmctl.config import SandboxConfig
 from vmctl.core import reaper
 from vmctl.core.paths import kill_qemu_in, remove_tree, runtime_dir
 from vmctl.core.state import SandboxState
+from vmctl.devices import virtiofs_share
 from vmctl.errors import InvalidArgument, NodeLost, SandboxNotFound
 from vmctl.fleets.template import boot_template
 from vmctl.guest import GuestAssets, ensure_default_assets
@@ -331,9 +332,15 @@ class HostService:
             work = Path(tempfile.mkdtemp(prefix="move-", dir=runtime_dir()))
             reaper.add_dir(work)  # removed by the reaper should this actor die first
             try:
-                if entry.sandbox.state is SandboxState.RUNNING:
-                    await entry.sandbox.pause()
-                await entry.sandbox.snapshot(work / "snap")
+                sandbox = entry.sandbox
+                if any(virtiofs_share(d.device) for d in sandbox.devices):
+                    # its guest unmounts its shares for the save, so the save pauses it (and leaves
+                    # it paused); a failed move resumes it and the shares come back
+                    await sandbox.snapshot(work / "snap", leave_paused=True)
+                else:
+                    if sandbox.state is SandboxState.RUNNING:
+                        await sandbox.pause()
+                    await sandbox.snapshot(work / "snap")
                 archive = work / "snap.tar"
                 await anyio.to_thread.run_sync(_pack, work / "snap", archive)
                 refs = []
@@ -345,6 +352,10 @@ class HostService:
                 remove_tree(work)
         except Exception as exc:  # noqa: BLE001 - sent back as data
             return Reply(error=to_wire(exc))
+
+    async def missing_dirs(self, paths: list[str]) -> Reply:
+        """Which of ``paths`` are not directories on this node (a moved sandbox's shares)."""
+        return Reply([p for p in paths if not Path(p).is_dir()])
 
     async def import_snapshot(self, sandbox_id: str, chunks: list[Any], *, fleet: str | None,
                               start_timeout: float = 300.0) -> Reply:  # fmt: skip

@@ -46,8 +46,8 @@ from vmctl.cluster.wire import Reply, from_wire
 from vmctl.config import SandboxConfig
 from vmctl.core.state import SandboxState
 from vmctl.core.waiting import deadline
-from vmctl.devices import Device
-from vmctl.errors import InvalidArgument, NodeLost, NotSupported, SandboxNotFound
+from vmctl.devices import Device, SharedDirectory
+from vmctl.errors import ConfigError, InvalidArgument, NodeLost, NotSupported, Problem, SandboxNotFound
 from vmctl.guest import GuestAssets, ensure_default_assets
 from vmctl.machine.hotplug import PluggedDevice
 from vmctl.machine.registry import check_id
@@ -278,6 +278,7 @@ class RemoteSandbox:
             return
         was_running = self._state is SandboxState.RUNNING
         with deadline(timeout, f"move of {self.id}"):
+            await self._check_shares_on(target)
             try:
                 chunks = self._unwrap(await self.host.ask("export_snapshot", self.id))
             except NodeLost as exc:
@@ -304,6 +305,21 @@ class RemoteSandbox:
                     pass
             if was_running and self._state is SandboxState.PAUSED:
                 await self.resume()
+
+
+    async def _check_shares_on(self, target: Host) -> None:
+        """A share's directory must exist on the node the sandbox moves to (the same path: a
+        checkout made there too, or a network file system): checked before anything is saved."""
+        shares = {d.id: str(d.device.host_path) for d in await self.devices() if isinstance(d.device, SharedDirectory)}
+        if not shares:
+            return
+        reply = await target.ask("missing_dirs", sorted(set(shares.values())))
+        missing = set(self._unwrap(reply) or ())
+        problems = [Problem(f"devices.{dev_id}.host_path", f"{path} is not a directory on node {target.node_id[:12]}; "
+                                                           "make it there (the same path) before moving")
+                    for dev_id, path in shares.items() if path in missing]  # fmt: skip
+        if problems:
+            raise ConfigError(problems)
 
 
 class RemoteStream(ByteReceiveStream):

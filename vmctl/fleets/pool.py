@@ -14,7 +14,8 @@ or dies while waiting, it starts another. Starts go through a capacity limiter
 ``stats().last_error``) and the next start waits a backoff that doubles up to ``max_backoff``
 and resets after a success, so a broken config never spins.
 
-Members are template clones when the machine offers templates (every machine but ``microvm``):
+Members are template clones when the machine offers templates (every machine but ``microvm``,
+and not with a 9p share, which a clone cannot take):
 the pool boots one template sandbox first, whose files live in a private run directory and go
 with the pool. Otherwise each member cold-boots. A member counts as ready once its guest has run
 ``true``: that proves the agent answers, and a guest's first command (slower, on fresh
@@ -43,6 +44,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from vmctl.config import SandboxConfig, shared_writable_disks
 from vmctl.core.state import SandboxState
 from vmctl.core.waiting import Broadcast
+from vmctl.devices import SharedDirectory
 from vmctl.errors import PoolError, PoolTimeout, VmctlError
 from vmctl.fleets.members import EventReporter, OwnerBlock
 from vmctl.fleets.template import boot_template
@@ -133,7 +135,9 @@ class SandboxPool:
         self.size = size
         self.max_concurrent_starts = max_concurrent_starts
         #: members are clones of one template (default: wherever the machine offers templates)
-        self.template = config.machine != "microvm" if template is None else template
+        # (a 9p share cannot be plugged into a clone: such a pool boots its members)
+        nine_p = any(isinstance(d, SharedDirectory) and not d.over_virtiofs for d in config.devices)
+        self.template = config.machine != "microvm" and not nine_p if template is None else template
         #: how long the template took to boot and save (template pools only)
         self.template_seconds: float | None = None
         self._config = self._member_config = config

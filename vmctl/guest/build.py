@@ -24,14 +24,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
-from vmctl.core.guestmanifest import MANIFEST, SWITCHES_ROOT
+from vmctl.core.guestmanifest import FILESYSTEMS, MANIFEST, SWITCHES_ROOT
 from vmctl.core.log import get_logger
 from vmctl.core.paths import cache_dir
-from vmctl.errors import HostError
+from vmctl.errors import HostError, InvalidArgument
 from vmctl.guest import cpio
 from vmctl.guest.vmlinux import extract_pvh_vmlinux
 
@@ -42,6 +42,10 @@ AGENT_SOURCE = "vmctl-agent.c"
 AGENT_BINARY = "vmctl-agent"
 GCC_PACKAGES = "apt-get install gcc libc6-dev"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
+#: the kernels the default guest can be built from: Debian's cloud kernel (small, boots fast; no
+#: 9p) and its generic one (``linux-image-amd64``: 9p as well), each cached under its own key
+KERNEL_FLAVOURS = {"cloud": KERNEL_META_PACKAGE, "generic": "linux-image-amd64"}
+KernelFlavour = Literal["cloud", "generic"]
 KERNEL_PACKAGE_ENV = "VMCTL_KERNEL_PACKAGE"
 BUSYBOX = Path("/bin/busybox")
 
@@ -52,7 +56,9 @@ GUEST_MODULES = (
 )  # fmt: skip
 #: Modules in the initramfs that nothing loads at boot: the guest loads them when a device needs
 #: them (a shared directory's file system), so a sandbox without one pays nothing at boot.
-ON_DEMAND_MODULES = ("virtiofs",)
+ON_DEMAND_MODULES = ("virtiofs", "9p", "9pnet_virtio")  # each where the kernel has it
+#: the share file systems and the module each needs
+SHARE_FILESYSTEMS = {"virtiofs": "virtiofs", "9p": "9p"}
 #: the file beside load-order naming them and what they need, in load order (the init copies the
 #: list and the modules to /run/vmctl/modules before it switches to a disk root)
 ON_DEMAND_LIST = "on-demand"
@@ -166,7 +172,7 @@ async def guest_payload() -> list[tuple[str, bytes, int]]:
         raise HostError("building the guest needs a static busybox: apt-get install busybox-static")
     busybox = BUSYBOX.read_bytes()
     _require_static(busybox)
-    assets = await _ensure_kernel_and_initrd(rebuild=False)
+    assets = await _ensure_kernel_and_initrd(rebuild=False, meta_package=KERNEL_META_PACKAGE)
     return [
         ("init", _guest_file("init"), 0o755),
         ("sbin/vmctl-agent", (assets.directory / AGENT_BINARY).read_bytes(), 0o755),
@@ -174,14 +180,18 @@ async def guest_payload() -> list[tuple[str, bytes, int]]:
     ]
 
 
-async def ensure_default_assets(*, rebuild: bool = False, image: bool = False) -> GuestAssets:
+async def ensure_default_assets(*, rebuild: bool = False, image: bool = False,
+                                kernel: KernelFlavour = "cloud") -> GuestAssets:  # fmt: skip
     """Return the default guest, building it first if the cache has no build for these inputs.
+    ``kernel``: Debian's ``cloud`` kernel, or its ``generic`` one (for 9p shares).
 
     With ``image=True`` the result also has ``image``: an ext4 root filesystem made from the same
     busybox root (``mke2fs -d``, no privileges needed). Boot it with ``initrd=assets.initrd``
     too: the initramfs loads the virtio modules, mounts the disk and switches to it.
     """
-    assets = await _ensure_kernel_and_initrd(rebuild=rebuild)
+    if kernel not in KERNEL_FLAVOURS:
+        raise InvalidArgument(f"kernel: {kernel!r}; use one of {', '.join(KERNEL_FLAVOURS)}")
+    assets = await _ensure_kernel_and_initrd(rebuild=rebuild, meta_package=KERNEL_FLAVOURS[kernel])
     if not image:
         return assets
     root_img = assets.directory / ROOT_IMAGE
@@ -190,9 +200,9 @@ async def ensure_default_assets(*, rebuild: bool = False, image: bool = False) -
     return dataclasses.replace(assets, image=root_img)
 
 
-async def _ensure_kernel_and_initrd(*, rebuild: bool) -> GuestAssets:
+async def _ensure_kernel_and_initrd(*, rebuild: bool, meta_package: str) -> GuestAssets:
     _require_tools()
-    package, version = await _kernel_package()
+    package, version = await _kernel_package(meta_package)
     busybox = BUSYBOX.read_bytes()
     _require_static(busybox)
     gcc_version = await _require_gcc()
@@ -277,14 +287,14 @@ def _require_static(busybox: bytes) -> None:
         raise HostError(f"{BUSYBOX} is dynamically linked; install the static one: apt-get install busybox-static")
 
 
-async def _kernel_package() -> tuple[str, str]:
-    package = os.environ.get(KERNEL_PACKAGE_ENV, "")
+async def _kernel_package(meta_package: str) -> tuple[str, str]:
+    package = os.environ.get(KERNEL_PACKAGE_ENV, "") if meta_package == KERNEL_META_PACKAGE else ""
     if not package:
-        result = await anyio.run_process(["apt-cache", "depends", KERNEL_META_PACKAGE], check=False)
+        result = await anyio.run_process(["apt-cache", "depends", meta_package], check=False)
         match = re.search(rb"Depends: (linux-image-[\w.+-]+)", result.stdout)
         if match is None:
             raise HostError(
-                f"apt-cache knows no {KERNEL_META_PACKAGE}: run 'apt-get update' "
+                f"apt-cache knows no {meta_package}: run 'apt-get update' "
                 "(Debian's main archive must be in the apt sources)"
             )
         package = match.group(1).decode()
@@ -330,7 +340,7 @@ def _assemble(pkg: Path, out: Path, busybox: bytes, agent: bytes, package: str, 
     )
     wanted = [m for m in GUEST_MODULES if m not in builtin]
     boot = _load_order(wanted, available)
-    order = _load_order(wanted + [m for m in ON_DEMAND_MODULES if m not in builtin], available)
+    order = _load_order(wanted + [m for m in ON_DEMAND_MODULES if m not in builtin and m in available], available)
     on_demand = [m for m in order if m not in boot]  # with what they need, in load order
     # where busybox modprobe looks (uname -r); load-order names what the init asks modprobe for,
     # modules.dep adds what each needs
@@ -351,6 +361,7 @@ def _assemble(pkg: Path, out: Path, busybox: bytes, agent: bytes, package: str, 
     assets = GuestAssets(out / "vmlinuz", out / "initrd.img", kernel_version, package, tuple(order), key)
     manifest = {k: v for k, v in asdict(assets).items() if k not in ("kernel", "initrd", "image", "bzimage")}
     manifest[SWITCHES_ROOT] = True
+    manifest[FILESYSTEMS] = [fs for fs, module in SHARE_FILESYSTEMS.items() if module in order or module in builtin]
     manifest["boot_kernel"] = _boot_kernel(out / "vmlinuz")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return assets

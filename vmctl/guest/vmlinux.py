@@ -48,8 +48,8 @@ def decompress(kind: str, data: bytes) -> bytes | None:
     """Unpack a kernel payload; None when this host has no tool for ``kind``."""
     if kind == "gzip":
         return gzip.decompress(data)
-    if kind in ("xz", "lzma"):
-        return lzma.decompress(data, format=lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE)
+    if kind in ("xz", "lzma"):  # one stream: what follows it is the kernel's 4-byte size, not another stream
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE).decompress(data)
     if kind == "lz4":
         if shutil.which("lz4"):
             return _run(["lz4", "-d", "-c"], data)

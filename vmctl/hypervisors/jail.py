@@ -26,7 +26,15 @@ from pathlib import Path
 
 from vmctl.config import SandboxConfig
 from vmctl.core import paths as run_dirs
-from vmctl.devices import Device, NetworkDevice, SerialPort, VfioDevice, VhostUserBlockDevice, VhostUserNetDevice
+from vmctl.devices import (
+    Device,
+    NetworkDevice,
+    SerialPort,
+    SharedDirectory,
+    VfioDevice,
+    VhostUserBlockDevice,
+    VhostUserNetDevice,
+)
 from vmctl.hypervisors import cgroups, jailhelper
 from vmctl.hypervisors.base import RunPaths
 from vmctl.hypervisors.placement import clone_ram
@@ -345,6 +353,9 @@ def prepare(jail: Jail, config: SandboxConfig, paths: RunPaths) -> dict[str, Pat
         if jail.uid is not None:
             os.chown(mem, jail.uid, jail.gid if jail.gid is not None else -1)
         jail.binds.append((mem, mem, True))
+    for device in config.devices:  # QEMU serves a 9p share itself: its directory, at the same path
+        if isinstance(device, SharedDirectory) and not device.over_virtiofs:
+            jail.binds.append((device.host_path, device.host_path, not device.read_only))
     entropy = config.entropy_source
     if not str(entropy).startswith("/dev/"):
         jail.binds.append((entropy, entropy, False))

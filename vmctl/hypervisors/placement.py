@@ -9,7 +9,15 @@ import hashlib
 from pathlib import Path
 
 from vmctl.config import SandboxConfig
-from vmctl.devices import BlockDevice, Device, NetworkDevice, Placement, SerialPort, SharedDirectory, VhostUserNetDevice
+from vmctl.devices import (
+    BlockDevice,
+    Device,
+    NetworkDevice,
+    Placement,
+    SerialPort,
+    VhostUserNetDevice,
+    virtiofs_share,
+)
 from vmctl.hypervisors.base import PlacedDevice, RunPaths
 
 ROOT_DISK_ID = "root"
@@ -29,7 +37,7 @@ def id_prefix(device: Device) -> str:
 def with_defaults(device: Device, dev_id: str, sandbox_id: str, run_dir: Path) -> Device:
     """Fill what a device leaves to vmctl: a serial port's socket and a disk's overlay (in the run
     directory), a NIC's MAC (stable per sandbox and device). Cold plug and hotplug both come through here."""
-    if isinstance(device, SharedDirectory) and device.socket is None:  # vmctl listens there for virtiofsd
+    if virtiofs_share(device) and device.socket is None:  # vmctl listens there for virtiofsd
         return dataclasses.replace(device, socket=run_dir / "q" / f"{dev_id}.fs.sock")
     if isinstance(device, SerialPort) and device.socket is None:
         return dataclasses.replace(device, socket=run_dir / "q" / f"{dev_id}.sock")  # QEMU makes it: its dir
@@ -63,7 +71,7 @@ def cold_share_ports(config: SandboxConfig) -> list[str]:
     whose guest never saw them (its shares go to ``pci_bridges`` ports once it runs)."""
     if config.machine != "q35" or config.boot_from_template:
         return []
-    return [share_port(i) for i in range(sum(isinstance(d, SharedDirectory) for d in config.devices))]
+    return [share_port(i) for i in range(sum(virtiofs_share(d) for d in config.devices))]
 
 
 def cold_devices(config: SandboxConfig, paths: RunPaths, sandbox_id: str) -> list[PlacedDevice]:
@@ -91,7 +99,7 @@ def cold_devices(config: SandboxConfig, paths: RunPaths, sandbox_id: str) -> lis
         if device.needs_slot(ctx) == "scsi":
             where = Placement(scsi_id=scsi)
             scsi += 1
-        elif isinstance(device, SharedDirectory) and ctx.machine == "q35":
-            where = Placement(bus=share_port(len([p for p in out if isinstance(p[1], SharedDirectory)])))
+        elif virtiofs_share(device) and ctx.machine == "q35":
+            where = Placement(bus=share_port(len([p for p in out if virtiofs_share(p[1])])))
         out.append((dev_id, with_defaults(device, dev_id, sandbox_id, paths.run_dir), where))
     return out

@@ -129,7 +129,7 @@ class QemuHypervisor(Hypervisor):
         )
 
     async def start_helpers(self, dev_id: str, device: Device) -> None:
-        if isinstance(device, SharedDirectory):
+        if isinstance(device, SharedDirectory) and device.over_virtiofs:
             if self._shares is None:  # attached: this controller did not make QEMU's jail
                 raise NotSupported("a share cannot be hot-plugged into a sandbox this controller attached to "
                                    "(its virtiofsd would run outside the sandbox's jail): plug it before detaching")
@@ -274,7 +274,7 @@ class QemuHypervisor(Hypervisor):
             self._shares.bind(tg)
             began = time.perf_counter()
             for dev_id, device, _ in self.plan.devices or ():
-                if isinstance(device, SharedDirectory):
+                if isinstance(device, SharedDirectory) and device.over_virtiofs:
                     await self._shares.start(dev_id, device)
             self.startup_timings["shares"] = round(time.perf_counter() - began, 4)  # before spawn: its own length
         self.log.debug("launching qemu", argv=self._argv, jail=self._jail.parts() if self._jail else None)

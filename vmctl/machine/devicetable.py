@@ -10,8 +10,7 @@ included; the guest side is given a little longer, so the host's deadline is the
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -30,6 +29,7 @@ from vmctl.devices import (
     VfioDevice,
     VhostUserBlockDevice,
     VhostUserNetDevice,
+    virtiofs_share,
 )
 from vmctl.errors import ConfigError, GuestError, HotplugError, HotplugTimeout, InvalidArgument, NotSupported
 from vmctl.hypervisors.base import Capabilities, Hypervisor, PlacedDevice
@@ -165,7 +165,7 @@ class DeviceManager:
             return None
         if key[0] == "share":
             assert isinstance(record.device, SharedDirectory)
-            return await shares.mount(self._agent, record.id, record.device, wait)
+            return await shares.mount(self._agent, record.id, record.device, wait, msize_9p=self._config.msize_9p)
         if key[0] == "pci":
             address = None
             for bus in await self._hv.execute("query-pci"):
@@ -223,6 +223,8 @@ class DeviceManager:
                    "share": caps.share_hotplug}.get(device.kind, caps.network_hotplug)  # fmt: skip
         if not allowed:
             raise NotSupported(f"this sandbox cannot hotplug {device.kind} devices (see capabilities())")
+        if isinstance(device, SharedDirectory) and not device.over_virtiofs:
+            raise NotSupported(shares.NINE_P_COLD_ONLY)
         if isinstance(device, BlockDevice) and device.overlay:
             raise NotSupported("overlay disks are cold-plugged only: put it in SandboxConfig(devices=[...]), "
                                "or hotplug a disk without overlay=True")  # fmt: skip
@@ -278,12 +280,16 @@ class DeviceManager:
             with deadline(DEFAULT_GUEST_WAIT, f"plugging share {dev_id} back", HotplugTimeout):
                 await self._plug(device, dev_id, self._confirmer(DEFAULT_GUEST_WAIT), where, hotplugged)
 
-    @contextlib.asynccontextmanager
-    async def shares_set_aside(self, timeout: float | None) -> AsyncIterator[list[PluggedDevice]]:
-        """Unmount and unplug every share for a save (QEMU cannot save virtio-fs), and plug each
-        back where it was once the save is done, on every path. A share the guest is using is
-        refused before anything is touched, with the guest's processes named."""
-        taken = [r for r in self.devices if isinstance(r.device, SharedDirectory)]
+    async def set_aside_shares(self, timeout: float | None) -> list[PluggedDevice]:
+        """Unmount and unplug every share for a save (QEMU cannot save virtio-fs); the rows, to
+        give to :meth:`plug_back` afterwards. A share the guest is using refuses it before
+        anything is touched, with the guest's processes named; a failure part-way plugs back
+        what was already set aside."""
+        nine_p = [r.id for r in self.devices if isinstance(r.device, SharedDirectory) and not r.device.over_virtiofs]
+        if nine_p:
+            raise NotSupported(f"a sandbox with 9p shares ({', '.join(nine_p)}) cannot be saved: QEMU cannot save a "
+                               "mounted 9p export, and a 9p share cannot be plugged back; use protocol='virtiofs'")  # fmt: skip
+        taken = [r for r in self.devices if virtiofs_share(r.device)]
         for record in taken:
             if not record.hotplugged and self.queue.ctx.pci and record.placement.bus is None:
                 raise NotSupported(f"share {record.id} sits on the root bus of this {self._config.machine} machine and "
@@ -295,19 +301,22 @@ class DeviceManager:
             for record in taken:
                 await self.unplug(record.id, timeout)
                 out.append(record)
-            yield out
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._plug_back(out)
-                except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
-                    self._log.warning("could not plug a share back after a failed save", error=str(exc))
+            await self.plug_back(out, quietly=True)
             raise
-        with anyio.CancelScope(shield=True):
-            await self._plug_back(out)
+        return out
 
-    async def _plug_back(self, records: list[PluggedDevice]) -> None:
-        await self.plug_deferred([(r.id, r.device, r.placement, r.hotplugged) for r in records if r.device is not None])
+    async def plug_back(self, records: Sequence[PluggedDevice], *, quietly: bool = False) -> None:
+        """Plug and mount set-aside shares where they were (shielded: it runs on every path).
+        ``quietly``: after another failure, which is the one to report; this one is logged."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.plug_deferred([(r.id, r.device, r.placement, r.hotplugged)
+                                          for r in records if r.device is not None])  # fmt: skip
+            except Exception as exc:
+                if not quietly:
+                    raise
+                self._log.warning("could not plug a share back after a failed save", error=str(exc))
 
     async def unplug(self, device: PluggedDevice | str, timeout: float | None) -> None:
         dev_id = device if isinstance(device, str) else device.id
@@ -318,6 +327,8 @@ class DeviceManager:
             raise InvalidArgument("the root disk cannot be unplugged from a running sandbox")
         key = self._guest_key(record) if record is not None else None
         if record is not None and isinstance(record.device, SharedDirectory):
+            if not record.device.over_virtiofs:
+                raise NotSupported(shares.NINE_P_COLD_ONLY)
             await shares.unmount(self._agent, dev_id, record.device, timeout)
         with deadline(timeout, f"unplug of {dev_id}", lambda why: HotplugTimeout(
                 f"{why}; it stays unplug-pending and is cleaned up if QEMU confirms later")):  # fmt: skip

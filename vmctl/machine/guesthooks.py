@@ -10,9 +10,12 @@ bounded length, and the code must be a number.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from vmctl.agent.client import AgentClient
-from vmctl.errors import GuestError
+from vmctl.config import SandboxConfig
+from vmctl.errors import GuestError, VmctlError
+from vmctl.hypervisors.base import Start
 
 #: how long one phase's hooks may take together (a hook that hangs fails the start)
 HOOK_TIMEOUT = 60.0
@@ -45,3 +48,20 @@ async def run(agent: AgentClient, hook_path: str, phase: str, sandbox_id: str, t
     name, code = (found.group(1), found.group(2)) if found else ("?", str(result.exit_code))
     raise GuestError(f"guest {phase} hook {name!r} in {hook_path}/{phase} failed with exit code {code} "
                      "(its output is in the console log)")  # fmt: skip
+
+
+async def at_start(agent: AgentClient, config: SandboxConfig, start: Start, sandbox_id: str) -> None:
+    """A new guest's start hooks: a boot's or a clone's (not a template's, nor a restored or
+    attached guest's, which started before)."""
+    if config.guest_hook_path and start in (Start.BOOT, Start.CLONE) and not config.boot_to_be_template:
+        await run(agent, config.guest_hook_path, "start", sandbox_id)
+
+
+async def before_stop(agent: AgentClient, config: SandboxConfig, sandbox_id: str, timeout: float, log: Any) -> None:
+    """The stop hooks before a clean stop; one that fails is logged and the stop goes on."""
+    if not config.guest_hook_path:
+        return
+    try:
+        await run(agent, config.guest_hook_path, "stop", sandbox_id, timeout=min(timeout, HOOK_TIMEOUT))
+    except VmctlError as exc:
+        log.warning("a guest stop hook failed; stopping anyway", error=str(exc))

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 from vmctl.agent.client import AgentClient
 from vmctl.config import SandboxConfig
-from vmctl.devices import Device, SharedDirectory
+from vmctl.devices import DEFAULT_MSIZE_9P, Device, SharedDirectory
 from vmctl.errors import ConfigError, GuestError, Problem
 
 #: a few seconds: the module is loaded once, the mount answers at once
 MOUNT_TIMEOUT = 30.0
 
-# $1 tag, $2 mount point, $3 options. The module list is the initramfs's, or the copy the init
-# kept in /run/vmctl/modules when it switched to a disk root.
+#: why a 9p share is cold-plugged only and stays for the sandbox's life
+NINE_P_COLD_ONLY = ("a 9p share is cold-plugged only (QEMU 7.2 has no fsdev command over QMP, so it can "
+                    "neither be added nor given back): put it in SandboxConfig(devices=[...]), or use "
+                    "protocol='virtiofs' for a share that comes and goes")  # fmt: skip
+
+# $1 tag, $2 mount point, $3 options, $4 file system. The module list is the initramfs's, or the
+# copy the init kept in /run/vmctl/modules when it switched to a disk root.
 _MOUNT = r"""
-if ! grep -qw virtiofs /proc/filesystems; then
+if ! grep -qw "$4" /proc/filesystems; then
     read -r rel < /proc/sys/kernel/osrelease
     if [ -s "/lib/modules/$rel/on-demand" ]; then
         modprobe -a $(cat "/lib/modules/$rel/on-demand") 2>/dev/null
@@ -24,8 +29,8 @@ if ! grep -qw virtiofs /proc/filesystems; then
         while read -r m; do insmod "/run/vmctl/modules/$m.ko" 2>/dev/null; done < /run/vmctl/modules/on-demand
     fi
 fi
-grep -qw virtiofs /proc/filesystems || { echo "this guest's kernel has no virtio-fs" >&2; exit 3; }
-mkdir -p "$2" && mount -t virtiofs -o "$3" "$1" "$2" || exit 1
+grep -qw "$4" /proc/filesystems || { echo "this guest's kernel has no $4 (for 9p: vmctl guest build --kernel generic)" >&2; exit 3; }
+mkdir -p "$2" && mount -t "$4" -o "$3" "$1" "$2" || exit 1
 # larger reads: FUSE requests of 4 MiB instead of 128 KiB (one 256 MiB file reads ~1.5x sooner)
 bdi=$(awk -v m="$2" '$5 == m { print $3 }' /proc/self/mountinfo | tail -n 1)
 [ -n "$bdi" ] && echo 4096 > "/sys/class/bdi/$bdi/read_ahead_kb" 2>/dev/null
@@ -80,11 +85,16 @@ async def check_unused(agent: AgentClient, placed: list[tuple[str, Device]], tim
                          "processes (a share is unplugged for the save and cannot carry open files across it)")
 
 
-async def mount(agent: AgentClient, dev_id: str, share: SharedDirectory, timeout: float | None = None) -> str:
-    """Mount ``share`` in the guest; its guest path once mounted."""
+async def mount(agent: AgentClient, dev_id: str, share: SharedDirectory, timeout: float | None = None, *,
+                msize_9p: int = DEFAULT_MSIZE_9P) -> str:  # fmt: skip
+    """Mount ``share`` in the guest; its guest path once mounted. A 9p share's ``msize`` is the
+    config's ``msize_9p`` (the original's Msize9p)."""
     options = ("ro" if share.read_only else "rw") + ",nodev"
+    if not share.over_virtiofs:
+        options += f",trans=virtio,version=9p2000.L,msize={msize_9p}"
     wait = timeout or MOUNT_TIMEOUT
-    result = await agent.exec(["sh", "-c", _MOUNT, "sh", share.mount_tag(dev_id), share.guest_path, options],
+    fstype = "virtiofs" if share.over_virtiofs else "9p"
+    result = await agent.exec(["sh", "-c", _MOUNT, "sh", share.mount_tag(dev_id), share.guest_path, options, fstype],
                               timeout=wait)  # fmt: skip
     if not result.ok:
         why = result.stderr.decode(errors="replace").strip()[-300:] or f"exit code {result.exit_code}"

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import anyio
@@ -45,7 +44,7 @@ from vmctl.errors import (
     SandboxFailed,
     VmctlError,
 )
-from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor, Start
+from vmctl.hypervisors.base import Backend, Capabilities, Hypervisor
 from vmctl.hypervisors.microvm import MicrovmHypervisor
 from vmctl.hypervisors.qemu import QemuHypervisor
 from vmctl.machine import guesthooks, migration
@@ -139,8 +138,7 @@ class Sandbox:
             raise
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:  # fmt: skip
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         await self._close_stack(graceful=exc_type is None)
 
     async def _close_stack(self, *, graceful: bool) -> None:
@@ -272,17 +270,13 @@ class Sandbox:
         await self._run.launched()
         devices = self._events.devices = DeviceManager(hv, agent, sandbox_id=self.id, cold=plan.devices,
                                                        spawn=self._spawn, log=self.log)  # fmt: skip
-        self._parts = _Parts(agent, devices, RunControl(hv, self._machine, self._watcher, self.log))
+        self._parts = _Parts(agent, devices, RunControl(hv, self._machine, self._watcher, self.log, devices))
         adopted = await self._origin.adopt(hv, agent, devices)
         if adopted is not None:
             return adopted
         if not await self._run.guest_ready(self._watcher):
             raise self._events.failed(self._machine.failure or "stopped while starting")
-        await devices.confirm_cold()
-        await devices.plug_deferred(plan.deferred)  # a restored or cloned guest's shares
-        hooks = self._origin.config.guest_hook_path
-        if hooks and plan.start in (Start.BOOT, Start.CLONE) and not self._config.boot_to_be_template:
-            await guesthooks.run(agent, hooks, "start", self.id)  # a new guest's start (not a restore's)
+        await self._origin.settle(agent, devices, plan)
         return Trigger.GUEST_READY, "agent ready"
 
     def _save_record(self) -> None:
@@ -317,8 +311,8 @@ class Sandbox:
             self._machine.fire(Trigger.STOP, "closed before start")
             return
         try:
-            if graceful and state is SandboxState.RUNNING and self._parts is not None:
-                await self._stop_hooks(self._parts.agent, timeout)
+            if graceful and state is SandboxState.RUNNING and self._parts is not None:  # the guest's stop hooks
+                await guesthooks.before_stop(self._parts.agent, self.config, self.id, timeout, self.log)
             if state is not SandboxState.FAILED:
                 self._machine.fire(Trigger.STOP, "stop requested")
                 if self._hv is not None:
@@ -328,16 +322,6 @@ class Sandbox:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release()
-
-    async def _stop_hooks(self, agent: AgentClient, timeout: float) -> None:
-        """The guest's stop hooks before a clean stop; one that fails is logged, the stop goes on."""
-        hooks = self.config.guest_hook_path
-        if not hooks:
-            return
-        try:
-            await guesthooks.run(agent, hooks, "stop", self.id, timeout=min(timeout, guesthooks.HOOK_TIMEOUT))
-        except VmctlError as exc:
-            self.log.warning("a guest stop hook failed; stopping anyway", error=str(exc))
 
     async def _release(self) -> None:
         """Kill and reap QEMU unless kept, close connections, end pumps, remove the run dir (once)."""
@@ -372,13 +356,13 @@ class Sandbox:
         await self._guest_call(self._live().control.resume(timeout))
 
     @requires(Trigger.SNAPSHOT)
-    async def snapshot(self, directory: str | Path, *, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> Path:
-        """Save memory, device state and the device table to ``directory`` (which must not exist);
-        a failed or cancelled save leaves none (see :mod:`vmctl.machine.migration`)."""
+    async def snapshot(self, directory: str | Path, *, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT,
+                       leave_paused: bool = False) -> Path:  # fmt: skip
+        """Save memory, device state and the device table to ``directory`` (which must not exist; a failed or
+        cancelled save leaves none). ``leave_paused``: stay paused after it (a move); shares return on resume."""
         target = migration.check_target(directory)
-        parts = self._live()
-        return await self._guest_call(parts.control.snapshot(
-            target, sandbox_id=self.id, config=self.config, devices=parts.devices, timeout=timeout))  # fmt: skip
+        return await self._guest_call(self._live().control.snapshot(
+            target, sandbox_id=self.id, config=self.config, timeout=timeout, leave_paused=leave_paused))  # fmt: skip
 
     @classmethod
     def restore(cls, directory: str | Path, **options: Any) -> Sandbox:

@@ -13,11 +13,11 @@ from vmctl.agent.client import AgentClient
 from vmctl.config import SandboxConfig
 from vmctl.core.paths import make_run_dir, remove_tree
 from vmctl.core.state import SandboxState, Trigger
-from vmctl.devices import Device, SharedDirectory
+from vmctl.devices import Device, SharedDirectory, virtiofs_share
 from vmctl.errors import SandboxFailed
 from vmctl.hypervisors.base import Hypervisor, LaunchPlan, PlacedDevice, RunPaths, Start
 from vmctl.hypervisors.placement import clone_ram, cold_devices, with_defaults
-from vmctl.machine import migration, overlays, shares
+from vmctl.machine import guesthooks, migration, overlays, shares
 from vmctl.machine import registry as registry
 from vmctl.machine.devicetable import DeviceManager
 
@@ -128,6 +128,13 @@ class Origin:
             agent.mark_ready()  # a paused guest cannot answer; it will once resumed
         return meaning
 
+    async def settle(self, agent: AgentClient, devices: DeviceManager, plan: LaunchPlan) -> None:
+        """Once the guest answers: its cold devices confirmed, a restored or cloned guest's
+        shares plugged, a new guest's start hooks run."""
+        await devices.confirm_cold()
+        await devices.plug_deferred(plan.deferred)
+        await guesthooks.at_start(agent, self.config, plan.start, self.sandbox_id)
+
     def keeps_running(self, state: SandboxState) -> bool:
         """Whether QEMU goes on after this controller lets go: a detached sandbox, or one whose
         attach failed before it took the guest over (someone else's sandbox is not ours to kill)."""
@@ -153,8 +160,8 @@ class Origin:
 
 def _split_shares(placed: list[PlacedDevice]) -> tuple[list[PlacedDevice], list[PlacedDevice]]:
     """(shares, the rest): a saved state has no shares, so they are plugged once the guest runs."""
-    shares = [p for p in placed if isinstance(p[1], SharedDirectory)]
-    return shares, [p for p in placed if not isinstance(p[1], SharedDirectory)]
+    shares = [p for p in placed if virtiofs_share(p[1])]
+    return shares, [p for p in placed if not virtiofs_share(p[1])]
 
 
 def _in_run_dir(device: Device, dev_id: str, sandbox_id: str, paths: RunPaths) -> Device:

@@ -29,8 +29,12 @@ UNDO_LIMIT = 10.0
 
 
 class RunControl:
-    def __init__(self, hv: Hypervisor, machine: StateMachine, watcher: StateWatcher, log: Any) -> None:
+    def __init__(self, hv: Hypervisor, machine: StateMachine, watcher: StateWatcher, log: Any,
+                 devices: DeviceManager) -> None:  # fmt: skip
         self._hv = hv
+        self._devices = devices
+        #: shares a save that left the sandbox paused set aside, plugged back on resume
+        self._set_aside: list[PluggedDevice] = []
         self._machine = machine
         self._watcher = watcher
         self._log = log
@@ -43,32 +47,46 @@ class RunControl:
             await self._watcher.wait_for(SandboxState.PAUSED)
 
     async def resume(self, timeout: float | None) -> None:
+        """Resume; shares set aside by a save that left the sandbox paused come back once it runs."""
         with deadline(timeout, "resume"):
             await self._hv.resume()
             await self._watcher.wait_for(SandboxState.RUNNING)
+        taken, self._set_aside = self._set_aside, []
+        await self._devices.plug_back(taken)
 
-    async def snapshot(self, target: Path, *, sandbox_id: str, config: SandboxConfig,
-                       devices: DeviceManager, timeout: float | None) -> Path:  # fmt: skip
+    async def snapshot(self, target: Path, *, sandbox_id: str, config: SandboxConfig, timeout: float | None,
+                       leave_paused: bool = False) -> Path:  # fmt: skip
         """Shares are set aside first (unmounted and unplugged while the guest runs) and plugged
-        back after the save, whatever happened to it."""
+        back after the save, whatever happened to it; with ``leave_paused`` the sandbox stays
+        paused after a save and they come back when it is resumed."""
         if not self._hv.capabilities().snapshots:
             raise NotSupported(f"the {self._hv.name} backend cannot save snapshots")
         was_running = self._machine.state is SandboxState.RUNNING
+        devices = self._devices
         shared = [d.id for d in devices.devices if isinstance(d.device, SharedDirectory)]
         if shared and not was_running:
             raise NotSupported(f"resume the sandbox before saving it: its guest must unmount {', '.join(shared)} "
                                "for the save (QEMU cannot save a shared directory)")  # fmt: skip
         with deadline(timeout, "snapshot"):
-            async with devices.shares_set_aside(timeout) as set_aside:
-                try:
-                    if was_running:
-                        await self.pause(timeout)
-                    await migration.write_snapshot(self._hv, target, sandbox_id=sandbox_id, config=config,
-                                                   devices=devices.devices, shares=set_aside)  # fmt: skip
-                finally:
-                    if was_running:
-                        with anyio.CancelScope(shield=True):
-                            await self._undo_pause()
+            taken = await devices.set_aside_shares(timeout)
+            try:
+                if was_running:
+                    await self.pause(timeout)
+                await migration.write_snapshot(self._hv, target, sandbox_id=sandbox_id, config=config,
+                                               devices=devices.devices, shares=taken)  # fmt: skip
+            except BaseException:
+                if was_running:
+                    with anyio.CancelScope(shield=True):
+                        await self._undo_pause()
+                await devices.plug_back(taken, quietly=True)
+                raise
+        if leave_paused and was_running:
+            self._set_aside = taken
+        else:
+            if was_running:
+                with anyio.CancelScope(shield=True):
+                    await self._undo_pause()
+            await devices.plug_back(taken)
         self._log.info("snapshot saved", directory=str(target), shares=shared or None)
         return target
 
