@@ -168,6 +168,25 @@ async def test_a_cancelled_start_leaves_no_virtiofsd(make_config: MakeConfig, tm
     assert virtiofsd_processes() == []
 
 
+async def test_a_cancelled_hotplug_leaves_no_virtiofsd_behind(make_config: MakeConfig, tmp_path: Path,
+                                                               runtime_dir: Path) -> None:  # fmt: skip
+    """Cancelled at any point, a share either made it into the table (and unplugs as usual) or
+    left nothing: no virtiofsd, no socket."""
+    shared = tree(tmp_path, "shared", {"f": "x"})
+    async with Sandbox(make_config(pci_bridges=2)) as sb:
+        for n, after in enumerate((0.0, 0.002, 0.01, 0.03, 0.1, 5.0)):
+            with anyio.move_on_after(after):
+                await sb.hotplug(SharedDirectory(host_path=shared, guest_path=f"/s{n}", id=f"s{n}"))
+            rows = [d.id for d in sb.devices if isinstance(d.device, SharedDirectory)]
+            assert bool(virtiofsd_processes()) == bool(rows), (after, rows)  # (virtiofsd forks its sandboxed child)
+            sockets = {p.name for p in (sb.run_dir / "q").glob("*.fs.sock")} if sb.run_dir else set()
+            assert sockets <= {f"{r}.fs.sock" for r in rows}, (after, sockets)
+            for row in rows:
+                await sb.unplug(row)
+            assert virtiofsd_processes() == []
+    assert virtiofsd_processes() == []
+
+
 async def test_shares_refused_where_they_cannot_work(make_config: MakeConfig, tmp_path: Path,
                                                      runtime_dir: Path) -> None:  # fmt: skip
     shared = tree(tmp_path, "shared", {"f": "x"})
