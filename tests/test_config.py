@@ -152,6 +152,9 @@ def test_machine_accelerators_and_guest_hooks_are_checked(files: dict[str, Path]
     for bad in ("hooks", "/etc/../hooks", "/a b"):
         assert "guest_hook_path" in problems(files, guest_hook_path=bad)
     assert "hotplug_vfio_on_root_bus" in problems(files, machine="microvm", hotplug_vfio_on_root_bus=True)
+    # mistyped neighbours are reported, never a TypeError (found by tests/test_fuzz.py)
+    assert "machine" in problems(files, machine=["q35"], machine_accelerators=("usb=off",))
+    assert "pci_bridges" in problems(files, pci_bridges=[])
 
 
 def test_accel_env_override(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from vmctl import (
     ConfigError,
+    Fleet,
     GuestError,
     NotSupported,
     Sandbox,
@@ -369,3 +370,37 @@ async def test_9p_shares_on_the_generic_kernel_with_the_originals_msize(
     with pytest.raises(ConfigError) as info:
         make_config(msize_9p=100, **generic)
     assert info.value.fields == ("msize_9p",)
+
+
+async def test_shares_survive_detach_and_attach(make_config: MakeConfig, tmp_path: Path, runtime_dir: Path) -> None:
+    data = tree(tmp_path, "data", {"a.txt": "kept across the attach\n"})
+    out = tmp_path / "out"
+    out.mkdir()
+    async with Sandbox(make_config(pci_bridges=2, devices=[SharedDirectory(host_path=data, guest_path="/data")]),
+                       id="sharing", detached=True) as sb:  # fmt: skip
+        await sb.hotplug(SharedDirectory(host_path=out, guest_path="/out", read_only=False, id="out"))
+    assert virtiofsd_processes(), "a detached sandbox keeps its shares' virtiofsd"
+    async with Sandbox.attach("sharing") as sb:
+        rows = {d.id: d.guest_path for d in sb.devices if isinstance(d.device, SharedDirectory)}
+        assert rows == {"share0": "/data", "out": "/out"}
+        assert (await sb.exec(["cat", "/data/a.txt"], check=True)).text == "kept across the attach\n"
+        await sb.exec(["sh", "-c", "echo attached > /out/f"], check=True)
+        assert (out / "f").read_text() == "attached\n"
+        with pytest.raises(NotSupported, match="attached"):  # its virtiofsd would run outside the jail
+            await sb.hotplug(SharedDirectory(host_path=out, guest_path="/more"))
+        await sb.unplug("out")
+        await sb.stop()
+    assert virtiofsd_processes() == [], "stopping an attached sandbox ends its shares' virtiofsd too"
+
+
+async def test_a_fleet_gives_each_member_its_own_directory(make_config: MakeConfig, tmp_path: Path,
+                                                          runtime_dir: Path) -> None:  # fmt: skip
+    work = tmp_path / "work"
+    work.mkdir()
+    config = make_config(devices=[SharedDirectory(host_path=work / "{index}-{id}", guest_path="/w", read_only=False)])
+    async with Fleet(config, size=2, id_prefix="builders") as fleet:
+        for sb in fleet.sandboxes:
+            await sb.exec(["sh", "-c", "echo mine > /w/f"], check=True)
+    assert sorted(p.name for p in work.iterdir()) == ["0-builders-0", "1-builders-1"]
+    assert all((p / "f").read_text() == "mine\n" and p.stat().st_mode & 0o777 == 0o700 for p in work.iterdir())
+    assert virtiofsd_processes() == []

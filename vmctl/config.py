@@ -520,7 +520,7 @@ def _check_shares(c: SandboxConfig, bad: Any) -> None:
 
 
 def _check_machine_and_hooks(c: SandboxConfig, bad: Any) -> None:
-    for i, item in enumerate(c.machine_accelerators):
+    for i, item in enumerate(c.machine_accelerators if isinstance(c.machine, str) else ()):
         why = machine_option_problem(c.machine, item)
         if why:
             bad(f"machine_accelerators[{i}]", why)
@@ -638,7 +638,7 @@ def _check_templates(c: SandboxConfig, bad: Any) -> None:
         bad("shared_memory", "templates keep guest memory in memory_path (a clone maps it privately); "
                              "vhost-user devices cannot be combined with templates")  # fmt: skip
     clone_shares = sum(d.kind == "share" for d in c.devices) if c.boot_from_template else 0
-    if clone_shares > c.pci_bridges and c.machine != "microvm":
+    if isinstance(c.pci_bridges, int) and clone_shares > c.pci_bridges and c.machine != "microvm":
         bad("pci_bridges", f"a clone plugs its {clone_shares} share(s) once it runs, each on a free root port: "
                            f"raise pci_bridges to at least {clone_shares} (in the template's config too)")  # fmt: skip
 

@@ -20,7 +20,7 @@ from anyio.abc import TaskStatus
 from vmctl.config import SandboxConfig
 from vmctl.core.lines import read_lines
 from vmctl.core.qmp import QmpSession
-from vmctl.devices import Device, SharedDirectory
+from vmctl.devices import Device, virtiofs_share
 from vmctl.errors import GuestDisconnected, GuestError, NotSupported, QMPError, SandboxFailed
 from vmctl.hypervisors import cgroups, handover, jail, jailhelper
 from vmctl.hypervisors.base import Capabilities, Hypervisor, Launcher, Start, VmProcess
@@ -129,7 +129,7 @@ class QemuHypervisor(Hypervisor):
         )
 
     async def start_helpers(self, dev_id: str, device: Device) -> None:
-        if isinstance(device, SharedDirectory) and device.over_virtiofs:
+        if virtiofs_share(device):
             if self._shares is None:  # attached: this controller did not make QEMU's jail
                 raise NotSupported("a share cannot be hot-plugged into a sandbox this controller attached to "
                                    "(its virtiofsd would run outside the sandbox's jail): plug it before detaching")
@@ -270,13 +270,8 @@ class QemuHypervisor(Hypervisor):
             listeners[name] = listen_unix(getattr(self.paths, f"{name}_socket"))
         argv = self._command({name: s.fileno() for name, s in listeners.items()})
         self._argv, extra_fds = await self._handover.command_line(argv) if self._handover else (argv, [])
-        if self._shares is not None:  # each share's virtiofsd listens before QEMU connects
-            self._shares.bind(tg)
-            began = time.perf_counter()
-            for dev_id, device, _ in self.plan.devices or ():
-                if isinstance(device, SharedDirectory) and device.over_virtiofs:
-                    await self._shares.start(dev_id, device)
-            self.startup_timings["shares"] = round(time.perf_counter() - began, 4)  # before spawn: its own length
+        if self._shares is not None:  # each share's virtiofsd listens before QEMU connects (its own length)
+            self.startup_timings["shares"] = await self._shares.start_cold(tg, self.plan.devices or ())
         self.log.debug("launching qemu", argv=self._argv, jail=self._jail.parts() if self._jail else None)
         self._stamp("spawn")
         self._process = await self._launcher.spawn(self._argv, listeners, detached=self.plan.detached,

@@ -131,6 +131,13 @@ class DeviceManager:
             record = self.queue.record(dev_id, device, where, hotplugged=True, guest_path=guest_path)
             record.address = row.get("address")
 
+    def note_cold_shares_mounted(self) -> None:
+        """An attached sandbox's config shares: mounted at their guest paths by the controller
+        that started it (its record is written once the start, mounts included, is done)."""
+        for record in self.devices:
+            if isinstance(record.device, SharedDirectory) and not record.hotplugged and record.guest_path is None:
+                record.guest_path = record.device.guest_path
+
     def on_event(self, event: QmpEvent) -> None:
         self.queue.on_event(event)
 

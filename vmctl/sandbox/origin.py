@@ -122,6 +122,7 @@ class Origin:
             self.took_over = True  # a guest QEMU calls dead is of no use to anyone: it goes
             raise SandboxFailed(f"attached, but QEMU reports the guest as {status!r}")
         devices.adopt(self.record.devices, present)
+        devices.note_cold_shares_mounted()  # the controller that started it mounted them before its record
         if meaning[0] is Trigger.GUEST_READY:
             await hv.wait_ready()  # the agent answers a ping
         else:
