@@ -92,6 +92,18 @@ async def test_a_cold_read_only_share_and_a_hot_writable_one(make_config: MakeCo
     assert (out / "build" / "result").read_text() == "built\n", "the host keeps what the guest wrote"
 
 
+async def test_read_only_is_the_hosts_even_without_the_jail(make_config: MakeConfig, tmp_path: Path,
+                                                           runtime_dir: Path) -> None:  # fmt: skip
+    """With QEMU unjailed (no jail helper for virtiofsd), a read-only share is still a read-only
+    bind in virtiofsd's own mount namespace: guest root remounting it read-write writes nothing."""
+    data = tree(tmp_path, "data", {"a.txt": "x\n"})
+    async with Sandbox(make_config(jail=False, devices=[SharedDirectory(host_path=data, guest_path="/data")])) as sb:
+        code, said = await sh(sb, "mount -o remount,rw /data; echo y > /data/a.txt; echo z > /data/new")
+        assert (data / "a.txt").read_text() == "x\n" and not (data / "new").exists(), said
+        assert (await sb.exec(["cat", "/data/a.txt"], check=True)).text == "x\n"
+    assert virtiofsd_processes() == []
+
+
 async def test_nothing_outside_the_share_is_reachable(make_config: MakeConfig, tmp_path: Path,
                                                       runtime_dir: Path) -> None:  # fmt: skip
     secret = tmp_path / "secret.txt"

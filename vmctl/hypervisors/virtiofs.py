@@ -45,6 +45,12 @@ DROPPED_CAPS = "-mknod:-setfcap"
 STDERR_TAIL = 4096
 
 
+# $1 the share; the rest virtiofsd's argv. Bound onto itself read-only in virtiofsd's own mount
+# namespace, so a guest's writes fail on the host, whatever the guest remounts. No shell parses
+# a path: each is an argument.
+_READ_ONLY_BIND = 'mount --bind -- "$1" "$1" && mount -o remount,bind,ro -- "$1" && shift && exec "$@"'
+
+
 def virtiofsd_path() -> str | None:
     for candidate in VIRTIOFSD_PATHS:
         if os.access(candidate, os.X_OK):
@@ -137,10 +143,12 @@ class ShareDaemons:
         argv = [binary, f"--fd={fd}", "-o", f"source={source}", "-o", "sandbox=namespace",
                 "-o", f"cache={share.cache}", "-o", "log_level=info", "-o", f"modcaps={DROPPED_CAPS}",
                 "-o", "no_posix_lock", "-o", "no_xattr"]  # fmt: skip
-        if not jailed:  # no helper to bind the share read-only: virtiofsd's own sandbox only
-            if os.geteuid() != 0:  # its namespaces need a user namespace of their own
-                argv = ["unshare", "--user", "--map-root-user", "--", *argv]
-            return argv
+        if not jailed:  # no jail helper (QEMU unjailed, or not root): virtiofsd's own sandbox, and
+            # a mount namespace of its own in which a read-only share is a read-only bind
+            user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]  # its namespaces need one
+            if share.read_only:
+                argv = ["sh", "-c", _READ_ONLY_BIND, "sh", str(share.host_path), *argv]
+            return ["unshare", *user, "--mount", "--propagation", "private", "--", *argv]
         assert self.jail is not None
         root = self.run_dir / f"{share_dir_name(share)}"
         root.mkdir(mode=0o700, exist_ok=True)
