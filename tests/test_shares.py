@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -415,4 +416,16 @@ async def test_a_fleet_gives_each_member_its_own_directory(make_config: MakeConf
             await sb.exec(["sh", "-c", "echo mine > /w/f"], check=True)
     assert sorted(p.name for p in work.iterdir()) == ["0-builders-0", "1-builders-1"]
     assert all((p / "f").read_text() == "mine\n" and p.stat().st_mode & 0o777 == 0o700 for p in work.iterdir())
+    assert virtiofsd_processes() == []
+
+
+async def test_the_shared_build_example_runs_as_the_readme_says(tmp_path: Path, runtime_dir: Path) -> None:
+    example = Path(__file__).parent.parent / "examples" / "shared_build.py"
+    done = await anyio.run_process([sys.executable, str(example), str(tmp_path)], check=False)
+    said = done.stdout.decode()
+    assert done.returncode == 0, said + done.stderr.decode()[-2000:]
+    assert "built 20 objects" in said and "file0.c.o says 27" in said, said
+    built = [d for d in (tmp_path / "builds").iterdir() if any(d.rglob("*.o"))]
+    assert len(built) == 1 and len(list(built[0].rglob("*.o"))) == 20, "one member built, into its own directory"
+    assert (tmp_path / "saved" / "sandbox.json").is_file()
     assert virtiofsd_processes() == []
