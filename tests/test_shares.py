@@ -4,8 +4,10 @@ the host, and no virtiofsd left behind on any path."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -103,6 +105,22 @@ async def test_read_only_is_the_hosts_even_without_the_jail(make_config: MakeCon
         assert (data / "a.txt").read_text() == "x\n" and not (data / "new").exists(), said
         assert (await sb.exec(["cat", "/data/a.txt"], check=True)).text == "x\n"
     assert virtiofsd_processes() == []
+
+
+async def test_a_virtiofsd_that_dies_fails_the_sandbox_at_once(make_config: MakeConfig, tmp_path: Path,
+                                                               runtime_dir: Path) -> None:  # fmt: skip
+    """Its share's I/O would hang in the guest: the sandbox fails, naming the share, instead."""
+    data = tree(tmp_path, "data", {"a.txt": "x\n"})
+    async with Sandbox(make_config(devices=[SharedDirectory(host_path=data, guest_path="/data")])) as sb:
+        for pid in virtiofsd_processes():
+            with contextlib.suppress(ProcessLookupError):  # its sandboxed child goes with it
+                os.kill(pid, signal.SIGKILL)
+        assert await sb.wait_for_state(SandboxState.FAILED, timeout=30) is SandboxState.FAILED
+        assert "virtiofsd of share share0" in sb.failure
+    assert virtiofsd_processes() == []
+    with pytest.raises(ConfigError) as info:  # microvm's virtio is legacy: virtiofsd cannot serve it
+        make_config(machine="microvm", devices=[SharedDirectory(host_path=data, guest_path="/data")])
+    assert info.value.fields == ("devices[0].share",) and "q35" in str(info.value)
 
 
 async def test_nothing_outside_the_share_is_reachable(make_config: MakeConfig, tmp_path: Path,

@@ -294,8 +294,8 @@ class QemuHypervisor(Hypervisor):
         if "mount" in self._jail.namespaces:
             self._jail.binds += [(p, p, True) for p in self._handover.extra_binds]
         self._shares = ShareDaemons(run_dir=self.paths.run_dir, log_dir=self.paths.log_dir, jail=self._jail,
-                                    qemu_uid=self._jail.uid,
-                                    detached=self.plan.detached, log=self.log)  # fmt: skip
+                                    qemu_uid=self._jail.uid, detached=self.plan.detached, log=self.log,
+                                    on_failure=self.events.on_fault)  # fmt: skip
 
     async def _release_jail(self) -> None:
         """After QEMU is gone (or let go): passt processes and descriptors, then the cgroup."""

@@ -18,7 +18,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,10 @@ class ShareDaemons:
     connect to the sockets (QEMU's user); ``detached``: they outlive this controller, as QEMU does."""
 
     def __init__(self, *, run_dir: Path, log_dir: Path, jail: Jail | None, qemu_uid: int | None, detached: bool,
-                 log: Any) -> None:  # fmt: skip
+                 log: Any, on_failure: Callable[[str], None] = lambda why: None) -> None:  # fmt: skip
         self.run_dir = run_dir
+        #: told when a daemon ends by itself with an error: the share's I/O would hang in the guest
+        self.on_failure = on_failure
         self.log_dir = log_dir
         self.jail = jail
         self.qemu_uid = qemu_uid
@@ -183,6 +185,8 @@ class ShareDaemons:
             os.write(fd, bytes(daemon.tail))
             written = len(daemon.tail)
             async for chunk in stream:
+                daemon.tail += chunk
+                del daemon.tail[:-STDERR_TAIL]
                 if written < 1 << 20:  # bounded: the guest decides how much it logs
                     os.write(fd, chunk)
                     written += len(chunk)
@@ -194,6 +198,10 @@ class ShareDaemons:
         if self._daemons.get(daemon.dev_id) is daemon:  # 0: QEMU let go of it (a stop); else it failed
             report = self.log.debug if code == 0 else self.log.warning
             report("virtiofsd ended", device=daemon.dev_id, exit_code=code, log=str(daemon.log_path))
+            if code != 0:
+                last = daemon.tail.decode(errors="replace").strip().splitlines()[-1:] or [""]
+                self.on_failure(f"virtiofsd of share {daemon.dev_id} ended with code {code} ({last[0][-200:]}; "
+                                f"its log: {daemon.log_path})")  # fmt: skip
 
     async def stop(self, dev_id: str) -> None:
         """End ``dev_id``'s virtiofsd and remove its socket (it ends by itself once QEMU lets go)."""
