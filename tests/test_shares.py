@@ -274,6 +274,12 @@ async def test_a_snapshot_restores_its_shares_mounted(make_config: MakeConfig, t
             {"share0": "/data", "results": "/out"}  # fmt: skip
     assert virtiofsd_processes() == []
     (out / "host-side").write_text("written while no sandbox ran\n")
+    out.rename(tmp_path / "elsewhere")  # a hot share's directory gone since the save: said before QEMU starts
+    with pytest.raises(ConfigError) as info:
+        async with Sandbox.restore(snap):
+            pytest.fail("restored without its share's directory")
+    assert info.value.fields == ("devices.results.host_path",)
+    (tmp_path / "elsewhere").rename(out)
     async with Sandbox.restore(snap) as restored:
         assert (await restored.exec(["cat", "/tmp/mark"], check=True)).text == "in-memory\n", "the saved guest"
         said = (await restored.exec(["cat", "/data/a.txt", "/out/f", "/out/host-side"], check=True)).text

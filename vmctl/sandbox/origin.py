@@ -14,7 +14,7 @@ from vmctl.config import SandboxConfig
 from vmctl.core.paths import make_run_dir, remove_tree
 from vmctl.core.state import SandboxState, Trigger
 from vmctl.devices import Device, SharedDirectory, virtiofs_share
-from vmctl.errors import SandboxFailed
+from vmctl.errors import ConfigError, SandboxFailed
 from vmctl.hypervisors.base import Hypervisor, LaunchPlan, PlacedDevice, RunPaths, Start
 from vmctl.hypervisors.placement import clone_ram, cold_devices, with_defaults
 from vmctl.machine import guesthooks, migration, overlays, shares
@@ -79,6 +79,11 @@ class Origin:
             deferred = [(i, d, w, False) for i, d, w in unsaved]
             deferred += [(i, _in_run_dir(d, i, self.sandbox_id, paths), w, True)
                          for i, d, w in self.snapshot.restored_shares()]  # fmt: skip
+            ctx = config.device_context()  # a share's directory gone since the save: said before QEMU starts
+            problems = [dataclasses.replace(p, field=f"devices.{i}.{p.field.removeprefix('share.')}")
+                        for i, d, _, _ in deferred for p in d.problems(ctx)]  # fmt: skip
+            if problems:
+                raise ConfigError(problems)
             return LaunchPlan(Start.RESTORE, incoming=self.snapshot.state, detached=self.detached, devices=cold,
                               restored=self.snapshot.restored_devices(), deferred=deferred)  # fmt: skip
         if config.boot_from_template:
