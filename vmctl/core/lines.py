@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 from anyio.abc import ByteReceiveStream
@@ -32,3 +33,11 @@ async def read_lines(stream: ByteReceiveStream, max_line: int = MAX_LINE) -> Asy
             buffer = buffer[max_line:]
     if buffer:
         yield buffer
+
+
+def tail_lines(path: Path, count: int) -> list[str]:
+    """The last ``count`` lines of a log file ([] if it cannot be read)."""
+    try:
+        return path.read_text(errors="replace").splitlines()[-count:]
+    except OSError:
+        return []

@@ -47,6 +47,19 @@ class Capabilities:
     #: shared directories can be hot-plugged (PCI slots free, guest RAM virtiofsd can map)
     share_hotplug: bool = False
 
+    @classmethod
+    def of_pci_machine(cls, c: SandboxConfig) -> Capabilities:
+        """What a q35 or pc machine offers for ``c``: hotplug needs free root ports or bridge
+        slots (SCSI disks a controller), vCPUs and memory room to grow."""
+        return cls(
+            block_hotplug=not c.disable_block_devices and (c.pci_bridges > 0 or c.block_driver == "virtio-scsi"),
+            cpu_hotplug=(c.max_vcpus or 1) > c.vcpus,
+            memory_hotplug=c.memory_hotplug_possible,
+            network_hotplug=c.pci_bridges > 0,
+            vsock=c.vsock,
+            share_hotplug=c.pci_bridges > 0 and c.guest_ram_shared,
+        )
+
 
 @dataclass(frozen=True)
 class RunPaths:

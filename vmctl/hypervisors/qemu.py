@@ -18,10 +18,10 @@ import anyio
 from anyio.abc import TaskStatus
 
 from vmctl.config import SandboxConfig
-from vmctl.core.lines import read_lines
+from vmctl.core.lines import read_lines, tail_lines
 from vmctl.core.qmp import QmpSession
 from vmctl.devices import Device, virtiofs_share
-from vmctl.errors import GuestDisconnected, GuestError, NotSupported, QMPError, SandboxFailed
+from vmctl.errors import GuestDisconnected, GuestError, QMPError, SandboxFailed
 from vmctl.hypervisors import cgroups, handover, jail, jailhelper
 from vmctl.hypervisors.base import Capabilities, Hypervisor, Launcher, Start, VmProcess
 from vmctl.hypervisors.cmdline import build_command
@@ -75,7 +75,7 @@ class QemuHypervisor(Hypervisor):
         self._launcher: Launcher = launcher or QemuLauncher()
         #: when each start-up step ended, in seconds after QEMU was spawned (for benchmarks and logs)
         self.startup_timings: dict[str, float] = {}
-        self._t0 = 0.0
+        self._t0 = 0.0  # when QEMU was spawned
         self._qmp = QmpSession(f"vmctl-{self.sandbox_id}")
         self._effective = self.config
         self._argv: list[str] = []
@@ -92,9 +92,7 @@ class QemuHypervisor(Hypervisor):
         self._handover: handover.Handover | None = None
         self._shares: ShareDaemons | None = None
         self._backend_sizes: dict[str, int] = {}
-        #: where QEMU finds its kernel, initrd and firmware inside the jail (the effective config,
-        #: for snapshots and records, keeps the user's paths)
-        self._boot_files: dict[str, Path] = {}
+        self._boot_files: dict[str, Path] = {}  # kernel, initrd, firmware inside the jail (config: the user's)
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -118,22 +116,11 @@ class QemuHypervisor(Hypervisor):
         return self._effective
 
     def capabilities(self) -> Capabilities:
-        c = self._effective
-        return Capabilities(
-            block_hotplug=not c.disable_block_devices and (c.pci_bridges > 0 or c.block_driver == "virtio-scsi"),
-            cpu_hotplug=(c.max_vcpus or 1) > c.vcpus,
-            memory_hotplug=c.memory_hotplug_possible,
-            network_hotplug=c.pci_bridges > 0,
-            vsock=c.vsock,
-            share_hotplug=c.pci_bridges > 0 and c.guest_ram_shared and c.machine != "microvm",
-        )
+        return Capabilities.of_pci_machine(self._effective)
 
     async def start_helpers(self, dev_id: str, device: Device) -> None:
-        if virtiofs_share(device):
-            if self._shares is None:  # attached: this controller did not make QEMU's jail
-                raise NotSupported("a share cannot be hot-plugged into a sandbox this controller attached to "
-                                   "(its virtiofsd would run outside the sandbox's jail): plug it before detaching")
-            await self._shares.start(dev_id, device)
+        if virtiofs_share(device):  # (no daemons when attached: this controller did not make QEMU's jail)
+            await ShareDaemons.start_in(self._shares, dev_id, device)
 
     async def stop_helpers(self, dev_id: str) -> None:
         if self._shares is not None:
@@ -197,13 +184,6 @@ class QemuHypervisor(Hypervisor):
         return build_command(self._effective, self.paths, self.sandbox_id, fds,
                              incoming=self.plan.incoming is not None, devices=self.plan.devices,
                              restored=self.plan.restored, boot_files=self._boot_files)  # fmt: skip
-
-    def _read_log_tail(self) -> None:
-        try:
-            lines = self.paths.qemu_log.read_text(errors="replace").splitlines()
-        except OSError:
-            return
-        self._stderr_tail.extend(lines[-STDERR_TAIL_LINES:])
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         listeners: dict[str, socket.socket] = {}
@@ -378,8 +358,8 @@ class QemuHypervisor(Hypervisor):
             limit = self._cgroup.limits.memory_bytes // 2**20 if self._cgroup.limits else "?"
             self._stderr_tail.append(f"vmctl: QEMU was killed by its cgroup's memory limit ({limit} MiB, "
                                      f"{self._cgroup.path}): raise memory_limit_mib")  # fmt: skip
-        if isinstance(self._process, PidProcess):
-            self._read_log_tail()
+        if isinstance(self._process, PidProcess):  # attached: QEMU's stderr went to its log only
+            self._stderr_tail.extend(tail_lines(self.paths.qemu_log, STDERR_TAIL_LINES))
         with anyio.move_on_after(1):
             await self._stderr_done.wait()
         await self._qmp.drain()

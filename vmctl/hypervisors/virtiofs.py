@@ -27,7 +27,7 @@ import anyio
 import anyio.abc
 
 from vmctl.devices import SharedDirectory, virtiofs_share
-from vmctl.errors import HostError
+from vmctl.errors import HostError, NotSupported
 from vmctl.hypervisors.base import PlacedDevice
 from vmctl.hypervisors.jail import MINIMAL_ENV, Jail, kill_inner
 
@@ -102,6 +102,14 @@ class ShareDaemons:
             if virtiofs_share(device):
                 await self.start(dev_id, device)
         return round(time.perf_counter() - began, 4)
+
+    @staticmethod
+    async def start_in(daemons: ShareDaemons | None, dev_id: str, share: SharedDirectory) -> None:
+        """A hot-plugged share's virtiofsd; none where this controller did not make QEMU's jail."""
+        if daemons is None:
+            raise NotSupported("a share cannot be hot-plugged into a sandbox this controller attached to "
+                               "(its virtiofsd would run outside the sandbox's jail): plug it before detaching")
+        await daemons.start(dev_id, share)
 
     def __contains__(self, dev_id: str) -> bool:
         return dev_id in self._daemons
