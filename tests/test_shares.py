@@ -265,6 +265,7 @@ async def test_a_snapshot_restores_its_shares_mounted(make_config: MakeConfig, t
             assert "pids" in str(info.value) and not (tmp_path / "refused").exists()
             await busy.signal(9)
             await busy.wait()
+        await sb.exec(["umount", "/out"], check=True)  # unmounted by the guest itself: still saved, mounted after
         snap = await sb.snapshot(tmp_path / "snap")
         # the sandbox goes on with both shares mounted again
         assert (await sb.exec(["cat", "/data/a.txt"], check=True)).text == "read-only data\n"
@@ -425,6 +426,10 @@ async def test_shares_survive_detach_and_attach(make_config: MakeConfig, tmp_pat
         assert (out / "f").read_text() == "attached\n"
         with pytest.raises(NotSupported, match="attached"):  # its virtiofsd would run outside the jail
             await sb.hotplug(SharedDirectory(host_path=out, guest_path="/more"))
+        with pytest.raises(NotSupported, match="attached"):  # nor could its shares come back after a save
+            await sb.snapshot(tmp_path / "snap")
+        assert not (tmp_path / "snap").exists()
+        assert (await sb.exec(["cat", "/data/a.txt"], check=True)).text == "kept across the attach\n"
         await sb.unplug("out")
         await sb.stop()
     assert virtiofsd_processes() == [], "stopping an attached sandbox ends its shares' virtiofsd too"
@@ -439,6 +444,12 @@ async def test_a_fleet_gives_each_member_its_own_directory(make_config: MakeConf
         for sb in fleet.sandboxes:
             await sb.exec(["sh", "-c", "echo mine > /w/f"], check=True)
     assert sorted(p.name for p in work.iterdir()) == ["0-builders-0", "1-builders-1"]
+    async with Sandbox(make_config(pci_bridges=2), id="loner") as sb:  # a hot share's {id} is this sandbox's
+        await sb.hotplug(SharedDirectory(host_path=tmp_path / "own-{id}", guest_path="/own", read_only=False))
+        await sb.exec(["sh", "-c", "echo loner > /own/f"], check=True)
+        with pytest.raises(ConfigError):  # no {index} outside a fleet
+            await sb.hotplug(SharedDirectory(host_path=tmp_path / "{index}", guest_path="/idx"))
+    assert (tmp_path / "own-loner" / "f").read_text() == "loner\n"
     assert all((p / "f").read_text() == "mine\n" and p.stat().st_mode & 0o777 == 0o700 for p in work.iterdir())
     assert virtiofsd_processes() == []
 

@@ -575,7 +575,10 @@ class SharedDirectory(Device):
 
     def backends(self, dev_id: str, ctx: DeviceContext) -> list[Backend]:
         if not self.over_virtiofs:  # QEMU serves it from inside its jail, where it is bound at the same path
-            spec = {"driver": "local", "id": f"{dev_id}-fs", "path": str(self.host_path), "security_model": "none"}
+            # writable: the guest's owners, modes and device nodes are kept in xattrs, never made for
+            # real in the host's directory (QEMU may run as root: no setuid file, no /dev/sda there)
+            model = "none" if self.read_only else "mapped-xattr"
+            spec = {"driver": "local", "id": f"{dev_id}-fs", "path": str(self.host_path), "security_model": model}
             if self.read_only:
                 spec["readonly"] = "on"
             return [Backend("fsdev", spec, f"{dev_id}-fs")]

@@ -284,6 +284,11 @@ class RemoteSandbox:
             except NodeLost as exc:
                 self.mark_lost(str(exc))
                 raise
+            except BaseException:  # the export paused it (its shares set aside): it goes on here
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_LIMIT):
+                    if was_running and not self._lost and self._state is SandboxState.PAUSED:
+                        await self._call("resume")
+                raise
             try:
                 reply = await target.ask("import_snapshot", self.id, chunks, fleet=self.fleet,
                                          start_timeout=self.start_timeout)  # fmt: skip

@@ -117,7 +117,8 @@ class LaunchPlan:
     restored: Sequence[PlacedDevice] = ()
     #: shares plugged once the guest runs, not on the command line: a saved state has none (QEMU
     #: cannot save virtio-fs). A restore puts each back where the guest knew it; a clone's go to
-    #: free slots (placement None). The flag: hot-plugged before the save (else from the config).
+    #: free slots (placement None). The flag: a row kept in records as hot-plugged (a restore's
+    #: hot shares, and a clone's, which sit on hotplug ports); False: a config share on its own port.
     deferred: Sequence[tuple[str, Device, Placement | None, bool]] = ()
 
     @property
@@ -253,6 +254,11 @@ class Hypervisor(ABC):
 
     async def stop_helpers(self, dev_id: str) -> None:  # noqa: B027
         """End what :meth:`start_helpers` started, once the device is gone or its plug failed."""
+
+    def can_start_helpers(self) -> bool:
+        """Whether :meth:`start_helpers` can start anything now (not for a sandbox this
+        controller attached to: its helpers would run outside the sandbox's jail)."""
+        return True
 
     @abstractmethod
     def capabilities(self) -> Capabilities: ...

@@ -37,7 +37,7 @@ def id_prefix(device: Device) -> str:
 def with_defaults(device: Device, dev_id: str, sandbox_id: str, run_dir: Path) -> Device:
     """Fill what a device leaves to vmctl: a serial port's socket and a disk's overlay (in the run
     directory), a NIC's MAC (stable per sandbox and device). Cold plug and hotplug both come through here."""
-    if virtiofs_share(device) and device.socket is None:  # vmctl listens there for virtiofsd
+    if virtiofs_share(device):  # vmctl listens there for virtiofsd (never a path the user names)
         return dataclasses.replace(device, socket=run_dir / "q" / f"{dev_id}.fs.sock")
     if isinstance(device, SerialPort) and device.socket is None:
         return dataclasses.replace(device, socket=run_dir / "q" / f"{dev_id}.sock")  # QEMU makes it: its dir
@@ -99,7 +99,7 @@ def cold_devices(config: SandboxConfig, paths: RunPaths, sandbox_id: str) -> lis
         if device.needs_slot(ctx) == "scsi":
             where = Placement(scsi_id=scsi)
             scsi += 1
-        elif virtiofs_share(device) and ctx.machine == "q35":
+        elif virtiofs_share(device) and ctx.machine == "q35" and not config.boot_from_template:
             where = Placement(bus=share_port(len([p for p in out if virtiofs_share(p[1])])))
         out.append((dev_id, with_defaults(device, dev_id, sandbox_id, paths.run_dir), where))
     return out

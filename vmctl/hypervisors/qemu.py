@@ -122,6 +122,9 @@ class QemuHypervisor(Hypervisor):
         if virtiofs_share(device):  # (no daemons when attached: this controller did not make QEMU's jail)
             await ShareDaemons.start_in(self._shares, dev_id, device)
 
+    def can_start_helpers(self) -> bool:
+        return self._shares is not None
+
     async def stop_helpers(self, dev_id: str) -> None:
         if self._shares is not None:
             await self._shares.stop(dev_id)

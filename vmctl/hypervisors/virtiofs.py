@@ -247,10 +247,13 @@ def _listen(path: Path, uid: int | None) -> socket.socket:
     path.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
+        old = os.umask(0o177)  # made 0600, never chmod-ed by path: QEMU's user owns the directory
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
         if uid is not None and os.geteuid() == 0:
-            os.chown(path, uid, -1)
+            os.chown(path, uid, -1, follow_symlinks=False)  # a link swapped in meanwhile is not followed
         sock.listen(1)
     except BaseException:
         sock.close()

@@ -104,6 +104,8 @@ class DeviceManager:
         for dev_id, device, where in cold:
             self.queue.record(dev_id, device, where, hotplugged=False)
         self.queue.on_late_cleanup = lambda: spawn(self._late_cleanup)
+        #: devices with host helpers running (a share's virtiofsd), ended once QEMU drops the device
+        self._with_helpers: set[str] = set()
         self._resizer = Resizer(self.queue, agent, hv.execute, config)
 
     # -- the table ---------------------------------------------------------------------------
@@ -149,6 +151,9 @@ class DeviceManager:
             await self.queue.flush_late_cleanup()
         except Exception as exc:  # noqa: BLE001 - QEMU went away meanwhile: its backends went with it
             self._log.debug("late backend cleanup skipped", error=str(exc))
+        for dev_id in sorted(self._with_helpers - set(self.queue.devices)):  # an unplug QEMU confirmed late
+            self._with_helpers.discard(dev_id)
+            await self._hv.stop_helpers(dev_id)
 
     # -- how the guest finds a device ----------------------------------------------------------
 
@@ -241,6 +246,8 @@ class DeviceManager:
 
     async def hotplug(self, device: Device, timeout: float | None) -> PluggedDevice:
         self._check_pluggable(device, self._hv.capabilities())
+        if isinstance(device, SharedDirectory) and device.member_template()[1]:  # {id}: this sandbox's
+            device = shares.member_share(device, "share.host_path", sandbox_id=self._sandbox_id)
         dev_id = device.id or self.queue.new_id(id_prefix(device))
         device = with_defaults(device, dev_id, self._sandbox_id, self._hv.paths.run_dir)
         wait = (timeout or DEFAULT_GUEST_WAIT) + (GUEST_GRACE if timeout else 0)
@@ -267,11 +274,15 @@ class DeviceManager:
         again if the device did not get in."""
         if dev_id in self.queue.devices:  # the queue refuses it; nothing of ours may start first
             return await self.queue.plug(device, dev_id, confirm)
-        await self._hv.start_helpers(dev_id, device)
+        if dev_id in self._with_helpers:  # a concurrent plug of the same id is starting them
+            raise HotplugError(f"device id {dev_id!r} is already in use in this sandbox")
+        self._with_helpers.add(dev_id)
         try:
+            await self._hv.start_helpers(dev_id, device)
             return await self.queue.plug(device, dev_id, confirm, placement=placement, hotplugged=hotplugged)
         except BaseException:
             if dev_id not in self.queue.devices:  # not plugged (a plug QEMU confirms later keeps them)
+                self._with_helpers.discard(dev_id)
                 with anyio.CancelScope(shield=True):
                     await self._hv.stop_helpers(dev_id)
             raise
@@ -297,6 +308,10 @@ class DeviceManager:
             raise NotSupported(f"a sandbox with 9p shares ({', '.join(nine_p)}) cannot be saved: QEMU cannot save a "
                                "mounted 9p export, and a 9p share cannot be plugged back; use protocol='virtiofs'")  # fmt: skip
         taken = [r for r in self.devices if virtiofs_share(r.device)]
+        if taken and not self._hv.can_start_helpers():
+            raise NotSupported(f"this controller attached to the sandbox and cannot start virtiofsd for its shares "
+                               f"({', '.join(r.id for r in taken)}) again after a save; unplug them first, or save "
+                               "it from the controller that started it")  # fmt: skip
         for record in taken:
             if not record.hotplugged and self.queue.ctx.pci and record.placement.bus is None:
                 raise NotSupported(f"share {record.id} sits on the root bus of this {self._config.machine} machine and "
@@ -345,6 +360,7 @@ class DeviceManager:
             wait = (timeout or DEFAULT_GUEST_WAIT) + (GUEST_GRACE if timeout else 0)
             if key is not None and key[0] == "scsi" and not await self._agent.wait_device_gone(*key, timeout=wait):
                 raise HotplugError(f"QEMU removed {dev_id} but the guest still shows it")
+        self._with_helpers.discard(dev_id)
         await self._hv.stop_helpers(dev_id)
 
     # -- resize ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from vmctl.config import SandboxConfig
 from vmctl.core import reaper
 from vmctl.core.paths import remove_tree
 from vmctl.devices import SharedDirectory
-from vmctl.errors import ConfigError, InvalidArgument, Problem, QMPError
+from vmctl.errors import ConfigError, HostError, InvalidArgument, Problem, QMPError
 from vmctl.hypervisors.base import Hypervisor, PlacedDevice
 from vmctl.machine import overlays
 from vmctl.machine.hotplug import PluggedDevice, row_device
@@ -200,4 +200,4 @@ async def copy_template_ram(template_ram: Path, own: Path) -> None:
         await anyio.run_process(["cp", "--sparse=always", "--reflink=auto", "--", str(template_ram), str(own)])
     except subprocess.CalledProcessError as exc:
         why = exc.stderr.decode(errors="replace").strip()[-300:]
-        raise ConfigError([Problem("memory_path", f"could not copy the template's RAM for a clone with shares: {why}")]) from None
+        raise HostError(f"could not copy the template's RAM ({template_ram}) for a clone with shares: {why}") from None

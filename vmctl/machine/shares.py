@@ -18,7 +18,7 @@ NINE_P_COLD_ONLY = ("a 9p share is cold-plugged only (QEMU 7.2 has no fsdev comm
                     "neither be added nor given back): put it in SandboxConfig(devices=[...]), or use "
                     "protocol='virtiofs' for a share that comes and goes")  # fmt: skip
 
-# $1 tag, $2 mount point, $3 options, $4 file system. The module list is the initramfs's, or the
+# $1 tag, $2 mount point, $3 options, $4 file system, $5 tries (tenths of a second). The module list is the initramfs's, or the
 # copy the init kept in /run/vmctl/modules when it switched to a disk root.
 _MOUNT = r"""
 if ! grep -qw "$4" /proc/filesystems; then
@@ -30,7 +30,15 @@ if ! grep -qw "$4" /proc/filesystems; then
     fi
 fi
 grep -qw "$4" /proc/filesystems || { echo "this guest's kernel has no $4 (for 9p: vmctl guest build --kernel generic)" >&2; exit 3; }
-mkdir -p "$2" && mount -t "$4" -o "$3" "$1" "$2" || exit 1
+mkdir -p "$2" || exit 1
+# a device just plugged may not be probed yet (its tag unknown: EINVAL): tried again for $5 tenths
+n=0
+until err=$(mount -t "$4" -o "$3" "$1" "$2" 2>&1); do
+    n=$((n + 1))
+    case "$err" in *"Invalid argument"*|*"No such device"*) ;; *) n=$5 ;; esac  # only a tag not seen yet
+    [ "$n" -lt "$5" ] || { echo "$err" >&2; exit 1; }
+    sleep 0.1
+done
 # larger reads: FUSE requests of 4 MiB instead of 128 KiB (one 256 MiB file reads ~1.5x sooner)
 bdi=$(awk -v m="$2" '$5 == m { print $3 }' /proc/self/mountinfo | tail -n 1)
 [ -n "$bdi" ] && echo 4096 > "/sys/class/bdi/$bdi/read_ahead_kb" 2>/dev/null
@@ -49,6 +57,7 @@ exit 4
 # $@ mount points. Each one in use: "path pids" (fuser), one line each.
 _IN_USE = r"""
 for m in "$@"; do
+    grep -q " $m virtiofs " /proc/mounts || continue  # not mounted: fuser would name the root's users
     p=$(fuser -m "$m" 2>/dev/null)
     [ -n "$p" ] && echo "$m $p"
 done
@@ -59,18 +68,25 @@ exit 0
 def member_config(config: SandboxConfig, *, sandbox_id: str, index: int | None = None) -> SandboxConfig:
     """``config`` with ``{id}`` (and, in a fleet or a pool, ``{index}``) filled into its shares'
     host paths, each member's directory made (0700) if it is missing; it stays afterwards."""
-    values = {"id": sandbox_id} | ({"index": str(index)} if index is not None else {})
     devices, changed = [], False
     for i, device in enumerate(config.devices):
         if isinstance(device, SharedDirectory) and device.member_template()[1]:
-            device = device.for_member(**values)
-            if device.member_template()[1]:
-                raise ConfigError([Problem(f"devices[{i}].host_path", "{index} is filled in for each member of a "
-                                           "Fleet or a SandboxPool; a sandbox on its own has none: use {id}")])
-            device.host_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            device = member_share(device, f"devices[{i}].host_path", sandbox_id=sandbox_id, index=index)
             changed = True
         devices.append(device)
     return config.replace(devices=tuple(devices)) if changed else config
+
+
+def member_share(share: SharedDirectory, field: str, *, sandbox_id: str, index: int | None = None) -> SharedDirectory:
+    """``share`` with its placeholders filled and its directory made (0700) if missing; a
+    ConfigError naming ``field`` when ``{index}`` is left (a sandbox outside a fleet has none)."""
+    values = {"id": sandbox_id} | ({"index": str(index)} if index is not None else {})
+    share = share.for_member(**values)
+    if share.member_template()[1]:
+        raise ConfigError([Problem(field, "{index} is filled in for each member of a Fleet or a SandboxPool; "
+                                          "a sandbox on its own has none: use {id}")])  # fmt: skip
+    share.host_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return share
 
 
 async def check_unused(agent: AgentClient, placed: list[tuple[str, Device]], timeout: float | None = None) -> None:
@@ -78,8 +94,8 @@ async def check_unused(agent: AgentClient, placed: list[tuple[str, Device]], tim
     paths = {d.guest_path: dev_id for dev_id, d in placed if isinstance(d, SharedDirectory)}
     result = await agent.exec(["sh", "-c", _IN_USE, "sh", *paths], timeout=timeout or MOUNT_TIMEOUT)
     busy = [line.split(None, 1) for line in result.text.splitlines()[:16] if line.strip()]
-    named = [f"{paths.get(b[0], '?')} at {b[0]} (pids {b[1][:100] if len(b) > 1 else '?'})"
-             for b in busy if b[0] in paths]  # fmt: skip
+    named = [f"{paths[b[0]]} at {b[0]} (pids {' '.join(p.rstrip('cefFrm') for p in b[1].split() if p.rstrip('cefFrm').isdigit())[:100] or '?'})"
+             for b in busy if len(b) > 1 and b[0] in paths]  # fmt: skip
     if named:
         raise GuestError(f"the guest has files open on shared directories: {'; '.join(named)}; end those "
                          "processes (a share is unplugged for the save and cannot carry open files across it)")
@@ -94,10 +110,11 @@ async def mount(agent: AgentClient, dev_id: str, share: SharedDirectory, timeout
         options += f",trans=virtio,version=9p2000.L,msize={msize_9p}"
     wait = timeout or MOUNT_TIMEOUT
     fstype = "virtiofs" if share.over_virtiofs else "9p"
-    result = await agent.exec(["sh", "-c", _MOUNT, "sh", share.mount_tag(dev_id), share.guest_path, options, fstype],
-                              timeout=wait)  # fmt: skip
+    tries = str(max(1, int(wait * 10) - 20))  # the exec's own timeout stays the longer one
+    result = await agent.exec(["sh", "-c", _MOUNT, "sh", share.mount_tag(dev_id), share.guest_path, options, fstype,
+                               tries], timeout=wait)  # fmt: skip
     if not result.ok:
-        why = result.stderr.decode(errors="replace").strip()[-300:] or f"exit code {result.exit_code}"
+        why = _printable(result.stderr)[-300:] or f"exit code {result.exit_code}"
         raise GuestError(f"the guest could not mount share {dev_id} at {share.guest_path}: {why}")
     return share.guest_path
 
@@ -106,6 +123,12 @@ async def unmount(agent: AgentClient, dev_id: str, share: SharedDirectory, timeo
     """Unmount ``share`` in the guest before its device goes; a share in use is a GuestError."""
     result = await agent.exec(["sh", "-c", _UNMOUNT, "sh", share.guest_path], timeout=timeout or MOUNT_TIMEOUT)
     if not result.ok:
-        detail = result.stdout.decode(errors="replace").strip()[-200:]
+        detail = _printable(result.stdout)[-200:]
         raise GuestError(f"share {dev_id} at {share.guest_path} is in use in the guest ({detail}); "
                          "end what uses it, then unplug it again")  # fmt: skip
+
+
+def _printable(said: bytes) -> str:
+    """What the guest said, for an error message: printable characters only (it is untrusted)."""
+    text = said.decode(errors="replace").strip()
+    return "".join(c if c.isprintable() else "?" for c in text)

@@ -89,7 +89,7 @@ class Origin:
         if config.boot_from_template:
             unsaved, cold = _split_shares(cold)
             return LaunchPlan(Start.CLONE, incoming=config.devices_state_path, detached=self.detached, devices=cold,
-                              deferred=[(i, d, None, False) for i, d, _ in unsaved])  # fmt: skip
+                              deferred=[(i, d, None, True) for i, d, _ in unsaved])  # fmt: skip
         return LaunchPlan(Start.BOOT, detached=self.detached, devices=cold)
 
     async def prepare(self) -> tuple[RunPaths, LaunchPlan]:

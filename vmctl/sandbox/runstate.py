@@ -19,7 +19,7 @@ from vmctl.core.state import SandboxState, StateMachine
 from vmctl.core.waiting import deadline
 from vmctl.core.watcher import StateWatcher
 from vmctl.devices import SharedDirectory
-from vmctl.errors import NotSupported, VmctlError
+from vmctl.errors import GuestError, NotSupported, VmctlError
 from vmctl.hypervisors.base import Hypervisor
 from vmctl.machine import migration
 from vmctl.machine.devicetable import DeviceManager
@@ -73,7 +73,7 @@ class RunControl:
                 if was_running:
                     await self.pause(timeout)
                 await migration.write_snapshot(self._hv, target, sandbox_id=sandbox_id, config=config,
-                                               devices=devices.devices, shares=taken)  # fmt: skip
+                                               devices=devices.devices, shares=[*self._set_aside, *taken])  # fmt: skip
             except BaseException:
                 if was_running:
                     with anyio.CancelScope(shield=True):
@@ -86,7 +86,11 @@ class RunControl:
             if was_running:
                 with anyio.CancelScope(shield=True):
                     await self._undo_pause()
-            await devices.plug_back(taken)
+            try:
+                await devices.plug_back(taken)
+            except VmctlError as exc:
+                raise GuestError(f"the snapshot was saved to {target}, but plugging its shares back into the running "
+                                 f"sandbox failed: {exc}") from exc  # fmt: skip
         self._log.info("snapshot saved", directory=str(target), shares=shared or None)
         return target
 
