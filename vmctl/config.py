@@ -22,7 +22,6 @@ from vmctl.core.pathprobe import expand_path, probe
 from vmctl.core.tomlfile import fill_defaults, read_toml_text, relative_to
 from vmctl.devices import (
     DEFAULT_MSIZE_9P,
-    GUEST_PATH_PATTERN,
     MAX_MSIZE_9P,
     BlockDevice,
     BlockDriver,
@@ -31,6 +30,7 @@ from vmctl.devices import (
     SharedDirectory,
     device_from_mapping,
     device_to_mapping,
+    is_guest_path,
 )
 from vmctl.errors import ConfigError, Problem
 from vmctl.params import Param, machine_option_problem, normalize_machine_options, normalize_params, serialize_params
@@ -341,6 +341,12 @@ class SandboxConfig:
                              ram_shared=self.guest_ram_shared)  # fmt: skip
 
     @property
+    def unshared_devices(self) -> tuple[Device, ...]:
+        """The devices but the shares: what a template holds (QEMU cannot save a share) and a
+        clone's snapshot records in its config (its shares are rows of their own)."""
+        return tuple(d for d in self.devices if not isinstance(d, SharedDirectory))
+
+    @property
     def guest_ram_shared(self) -> bool:
         """Guest RAM that a vhost-user backend (a share's virtiofsd) can map: a memfd shared
         with it on a boot; on a template clone with shares in its config, a copy of its own of
@@ -528,8 +534,7 @@ def _check_machine_and_hooks(c: SandboxConfig, bad: Any) -> None:
         if why:
             bad(f"machine_accelerators[{i}]", why)
     hooks = c.guest_hook_path
-    if hooks is not None and (not isinstance(hooks, str) or not GUEST_PATH_PATTERN.fullmatch(hooks)
-                              or any(part in (".", "..") for part in hooks.split("/"))):  # fmt: skip
+    if hooks is not None and not is_guest_path(hooks):
         bad("guest_hook_path", f"{hooks!r}: an absolute directory in the guest such as /etc/vmctl/hooks "
                                "(letters, digits, '._+@-'; no '.' or '..' parts)")  # fmt: skip
     if c.hotplug_vfio_on_root_bus and c.machine == "microvm":

@@ -476,6 +476,12 @@ class SerialPort(Device):
 #: where a share may not be mounted in the guest: the guest's own system directories
 _SYSTEM_MOUNTS = ("/", "/proc", "/sys", "/dev", "/run", "/tmp", "/etc", "/bin", "/sbin", "/usr", "/lib", "/lib64")
 GUEST_PATH_PATTERN = re.compile(r"^(/[A-Za-z0-9._+@-]{1,64}){1,16}\Z")
+
+
+def is_guest_path(path: object) -> bool:
+    """An absolute guest path vmctl passes to the guest: plain characters, no ``.`` or ``..`` parts."""
+    return isinstance(path, str) and GUEST_PATH_PATTERN.fullmatch(path) is not None \
+        and not any(part in (".", "..") for part in path.split("/"))  # fmt: skip
 SHARE_TAG_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,36}\Z")  # virtio-fs tags: at most 36 bytes
 ShareCache = Literal["auto", "always", "none"]
 ShareProtocol = Literal["virtiofs", "9p"]
@@ -528,11 +534,10 @@ class SharedDirectory(Device):
         elif not placeholders and not probe(self.host_path, "dir"):
             out.append(Problem("share.host_path", f"{self.host_path} does not exist or is not a directory"))
         guest = self.guest_path
-        if not isinstance(guest, str) or not GUEST_PATH_PATTERN.fullmatch(guest) \
-                or any(part in (".", "..") for part in guest.split("/")):  # fmt: skip
+        if not is_guest_path(guest):
             out.append(Problem("share.guest_path", f"{guest!r}: an absolute path in the guest such as /workspace "
                                                    "(letters, digits, '._+@-'; no '.' or '..' parts)"))  # fmt: skip
-        elif guest.rstrip("/") in _SYSTEM_MOUNTS or guest.startswith(("/proc/", "/sys/", "/dev/")):
+        elif isinstance(guest, str) and guest.rstrip("/") in _SYSTEM_MOUNTS or guest.startswith(("/proc/", "/sys/", "/dev/")):
             out.append(Problem("share.guest_path", f"{guest} is one of the guest's own system directories; "
                                                    "mount the share elsewhere, e.g. /workspace"))  # fmt: skip
         if self.tag is not None and not SHARE_TAG_PATTERN.fullmatch(str(self.tag)):

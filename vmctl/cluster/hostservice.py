@@ -48,8 +48,6 @@ from vmctl.cluster.wire import Reply, to_wire
 from vmctl.config import SandboxConfig
 from vmctl.core import reaper
 from vmctl.core.paths import kill_qemu_in, remove_tree, runtime_dir
-from vmctl.core.state import SandboxState
-from vmctl.devices import virtiofs_share
 from vmctl.errors import InvalidArgument, NodeLost, SandboxNotFound
 from vmctl.fleets.template import boot_template
 from vmctl.guest import GuestAssets, ensure_default_assets
@@ -332,15 +330,9 @@ class HostService:
             work = Path(tempfile.mkdtemp(prefix="move-", dir=runtime_dir()))
             reaper.add_dir(work)  # removed by the reaper should this actor die first
             try:
-                sandbox = entry.sandbox
-                if any(virtiofs_share(d.device) for d in sandbox.devices):
-                    # its guest unmounts its shares for the save, so the save pauses it (and leaves
-                    # it paused); a failed move resumes it and the shares come back
-                    await sandbox.snapshot(work / "snap", leave_paused=True)
-                else:
-                    if sandbox.state is SandboxState.RUNNING:
-                        await sandbox.pause()
-                    await sandbox.snapshot(work / "snap")
+                # the save pauses it (after its guest unmounted its shares) and leaves it paused;
+                # a failed move resumes it and the shares come back
+                await entry.sandbox.snapshot(work / "snap", leave_paused=True)
                 archive = work / "snap.tar"
                 await anyio.to_thread.run_sync(_pack, work / "snap", archive)
                 refs = []

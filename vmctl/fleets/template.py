@@ -16,7 +16,6 @@ from pathlib import Path
 from vmctl.config import SandboxConfig
 from vmctl.core import reaper
 from vmctl.core.paths import remove_tree, runtime_dir, write_owner
-from vmctl.devices import SharedDirectory
 from vmctl.hypervisors.base import Backend
 from vmctl.sandbox.facade import Sandbox
 
@@ -30,8 +29,7 @@ async def boot_template(config: SandboxConfig, stack: AsyncExitStack, *, id: str
     stack.callback(remove_tree, work)  # registered first: runs after everything else
     files = {"memory_path": work / "template.mem", "devices_state_path": work / "template.state"}
     # a template cannot hold a share (QEMU cannot save virtio-fs): its clones plug them once they run
-    unshared = tuple(d for d in config.devices if not isinstance(d, SharedDirectory))
-    async with Sandbox(config.replace(boot_to_be_template=True, devices=unshared, **files), id=id, backend=backend,
-                       start_timeout=start_timeout):  # fmt: skip
+    template = config.replace(boot_to_be_template=True, devices=config.unshared_devices, **files)
+    async with Sandbox(template, id=id, backend=backend, start_timeout=start_timeout):
         pass
     return config.replace(boot_from_template=True, **files)

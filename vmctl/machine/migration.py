@@ -32,7 +32,6 @@ import anyio
 from vmctl.config import SandboxConfig
 from vmctl.core import reaper
 from vmctl.core.paths import remove_tree
-from vmctl.devices import SharedDirectory
 from vmctl.errors import ConfigError, HostError, InvalidArgument, Problem, QMPError
 from vmctl.hypervisors.base import Hypervisor, PlacedDevice
 from vmctl.machine import overlays
@@ -118,8 +117,8 @@ def standalone(config: SandboxConfig, shares: Sequence[PluggedDevice]) -> tuple[
     own) are recorded with their places, as hot-plugged ones are."""
     if not config.boot_from_template:
         return config, [d.to_row() for d in shares if d.hotplugged]
-    unshared = tuple(d for d in config.devices if not isinstance(d, SharedDirectory))
-    own = config.replace(boot_from_template=False, memory_path=None, devices_state_path=None, devices=unshared)
+    own = config.replace(boot_from_template=False, memory_path=None, devices_state_path=None,
+                         devices=config.unshared_devices)  # fmt: skip
     return own, [d.to_row() for d in shares]
 
 

@@ -45,11 +45,11 @@ bdi=$(awk -v m="$2" '$5 == m { print $3 }' /proc/self/mountinfo | tail -n 1)
 exit 0
 """
 
-# $1 mount point. Busy: the pids using it (fuser), for the error.
+# $1 mount point. Busy: the pids using it (fuser) on stdout, for the error.
 _UNMOUNT = r"""
 grep -q " $1 virtiofs " /proc/mounts || exit 0
 umount "$1" 2>/dev/null && exit 0
-echo "in use by pids: $(fuser -m "$1" 2>/dev/null)"
+fuser -m "$1" 2>/dev/null
 exit 4
 """
 
@@ -94,8 +94,7 @@ async def check_unused(agent: AgentClient, placed: list[tuple[str, Device]], tim
     paths = {d.guest_path: dev_id for dev_id, d in placed if isinstance(d, SharedDirectory)}
     result = await agent.exec(["sh", "-c", _IN_USE, "sh", *paths], timeout=timeout or MOUNT_TIMEOUT)
     busy = [line.split(None, 1) for line in result.text.splitlines()[:16] if line.strip()]
-    named = [f"{paths[b[0]]} at {b[0]} (pids {' '.join(p.rstrip('cefFrm') for p in b[1].split() if p.rstrip('cefFrm').isdigit())[:100] or '?'})"
-             for b in busy if len(b) > 1 and b[0] in paths]  # fmt: skip
+    named = [f"{paths[b[0]]} at {b[0]} (pids {_pids(b[1])})" for b in busy if len(b) > 1 and b[0] in paths]
     if named:
         raise GuestError(f"the guest has files open on shared directories: {'; '.join(named)}; end those "
                          "processes (a share is unplugged for the save and cannot carry open files across it)")
@@ -123,9 +122,14 @@ async def unmount(agent: AgentClient, dev_id: str, share: SharedDirectory, timeo
     """Unmount ``share`` in the guest before its device goes; a share in use is a GuestError."""
     result = await agent.exec(["sh", "-c", _UNMOUNT, "sh", share.guest_path], timeout=timeout or MOUNT_TIMEOUT)
     if not result.ok:
-        detail = _printable(result.stdout)[-200:]
-        raise GuestError(f"share {dev_id} at {share.guest_path} is in use in the guest ({detail}); "
+        raise GuestError(f"share {dev_id} at {share.guest_path} is in use in the guest (pids {_pids(result.text)}); "
                          "end what uses it, then unplug it again")  # fmt: skip
+
+
+def _pids(said: str) -> str:
+    """The pids in fuser's answer (digits only, it is the guest's; fuser marks each with letters)."""
+    found = [p.rstrip("cefFrm") for p in said.split()]
+    return " ".join(p for p in found if p.isdigit())[:100] or "?"
 
 
 def _printable(said: bytes) -> str:

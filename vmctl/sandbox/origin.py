@@ -13,7 +13,7 @@ from vmctl.agent.client import AgentClient
 from vmctl.config import SandboxConfig
 from vmctl.core.paths import make_run_dir, remove_tree
 from vmctl.core.state import SandboxState, Trigger
-from vmctl.devices import Device, SharedDirectory, virtiofs_share
+from vmctl.devices import virtiofs_share
 from vmctl.errors import ConfigError, SandboxFailed
 from vmctl.hypervisors.base import Hypervisor, LaunchPlan, PlacedDevice, RunPaths, Start
 from vmctl.hypervisors.placement import clone_ram, cold_devices, with_defaults
@@ -77,7 +77,7 @@ class Origin:
         if self.snapshot is not None:
             unsaved, cold = _split_shares(cold)
             deferred = [(i, d, w, False) for i, d, w in unsaved]
-            deferred += [(i, _in_run_dir(d, i, self.sandbox_id, paths), w, True)
+            deferred += [(i, with_defaults(d, i, self.sandbox_id, paths.run_dir), w, True)  # this run dir's socket
                          for i, d, w in self.snapshot.restored_shares()]  # fmt: skip
             ctx = config.device_context()  # a share's directory gone since the save: said before QEMU starts
             problems = [dataclasses.replace(p, field=f"devices.{i}.{p.field.removeprefix('share.')}")
@@ -168,10 +168,3 @@ def _split_shares(placed: list[PlacedDevice]) -> tuple[list[PlacedDevice], list[
     """(shares, the rest): a saved state has no shares, so they are plugged once the guest runs."""
     shares = [p for p in placed if virtiofs_share(p[1])]
     return shares, [p for p in placed if not virtiofs_share(p[1])]
-
-
-def _in_run_dir(device: Device, dev_id: str, sandbox_id: str, paths: RunPaths) -> Device:
-    """A recorded share with its socket in this run directory (the saved one is gone)."""
-    if isinstance(device, SharedDirectory):
-        device = with_defaults(dataclasses.replace(device, socket=None), dev_id, sandbox_id, paths.run_dir)
-    return device
